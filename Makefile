@@ -1,0 +1,18 @@
+# Two entry points for a fresh machine (see README): `make demo` and `make test`.
+.PHONY: demo test test-slow bench
+
+demo:
+	scripts/bootstrap.sh test,demo
+	.venv/bin/iadkit demo --out demo_out
+
+test:
+	scripts/bootstrap.sh test
+	.venv/bin/python -m pytest -q tests
+
+test-slow:
+	scripts/bootstrap.sh test,demo
+	.venv/bin/python -m pytest -q -m slow tests
+
+bench:
+	scripts/bootstrap.sh test,demo
+	.venv/bin/python benchmarks/patchcore_magnetic_tile.py

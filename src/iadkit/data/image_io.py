@@ -1,0 +1,108 @@
+"""Reading images and masks from disk into arrays, with one clear error per bad file.
+
+Any format Pillow decodes is accepted. Grayscale, palette, CMYK, RGBA and 16-bit or float images
+all become 8-bit RGB; masks become boolean arrays.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import ImageReadError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def is_image_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def _open_decoded(path: Path) -> Image.Image:
+    """Open and fully decode a file, turning every failure into an ImageReadError."""
+    if not path.exists():
+        raise ImageReadError(f"{path}: file not found")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+            image.load()  # decoding happens here: truncated files fail now, not later
+    except UnidentifiedImageError:
+        raise ImageReadError(f"{path}: not a readable image (unknown or corrupt format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageReadError(f"{path}: image too large ({error})") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageReadError(f"{path}: corrupt or truncated image ({error})") from None
+    if image.width == 0 or image.height == 0:
+        raise ImageReadError(f"{path}: image has zero size")
+    return image
+
+
+def _to_uint8(array: np.ndarray, path: Path) -> np.ndarray:
+    """Scale an integer or float array to 0..255 by its type's full range (not per image)."""
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == bool:
+        return array.astype(np.uint8) * 255
+    if np.issubdtype(array.dtype, np.integer):
+        # 16-bit (and 32-bit 'I' mode holding 16-bit data) map by the 16-bit range so that
+        # every image of a dataset is scaled the same way.
+        top = 65535.0 if array.max(initial=0) <= 65535 else float(np.iinfo(array.dtype).max)
+        return np.clip(np.round(array.astype(np.float64) * (255.0 / top)), 0, 255).astype(np.uint8)
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise ImageReadError(f"{path}: float image contains NaN or infinite values")
+        scale = 255.0 if array.max(initial=0.0) <= 1.0 else 1.0
+        return np.clip(np.round(array * scale), 0, 255).astype(np.uint8)
+    raise ImageReadError(f"{path}: unsupported pixel type {array.dtype}")
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an image file as an ``(H, W, 3)`` uint8 RGB array.
+
+    Raises:
+        ImageReadError: the file is missing, corrupt, truncated or of an unsupported kind.
+    """
+    path = Path(path)
+    image = _open_decoded(path)
+    if image.mode in ("RGB",):
+        return np.asarray(image)
+    if image.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "1"):
+        image = image.convert("RGBA" if image.mode in ("P", "PA") else "RGB")
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = np.repeat(_to_uint8(array, path)[:, :, None], 3, axis=2)
+    elif array.ndim == 3:
+        channels = array.shape[2]
+        if channels == 2:  # gray + alpha
+            array = np.repeat(array[:, :, :1], 3, axis=2)
+        elif channels >= 3:  # RGB(A...): drop alpha and extra channels
+            array = array[:, :, :3]
+        else:
+            array = np.repeat(array, 3, axis=2)
+        array = _to_uint8(array, path)
+    else:
+        raise ImageReadError(f"{path}: unsupported image shape {array.shape}")
+    return np.ascontiguousarray(array)
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """Read a ground-truth mask as an ``(H, W)`` bool array.
+
+    Masks saved as 0/255 are split at half range; masks saved as 0/1 are taken as they are.
+    """
+    path = Path(path)
+    image = _open_decoded(path)
+    if image.mode not in ("L", "1", "I", "I;16", "F"):
+        image = image.convert("L")
+    array = np.asarray(image)
+    if array.ndim == 3:
+        array = array[:, :, 0]
+    top = float(array.max(initial=0))
+    if top <= 1:
+        return array > 0
+    full_range = 255.0 if array.dtype == np.uint8 or top <= 255 else 65535.0
+    return array > full_range / 2

@@ -1,0 +1,246 @@
+"""Readers for the dataset layouts users have, all producing a :class:`SampleSet`.
+
+Supported layouts (``layout=`` argument of :func:`load_dataset`):
+
+- ``mvtec``: MVTec AD and MPDD. ``<category>/train/good``, ``<category>/test/<defect>``,
+  ``<category>/ground_truth/<defect>/<stem>_mask.png``.
+- ``btad``: BTAD. Normal folders are named ``ok``; images ``.bmp`` or ``.png``; masks
+  ``ground_truth/ko/<stem>.png`` (no ``_mask`` suffix).
+- ``visa``: VisA with ``split_csv/1cls.csv`` (columns object, split, label, image, mask).
+- ``mvtec3d``: MVTec 3D-AD, RGB part: images in ``<defect>/rgb/``, masks in ``<defect>/gt/``,
+  the ``validation/good`` images become split ``"val"``.
+- ``folder``: a generic normal folder, optional abnormal and mask folders (see :func:`read_folder`).
+
+A category folder may hold ``subclasses.csv`` (columns ``path,subclass``; paths relative to the
+category folder) to give each image a subclass for unseen-subclass experiments.
+Mask files are matched by image stem, with or without a ``_mask`` suffix, in any image format.
+A category without a ground-truth folder gives image-level evaluation only.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..errors import DatasetError
+from .image_io import is_image_file
+from .samples import ANOMALOUS, NORMAL, Sample, SampleSet
+
+LAYOUTS = ("auto", "mvtec", "mpdd", "btad", "visa", "mvtec3d", "folder")
+NORMAL_FOLDER_NAMES = ("good", "ok")
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly inside ``folder``, sorted by name."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if is_image_file(p))
+
+
+def _find_mask(folder: Path, stem: str) -> Path | None:
+    for candidate_stem in (f"{stem}_mask", stem):
+        for path in sorted(folder.glob(f"{candidate_stem}.*")):
+            if is_image_file(path):
+                return path
+    return None
+
+
+def _read_subclasses(category_dir: Path) -> dict[Path, str]:
+    table = category_dir / "subclasses.csv"
+    if not table.exists():
+        return {}
+    with table.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        if reader.fieldnames is None or not {"path", "subclass"} <= set(reader.fieldnames):
+            raise DatasetError(f"{table}: needs the columns 'path' and 'subclass'")
+        return {(category_dir / row["path"]).resolve(): row["subclass"] for row in reader}
+
+
+def _category_dirs(root: Path, categories: Sequence[str] | None) -> list[Path]:
+    """The category folders under ``root`` (or ``root`` itself when it is one category)."""
+    if (root / "train").is_dir():
+        found = {root.name: root}
+    else:
+        found = {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and (p / "train").is_dir()}
+    if not found:
+        raise DatasetError(
+            f"{root}: no category found (expected '<category>/train/' folders, or 'train/' here)"
+        )
+    if categories is None or list(categories) == ["all"]:
+        return list(found.values())
+    missing = [c for c in categories if c not in found]
+    if missing:
+        raise DatasetError(f"{root}: no category {missing}; available: {sorted(found)}")
+    return [found[c] for c in categories]
+
+
+def _image_folder(folder: Path, rgb_subfolder: bool) -> Path:
+    return folder / "rgb" if rgb_subfolder else folder
+
+
+def read_mvtec_like(category_dir: Path, rgb_subfolder: bool = False) -> list[Sample]:
+    """Read one category folder of the MVTec AD / MPDD / BTAD / MVTec 3D-AD family."""
+    category = category_dir.name
+    subclasses = _read_subclasses(category_dir)
+    samples: list[Sample] = []
+
+    def add(path: Path, label: int, defect: str, split: str, mask: Path | None) -> None:
+        subclass = subclasses.get(path.resolve())
+        samples.append(Sample(path, label, category, defect, split, mask, subclass))
+
+    train_dirs = [d for d in sorted((category_dir / "train").iterdir()) if d.is_dir()]
+    normal_train = [d for d in train_dirs if d.name in NORMAL_FOLDER_NAMES]
+    if not normal_train:
+        raise DatasetError(
+            f"{category_dir / 'train'}: no normal folder (expected one of {NORMAL_FOLDER_NAMES})"
+        )
+    for folder in normal_train:
+        images = list_images(_image_folder(folder, rgb_subfolder))
+        if not images:
+            raise DatasetError(f"{_image_folder(folder, rgb_subfolder)}: no training images found")
+        for path in images:
+            add(path, NORMAL, "good", "train", None)
+    for folder in (category_dir / "validation").glob("*"):
+        if folder.name in NORMAL_FOLDER_NAMES:
+            for path in list_images(_image_folder(folder, rgb_subfolder)):
+                add(path, NORMAL, "good", "val", None)
+
+    ground_truth = category_dir / "ground_truth"
+    has_pixel_labels = rgb_subfolder or ground_truth.is_dir()
+    test_root = category_dir / "test"
+    for folder in sorted(p for p in test_root.iterdir() if p.is_dir()) if test_root.is_dir() else []:
+        normal = folder.name in NORMAL_FOLDER_NAMES
+        mask_folder = folder / "gt" if rgb_subfolder else ground_truth / folder.name
+        for path in list_images(_image_folder(folder, rgb_subfolder)):
+            mask = None
+            if not normal and has_pixel_labels:
+                mask = _find_mask(mask_folder, path.stem)
+                if mask is None:
+                    raise DatasetError(
+                        f"{path}: anomalous test image has no mask in {mask_folder} "
+                        f"(expected {path.stem}_mask.png or {path.stem}.png); remove "
+                        f"{ground_truth.name}/ to evaluate this category at image level only"
+                    )
+            label = NORMAL if normal else ANOMALOUS
+            add(path, label, "good" if normal else folder.name, "test", mask)
+    return samples
+
+
+def read_visa(root: Path, categories: Sequence[str] | None = None) -> list[Sample]:
+    """Read VisA through its ``split_csv/1cls.csv`` table."""
+    table = root / "split_csv" / "1cls.csv"
+    samples: list[Sample] = []
+    with table.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        needed = {"object", "split", "label", "image", "mask"}
+        if reader.fieldnames is None or not needed <= set(reader.fieldnames):
+            raise DatasetError(f"{table}: needs the columns {sorted(needed)}")
+        for row in reader:
+            if categories and list(categories) != ["all"] and row["object"] not in categories:
+                continue
+            label = NORMAL if row["label"].strip().lower() == "normal" else ANOMALOUS
+            mask = root / row["mask"] if label == ANOMALOUS and row["mask"].strip() else None
+            defect = "good" if label == NORMAL else "anomaly"
+            split = "train" if row["split"].strip().lower() == "train" else "test"
+            samples.append(Sample(root / row["image"], label, row["object"], defect, split, mask))
+    if categories and list(categories) != ["all"]:
+        found = {s.category for s in samples}
+        missing = [c for c in categories if c not in found]
+        if missing:
+            raise DatasetError(f"{table}: no category {missing}")
+    return samples
+
+
+def read_folder(
+    normal_dir: str | Path,
+    abnormal_dir: str | Path | None = None,
+    mask_dir: str | Path | None = None,
+    category: str = "folder",
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> SampleSet:
+    """A generic dataset: a folder of normal images, optionally abnormal images and masks.
+
+    A seeded ``test_fraction`` of the normal images is held out for testing; every abnormal
+    image is a test image; masks are matched by stem in ``mask_dir``.
+    """
+    normal_dir = Path(normal_dir)
+    normals = list_images(normal_dir)
+    if not normals:
+        raise DatasetError(f"{normal_dir}: no normal images found")
+    order = list(range(len(normals)))
+    random.Random(seed).shuffle(order)
+    n_test = int(round(test_fraction * len(normals))) if abnormal_dir else 0
+    test_ids = set(order[:n_test])
+    samples = [
+        Sample(p, NORMAL, category, "good", "test" if i in test_ids else "train")
+        for i, p in enumerate(normals)
+    ]
+    if abnormal_dir is not None:
+        abnormal_dir = Path(abnormal_dir)
+        abnormals = list_images(abnormal_dir)
+        if not abnormals:
+            raise DatasetError(f"{abnormal_dir}: no abnormal images found")
+        for path in abnormals:
+            mask = None
+            if mask_dir is not None:
+                mask = _find_mask(Path(mask_dir), path.stem)
+                if mask is None:
+                    raise DatasetError(f"{path}: no mask named {path.stem}[_mask].* in {mask_dir}")
+            samples.append(Sample(path, ANOMALOUS, category, abnormal_dir.name, "test", mask))
+    return SampleSet(samples)
+
+
+def detect_layout(root: Path) -> str:
+    """Guess the layout of ``root`` from its folders."""
+    if (root / "split_csv" / "1cls.csv").is_file():
+        return "visa"
+    candidates = [root] if (root / "train").is_dir() else [p for p in root.iterdir() if p.is_dir()]
+    for category_dir in candidates:
+        train = category_dir / "train"
+        if (train / "good" / "rgb").is_dir():
+            return "mvtec3d"
+        if (train / "ok").is_dir():
+            return "btad"
+        if (train / "good").is_dir():
+            return "mvtec"
+    raise DatasetError(
+        f"{root}: unknown dataset layout. Expected MVTec AD/MPDD ('<category>/train/good'), "
+        "BTAD ('<category>/train/ok'), MVTec 3D-AD ('<category>/train/good/rgb'), VisA "
+        "('split_csv/1cls.csv'), or use read_folder() for a plain folder of images"
+    )
+
+
+def load_dataset(
+    root: str | Path, categories: Sequence[str] | None = None, layout: str = "auto"
+) -> SampleSet:
+    """Read every sample of a dataset folder.
+
+    Args:
+        root: the dataset folder (several categories) or one category folder.
+        categories: category names to read; None or ``["all"]`` reads all of them.
+        layout: one of :data:`LAYOUTS`; ``"auto"`` detects it.
+
+    Example:
+        >>> samples = load_dataset("mvtec_ad", categories=["bottle"])
+        >>> train = samples.where(split="train")
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: dataset folder not found")
+    if layout not in LAYOUTS or layout == "folder":
+        raise DatasetError(
+            f"unknown layout {layout!r}; choose from {LAYOUTS[:-1]} (use read_folder() for 'folder')"
+        )
+    if layout == "auto":
+        layout = detect_layout(root)
+    if layout == "visa":
+        samples = read_visa(root, categories)
+    else:
+        rgb = layout == "mvtec3d"
+        samples = [s for d in _category_dirs(root, categories) for s in read_mvtec_like(d, rgb)]
+    if not any(s.split == "train" for s in samples):
+        raise DatasetError(f"{root}: no training images found")
+    return SampleSet(samples)

@@ -1,0 +1,184 @@
+"""PatchCore (Roth et al., CVPR 2022): a coreset memory bank of locally aware patch features.
+
+Training keeps a greedy coreset of all training patch features; a test patch's anomaly score is
+its distance to the nearest memory feature. The image score is the largest patch score,
+re-weighted by how isolated that patch's nearest memory feature is among its neighbours
+(paper Eq. 7). The map is the patch-score grid upsampled to the image and Gaussian-smoothed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..backbones import FeatureExtractor
+from ..nn.coreset import greedy_coreset
+from ..nn.knn import nearest_neighbours
+from ..nn.patch_features import LocalPatchFeatures
+from ..nn.smoothing import gaussian_blur
+from ..progress import progress
+from . import register
+from .base import Detector, Prediction, image_batches
+
+
+@register
+class PatchCore(Detector):
+    """PatchCore anomaly detector.
+
+    Args:
+        backbone: timm model name or alias of the frozen feature extractor.
+        layers: backbone stages to use (timm ``out_indices`` or module names).
+        backbone_weights: "pretrained", a weight file, or "random" (shape tests only).
+        image_size: images are resized to this square size.
+        crop_size: optional centre crop after resizing.
+        patch_kernel: neighbourhood size of the locally aware features.
+        feature_dim: reduce each patch feature to this many values by adaptive average pooling
+            over channels (the official code's embedding dimension); None keeps all channels.
+        coreset_ratio: fraction of training patches kept in the memory bank.
+        projection_dim: random-projection dimension for coreset distances.
+        num_neighbors: neighbourhood size b of the image-score re-weighting.
+        reweight: apply the re-weighting (paper Eq. 7); False gives the plain max patch score.
+        smoothing_sigma: Gaussian sigma of the anomaly-map smoothing (0 switches it off).
+        batch_size: images per forward pass.
+        device: "auto", "cpu", "cuda", ...
+        seed: seeds the coreset's projection and start points.
+
+    Example:
+        >>> detector = PatchCore.from_preset("cpu").fit(train_images)
+        >>> prediction = detector.predict(test_images)
+    """
+
+    name = "patchcore"
+    summary = "coreset memory bank of locally aware patch features, nearest-neighbour scoring"
+    presets = {
+        "cpu": dict(backbone="tf_efficientnet_lite0", layers=(2, 3), image_size=256,
+                    coreset_ratio=0.01),
+        "paper": dict(backbone="wide_resnet50_2", layers=("layer2", "layer3"), image_size=256,
+                      crop_size=224, feature_dim=1024, coreset_ratio=0.1),
+    }
+
+    def __init__(
+        self,
+        backbone: str = "tf_efficientnet_lite0",
+        layers: tuple[int | str, ...] = (2, 3),
+        backbone_weights: str = "pretrained",
+        image_size: int = 256,
+        crop_size: int | None = None,
+        patch_kernel: int = 3,
+        feature_dim: int | None = None,
+        coreset_ratio: float = 0.01,
+        projection_dim: int | None = 128,
+        num_neighbors: int = 9,
+        reweight: bool = True,
+        smoothing_sigma: float = 4.0,
+        batch_size: int = 16,
+        device: str = "auto",
+        seed: int = 0,
+    ) -> None:
+        self.backbone = backbone
+        self.layers = tuple(layers)
+        self.backbone_weights = backbone_weights
+        self.image_size = image_size
+        self.crop_size = crop_size
+        self.patch_kernel = patch_kernel
+        self.feature_dim = feature_dim
+        self.coreset_ratio = coreset_ratio
+        self.projection_dim = projection_dim
+        self.num_neighbors = num_neighbors
+        self.reweight = reweight
+        self.smoothing_sigma = smoothing_sigma
+        self.batch_size = batch_size
+        self.device = device
+        self.seed = seed
+        self._extractor: FeatureExtractor | None = None
+        self._aggregate = LocalPatchFeatures(patch_kernel)
+
+    # -- features -------------------------------------------------------------------------
+    @property
+    def extractor(self) -> FeatureExtractor:
+        if self._extractor is None:
+            self._extractor = FeatureExtractor(self.backbone, self.layers, self.backbone_weights)
+            self._extractor.to(self.torch_device)
+        return self._extractor
+
+    def patch_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) images -> (B, D, h, w) patch features."""
+        extractor = self.extractor
+        features = self._aggregate(extractor(images))
+        if self.feature_dim is not None and self.feature_dim != features.shape[1]:
+            batch, channels, height, width = features.shape
+            flat = features.permute(0, 2, 3, 1).reshape(-1, 1, channels)
+            flat = F.adaptive_avg_pool1d(flat, self.feature_dim)
+            features = flat.view(batch, height, width, -1).permute(0, 3, 1, 2)
+        return features
+
+    # -- Detector contract --------------------------------------------------------------------
+    def _fit(self, train: Iterable[Any] | torch.Tensor, show_progress: bool) -> dict[str, Any]:
+        started = time.perf_counter()
+        chunks, n_images, grid = [], 0, (0, 0)
+        for images in progress(image_batches(train, self.batch_size), "features", show_progress):
+            features = self.patch_features(images.to(self.torch_device))
+            grid = tuple(features.shape[-2:])
+            chunks.append(features.permute(0, 2, 3, 1).reshape(-1, features.shape[1]))
+            n_images += images.shape[0]
+        if n_images == 0:
+            raise ValueError("PatchCore.fit: no training images")
+        all_features = torch.cat(chunks)
+        del chunks
+        extracted = time.perf_counter()
+        indices = greedy_coreset(all_features, self.coreset_ratio, self.projection_dim,
+                                 seed=self.seed, show_progress=show_progress)
+        self.memory_bank_ = all_features[indices].contiguous()
+        self._bank_sq_norms = self.memory_bank_.pow(2).sum(1)
+        return {
+            "n_train_images": n_images,
+            "n_patches": int(all_features.shape[0]),
+            "memory_bank_size": int(self.memory_bank_.shape[0]),
+            "feature_dim": int(all_features.shape[1]),
+            "feature_grid": list(grid),
+            "backbone_weights": vars(self.extractor.resolved_weights),
+            "seconds_features": round(extracted - started, 2),
+            "seconds_coreset": round(time.perf_counter() - extracted, 2),
+        }
+
+    def _predict(self, images: torch.Tensor) -> Prediction:
+        features = self.patch_features(images)
+        batch, dim, height, width = features.shape
+        queries = features.permute(0, 2, 3, 1).reshape(-1, dim)
+        distances, indices = nearest_neighbours(queries, self.memory_bank_,
+                                                bank_sq_norms=self._bank_sq_norms)
+        patch_scores = distances.view(batch, height * width)
+        nearest = indices.view(batch, height * width)
+        scores = self._image_scores(queries.view(batch, height * width, dim), patch_scores, nearest)
+        maps = F.interpolate(patch_scores.view(batch, 1, height, width), size=images.shape[-2:],
+                             mode="bilinear", align_corners=False).squeeze(1)
+        return Prediction(gaussian_blur(maps, self.smoothing_sigma), scores)
+
+    def _image_scores(self, queries: torch.Tensor, patch_scores: torch.Tensor,
+                      nearest: torch.Tensor) -> torch.Tensor:
+        """Max patch score, re-weighted by the paper's Eq. 7 when ``reweight`` is on."""
+        best_score, best_patch = patch_scores.max(dim=1)
+        if not self.reweight or self.memory_bank_.shape[0] < 2:
+            return best_score
+        rows = torch.arange(queries.shape[0], device=queries.device)
+        test_feature = queries[rows, best_patch]  # (B, D)
+        memory_feature = self.memory_bank_[nearest[rows, best_patch]]  # (B, D): m*
+        k = min(self.num_neighbors, self.memory_bank_.shape[0])
+        _, support = nearest_neighbours(memory_feature, self.memory_bank_, k=k,
+                                        bank_sq_norms=self._bank_sq_norms)  # N_b(m*), m* first
+        support_distances = torch.linalg.vector_norm(
+            self.memory_bank_[support] - test_feature.unsqueeze(1), dim=2)  # (B, k)
+        weight = 1.0 - torch.softmax(support_distances, dim=1)[:, 0]
+        return weight * best_score
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"memory_bank": self.memory_bank_}
+
+    def _load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.memory_bank_ = tensors["memory_bank"]
+        self._bank_sq_norms = self.memory_bank_.pow(2).sum(1)
+        self.extractor  # build the backbone now, so loading fails early if weights are missing

@@ -1,0 +1,261 @@
+"""Exact, vectorised anomaly-detection metrics.
+
+Every rank metric here is computed from the scores split by label and sorted once, then read off
+with binary searches: no threshold grid, no approximation, and ties are handled the way
+scikit-learn handles them (``roc_auc_score``, ``average_precision_score``).
+
+- :func:`auroc`, :func:`average_precision`, :func:`f1_max` for any binary labels (image or pixel).
+- :func:`aupro`: the area under the per-region-overlap curve up to a false-positive-rate limit
+  (0.3 by default), pooled over the whole test set as in the MVTec AD protocol, computed exactly:
+  the curve is integrated with the trapezoid rule through every distinct score and interpolated at
+  the limit. ``per_image=True`` averages per-image values instead (RD4AD's code does this).
+- :func:`image_metrics` and :func:`pixel_metrics` bundle them; pixel metrics share one sort.
+
+Undefined cases (only one class present, no anomalous region) return NaN with a warning.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from .errors import MetricError
+
+
+class UndefinedMetricWarning(UserWarning):
+    """A metric is undefined for these labels; NaN was returned."""
+
+
+def _as_array(values: Any, dtype: type | None = None) -> np.ndarray:
+    if hasattr(values, "detach"):
+        values = values.detach().cpu().numpy()
+    array = np.asarray(values)
+    return array.astype(dtype, copy=False) if dtype is not None else array
+
+
+def _check_scores(scores: np.ndarray, what: str) -> np.ndarray:
+    if not np.issubdtype(scores.dtype, np.floating):
+        scores = scores.astype(np.float64)
+    if not np.isfinite(scores).all():
+        bad = int((~np.isfinite(scores)).sum())
+        raise MetricError(f"{what}: {bad} scores are NaN or infinite; the detector output is invalid")
+    return scores
+
+
+class RankedScores:
+    """Scores of negatives and positives, each sorted ascending, for exact rank metrics."""
+
+    def __init__(self, negatives: np.ndarray, positives: np.ndarray) -> None:
+        self.negatives = negatives  # sorted ascending
+        self.positives = positives  # sorted ascending
+
+    @classmethod
+    def from_labels(cls, labels: Any, scores: Any, what: str = "scores") -> RankedScores:
+        labels = _as_array(labels).astype(bool).ravel()
+        scores = _check_scores(_as_array(scores).ravel(), what)
+        if labels.shape != scores.shape:
+            raise MetricError(f"{what}: {labels.size} labels for {scores.size} scores")
+        negatives = scores[~labels]
+        positives = scores[labels]
+        negatives.sort()
+        positives.sort()
+        return cls(negatives, positives)
+
+    def _defined(self, name: str) -> bool:
+        if self.negatives.size and self.positives.size:
+            return True
+        which = "normal" if not self.negatives.size else "anomalous"
+        warnings.warn(f"{name} is undefined: no {which} samples; returning NaN",
+                      UndefinedMetricWarning, stacklevel=3)
+        return False
+
+    def auroc(self) -> float:
+        """Probability that a random positive outscores a random negative (ties count half)."""
+        if not self._defined("AUROC"):
+            return float("nan")
+        below = np.searchsorted(self.negatives, self.positives, side="left").sum(dtype=np.float64)
+        below_or_tied = np.searchsorted(self.negatives, self.positives, side="right").sum(
+            dtype=np.float64
+        )
+        return float((below + below_or_tied) / 2.0 / (self.positives.size * self.negatives.size))
+
+    def _curve_at_positive_thresholds(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For each distinct positive score t (descending): positives equal to t, TP(>=t), FP(>=t)."""
+        values, counts = np.unique(self.positives, return_counts=True)
+        values, counts = values[::-1], counts[::-1]
+        true_positives = np.cumsum(counts)
+        false_positives = self.negatives.size - np.searchsorted(self.negatives, values, side="left")
+        return counts, true_positives, false_positives
+
+    def average_precision(self) -> float:
+        """Area under the precision-recall curve as a step sum (scikit-learn's definition)."""
+        if not self._defined("average precision"):
+            return float("nan")
+        counts, tp, fp = self._curve_at_positive_thresholds()
+        return float(np.sum(counts / self.positives.size * tp / (tp + fp)))
+
+    def f1_max(self) -> tuple[float, float]:
+        """The best F1 over all thresholds, and the threshold reaching it (score >= threshold)."""
+        if not self._defined("F1-max"):
+            return float("nan"), float("nan")
+        counts, tp, fp = self._curve_at_positive_thresholds()
+        f1 = 2.0 * tp / (tp + fp + self.positives.size)
+        best = int(np.argmax(f1))
+        thresholds = np.unique(self.positives)[::-1]
+        return float(f1[best]), float(thresholds[best])
+
+
+def auroc(labels: Any, scores: Any) -> float:
+    """Area under the ROC curve; equals ``sklearn.metrics.roc_auc_score``."""
+    return RankedScores.from_labels(labels, scores).auroc()
+
+
+def average_precision(labels: Any, scores: Any) -> float:
+    """Equals ``sklearn.metrics.average_precision_score``."""
+    return RankedScores.from_labels(labels, scores).average_precision()
+
+
+def f1_max(labels: Any, scores: Any) -> float:
+    """The maximum F1 score over all thresholds."""
+    return RankedScores.from_labels(labels, scores).f1_max()[0]
+
+
+def _label_regions(masks: np.ndarray) -> tuple[np.ndarray, int]:
+    """Connected components (8-connectivity within each image) over a stack of masks."""
+    structure = np.zeros((3, 3, 3), dtype=bool)
+    structure[1] = True  # 8-connected in-plane, never across images
+    return ndimage.label(masks, structure=structure)
+
+
+def _pro_area(
+    top_negatives: np.ndarray,
+    n_negatives: int,
+    positive_scores: np.ndarray,
+    positive_weights: np.ndarray,
+    fpr_limit: float,
+) -> float:
+    """Exact trapezoid area under PRO(FPR) on [0, fpr_limit], divided by fpr_limit.
+
+    ``top_negatives`` is sorted ascending and must contain every negative score >= the score at
+    which the FPR reaches ``fpr_limit``. PRO at a threshold is the weighted count of positive
+    pixels at or above it (weight 1 / (number of regions * region area)).
+
+    Between consecutive distinct thresholds the curve moves by (#negatives tied there)/N in FPR
+    and from PRO(> t) to PRO(>= t), so the area is the sum over negatives above the cut of
+    (PRO(> v) + PRO(>= v)) / 2N, plus the part of the segment that straddles the limit.
+    """
+    n_at_limit = fpr_limit * n_negatives
+    k = min(max(int(np.ceil(n_at_limit)), 1), n_negatives)
+    cut_value = top_negatives[top_negatives.size - k]
+    base = np.searchsorted(top_negatives, cut_value, side="right")  # entries <= cut_value
+    above_cut = top_negatives.size - base  # negatives strictly above the cut (a)
+    at_or_above = top_negatives.size - np.searchsorted(top_negatives, cut_value, side="left")  # b
+
+    order = np.argsort(positive_scores, kind="stable")
+    scores = positive_scores[order]
+    weights = positive_weights[order]
+    start = np.searchsorted(scores, cut_value, side="right")  # positives strictly above the cut
+    upper_scores, upper_weights = scores[start:], weights[start:]
+    negatives_below_or_at = np.searchsorted(top_negatives, upper_scores, side="right") - base
+    negatives_below = np.searchsorted(top_negatives, upper_scores, side="left") - base
+    area = float(np.dot(upper_weights, negatives_below_or_at + negatives_below)) / (2.0 * n_negatives)
+
+    pro_above = float(upper_weights.sum())
+    pro_at_or_above = pro_above + float(weights[np.searchsorted(scores, cut_value, "left"):start].sum())
+    fraction = (n_at_limit - above_cut) / (at_or_above - above_cut)
+    pro_at_limit = pro_above + (pro_at_or_above - pro_above) * min(fraction, 1.0)
+    width = min(n_at_limit, at_or_above) / n_negatives - above_cut / n_negatives
+    area += width * (pro_above + pro_at_limit) / 2.0
+    return area / fpr_limit
+
+
+def _select_top(negatives: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Sorted negatives that surely include the k largest, without sorting all of them."""
+    if negatives.size > 4_000_000:
+        sample = rng.choice(negatives, 200_000, replace=False)
+        quantile = 1.0 - min(1.0, k / negatives.size * 1.05 + 0.005)
+        bound = np.quantile(sample, quantile)
+        top = negatives[negatives >= bound]
+        if top.size >= k:
+            top.sort()
+            return top
+    top = negatives.copy()
+    top.sort()
+    return top
+
+
+def aupro(masks: Any, maps: Any, fpr_limit: float = 0.3, per_image: bool = False) -> float:
+    """Normalised area under the PRO curve up to ``fpr_limit`` (exact).
+
+    Args:
+        masks: (N, H, W) ground-truth masks (bool or 0/1).
+        maps: (N, H, W) anomaly maps.
+        fpr_limit: integrate over FPR in [0, fpr_limit]; the result is divided by it.
+        per_image: average the per-image AUPRO of anomalous images instead of pooling.
+    """
+    masks = _as_array(masks).astype(bool)
+    maps = _check_scores(_as_array(maps), "anomaly maps")
+    if masks.shape != maps.shape or masks.ndim != 3:
+        raise MetricError(f"masks {masks.shape} and maps {maps.shape} must both be (N, H, W)")
+    if not 0.0 < fpr_limit <= 1.0:
+        raise MetricError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
+    if per_image:
+        values = [aupro(m[None], s[None], fpr_limit) for m, s in zip(masks, maps) if m.any()]
+        if not values:
+            warnings.warn("AUPRO is undefined: no anomalous region; returning NaN",
+                          UndefinedMetricWarning, stacklevel=2)
+            return float("nan")
+        return float(np.mean(values))
+    return _aupro_pooled(masks, maps, maps[~masks], fpr_limit, presorted=False)
+
+
+def _aupro_pooled(
+    masks: np.ndarray, maps: np.ndarray, negatives: np.ndarray, fpr_limit: float, presorted: bool
+) -> float:
+    regions, n_regions = _label_regions(masks)
+    if n_regions == 0 or negatives.size == 0:
+        which = "anomalous region" if n_regions == 0 else "normal pixel"
+        warnings.warn(f"AUPRO is undefined: no {which}; returning NaN",
+                      UndefinedMetricWarning, stacklevel=3)
+        return float("nan")
+    region_ids = regions[masks]
+    sizes = np.bincount(region_ids, minlength=n_regions + 1).astype(np.float64)
+    weights = 1.0 / (n_regions * sizes[region_ids])
+    k = min(max(int(np.ceil(fpr_limit * negatives.size)), 1), negatives.size)
+    top = negatives if presorted else _select_top(negatives, k, np.random.default_rng(0))
+    return _pro_area(top, negatives.size, maps[masks], weights, fpr_limit)
+
+
+def image_metrics(labels: Any, scores: Any) -> dict[str, float]:
+    """Image AUROC, AP and F1-max (with its threshold)."""
+    ranked = RankedScores.from_labels(labels, scores, "image scores")
+    f1, threshold = ranked.f1_max()
+    return {
+        "image_auroc": ranked.auroc(),
+        "image_ap": ranked.average_precision(),
+        "image_f1_max": f1,
+        "image_f1_threshold": threshold,
+    }
+
+
+def pixel_metrics(masks: Any, maps: Any, fpr_limit: float = 0.3) -> dict[str, float]:
+    """Pixel AUROC, AP, F1-max and AUPRO over all pixels of all images, pooled; one sort."""
+    masks = _as_array(masks).astype(bool)
+    maps = _check_scores(_as_array(maps), "anomaly maps")
+    if masks.shape != maps.shape or masks.ndim != 3:
+        raise MetricError(f"masks {masks.shape} and maps {maps.shape} must both be (N, H, W)")
+    negatives = maps[~masks]
+    negatives.sort()
+    positives = maps[masks]
+    positives.sort()
+    ranked = RankedScores(negatives, positives)
+    f1, _ = ranked.f1_max()
+    return {
+        "pixel_auroc": ranked.auroc(),
+        "pixel_ap": ranked.average_precision(),
+        "pixel_f1_max": f1,
+        "pixel_aupro": _aupro_pooled(masks, maps, negatives, fpr_limit, presorted=True),
+    }
