@@ -36,6 +36,7 @@ class PatchCore(Detector):
         image_size: images are resized to this square size.
         crop_size: optional centre crop after resizing.
         patch_kernel: neighbourhood size of the locally aware features.
+        grid_level: which of ``layers`` sets the patch grid (0 = the first, finest).
         feature_dim: reduce each patch feature to this many values by adaptive average pooling
             over channels (the official code's embedding dimension); None keeps all channels.
         coreset_ratio: fraction of training patches kept in the memory bank.
@@ -69,6 +70,7 @@ class PatchCore(Detector):
         image_size: int = 256,
         crop_size: int | None = None,
         patch_kernel: int = 3,
+        grid_level: int = 0,
         feature_dim: int | None = None,
         coreset_ratio: float = 0.01,
         projection_dim: int | None = 128,
@@ -85,6 +87,7 @@ class PatchCore(Detector):
         self.image_size = image_size
         self.crop_size = crop_size
         self.patch_kernel = patch_kernel
+        self.grid_level = grid_level
         self.feature_dim = feature_dim
         self.coreset_ratio = coreset_ratio
         self.projection_dim = projection_dim
@@ -95,7 +98,7 @@ class PatchCore(Detector):
         self.device = device
         self.seed = seed
         self._extractor: FeatureExtractor | None = None
-        self._aggregate = LocalPatchFeatures(patch_kernel)
+        self._aggregate = LocalPatchFeatures(patch_kernel, grid_level)
 
     # -- features -------------------------------------------------------------------------
     @property

@@ -1,18 +1,19 @@
-"""Greedy coreset selection (k-center greedy), as in PatchCore, made fast by exact pruning.
+"""Greedy coreset selection (k-center greedy), as in PatchCore, made fast by lazy evaluation.
 
 PatchCore's approximate greedy coreset projects the features to a low dimension with a random
 linear map, starts from a few random points (each point's initial "minimum distance" is its mean
 distance to them), then repeatedly selects the point farthest from everything selected so far and
 lowers every point's minimum distance to the new centre.
 
-A plain implementation computes the distance from every point to every new centre: N x K
-distance evaluations (hundreds of seconds for 700 images on a small CPU). We get the *same*
-selection with far less work using the triangle inequality: each point remembers the centre it
-is closest to, ``a(x)``, and its distance ``u(x)`` to it. For a new centre ``c``,
-``d(x, c) >= d(a(x), c) - u(x)``, so when ``d(a(x), c) >= u(x) + mindist(x)`` the new centre
-cannot lower ``mindist(x)`` and the point is skipped. Only the distances from ``c`` to earlier
-centres (K x D) and to the remaining candidates are computed. As the centres cover the data,
-the candidates shrink to the neighbourhood of the new centre.
+A plain implementation updates all N points after every selection: K passes over an N x D
+matrix, memory-bound matrix-vector products (hundreds of seconds for 700 images on a small CPU).
+We make the *same* selections lazily. Points are grouped in fixed blocks; each block keeps an
+upper bound on its points' minimum distances (minimum distances only ever decrease) and the number
+of centres it has been compared with. To select, we take the block with the largest bound; if it
+has not seen every centre yet, we compare it with the missing ones at once (a small matrix
+multiply) and re-insert it with its exact maximum; when the top block is up to date, its maximum
+is the global maximum, because every other bound is an upper bound. Blocks far from the new
+centres are rarely touched, and the work that remains is compute-bound matrix multiplication.
 """
 
 from __future__ import annotations
@@ -22,16 +23,13 @@ import torch
 from ..progress import progress
 
 
-def _distances_to(points: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
-    return (points - centre).pow_(2).sum(1).sqrt_()
-
-
 def greedy_coreset(
     features: torch.Tensor,
     sampling_ratio: float = 0.01,
     projection_dim: int | None = 128,
     n_starts: int = 10,
     seed: int = 0,
+    block_size: int = 256,
     show_progress: bool = False,
 ) -> torch.Tensor:
     """Indices of a greedy coreset of ``features``.
@@ -43,6 +41,7 @@ def greedy_coreset(
             None or >= D keeps the original features.
         n_starts: random starting points (their mean distance initialises the minimum distances).
         seed: seeds the projection and the starting points.
+        block_size: points per block of the lazy search (speed only, not the result).
 
     Returns:
         (K,) int64 indices, K = max(1, floor(sampling_ratio * N)), in selection order. Fewer are
@@ -62,38 +61,50 @@ def greedy_coreset(
     if projection_dim is not None and projection_dim < dim:
         projection = torch.randn(dim, projection_dim, generator=generator) / projection_dim**0.5
         points = points @ projection.to(points.device)
-    points = points.contiguous()
+    device, width = points.device, points.shape[1]
 
     n_starts = min(n_starts, n_points)
-    starts = torch.randperm(n_points, generator=generator)[:n_starts].to(points.device)
-    start_distances = torch.stack([_distances_to(points, points[s]) for s in starts], dim=1)
-    min_distance = start_distances.mean(dim=1)
-    nearest_distance, assigned = start_distances.min(dim=1)  # u(x), a(x)
-    del start_distances
+    starts = torch.randperm(n_points, generator=generator)[:n_starts].to(device)
+    mean_distance = torch.zeros(n_points, device=device)
+    for start in starts:
+        mean_distance += torch.linalg.vector_norm(points - points[start], dim=1)
+    # Squared distances from here on: the same order, and no square roots in the loop.
+    min_distance = (mean_distance / n_starts).pow_(2)
+    del mean_distance
 
-    centres = torch.empty(n_starts + n_select, points.shape[1], device=points.device)
-    centres[:n_starts] = points[starts]
+    n_blocks = -(-n_points // block_size)
+    padding = n_blocks * block_size - n_points
+    blocks = torch.cat([points, points.new_zeros(padding, width)]).view(n_blocks, block_size, width)
+    block_sq_norms = blocks.pow(2).sum(2)
+    block_min = torch.cat([min_distance, min_distance.new_full((padding,), -1.0)])
+    block_min = block_min.view(n_blocks, block_size)  # padding never wins (-1)
+    bound = block_min.amax(1)
+    centres_seen = torch.zeros(n_blocks, dtype=torch.long)
+    centres = points.new_empty(n_select, width)
+    centre_sq_norms = points.new_empty(n_select)
     selected = torch.empty(n_select, dtype=torch.long)
-    slack = 1.0 + 1e-5  # rounding in the bound must only ever add candidates
+
     count = 0
     for step in progress(range(n_select), "coreset", enabled=show_progress):
-        index = int(torch.argmax(min_distance))
-        if min_distance[index] <= 0.0:
-            break  # every remaining point coincides with a centre
-        row = n_starts + step
-        centre = points[index]
-        centres[row] = centre
+        while True:
+            block = int(torch.argmax(bound))
+            seen = int(centres_seen[block])
+            if seen == step:
+                break
+            distances = torch.addmm(centre_sq_norms[seen:step].unsqueeze(0), blocks[block],
+                                    centres[seen:step].T, alpha=-2.0)
+            distances = distances.add_(block_sq_norms[block].unsqueeze(1)).amin(1).clamp_(min=0.0)
+            torch.minimum(block_min[block], distances, out=block_min[block])
+            centres_seen[block] = step
+            bound[block] = block_min[block].max()
+        offset = int(torch.argmax(block_min[block]))
+        if block_min[block, offset] <= 0.0:
+            break  # every point coincides with a selected centre
+        index = block * block_size + offset
         selected[step] = index
+        centres[step] = points[index]
+        centre_sq_norms[step] = block_sq_norms[block, offset]
+        block_min[block, offset] = 0.0
+        bound[block] = block_min[block].max()
         count += 1
-        centre_distances = _distances_to(centres[:row], centre)
-        bound = centre_distances[assigned]
-        candidates = torch.nonzero(bound < (nearest_distance + min_distance) * slack).squeeze(1)
-        candidates = torch.cat([candidates, torch.tensor([index], device=points.device)])
-        distances = _distances_to(points[candidates], centre)
-        closer = distances < min_distance[candidates]
-        updated = candidates[closer]
-        new_distances = distances[closer]
-        min_distance[updated] = new_distances
-        nearest_distance[updated] = new_distances
-        assigned[updated] = row
-    return selected[:count]
+    return selected[:count].to(features.device)

@@ -10,31 +10,36 @@ from torch import nn
 
 
 class LocalPatchFeatures(nn.Module):
-    """Pool each level over a k x k neighbourhood, resize to the finest grid, concatenate.
+    """Pool each level over a k x k neighbourhood, resize to one grid, concatenate.
 
     This is PatchCore's "locally aware patch feature" with average aggregation: each position
-    describes its neighbourhood, at the resolution of the first (finest) level.
+    describes its neighbourhood. Finer levels are average-pooled down to the grid, coarser ones
+    bilinearly upsampled.
 
     Args:
         kernel_size: neighbourhood size (3 in the papers).
+        grid_level: index of the level whose grid the output uses (0 = the first, finest).
 
     Example:
         >>> LocalPatchFeatures(3)([torch.rand(2, 40, 32, 32), torch.rand(2, 112, 16, 16)]).shape
         torch.Size([2, 152, 32, 32])
     """
 
-    def __init__(self, kernel_size: int = 3) -> None:
+    def __init__(self, kernel_size: int = 3, grid_level: int = 0) -> None:
         super().__init__()
         self.kernel_size = kernel_size
+        self.grid_level = grid_level
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         padding = self.kernel_size // 2
-        grid = features[0].shape[-2:]
+        grid = features[self.grid_level].shape[-2:]
         pooled = []
         for level in features:
             level = F.avg_pool2d(level, self.kernel_size, stride=1, padding=padding,
                                  count_include_pad=False)
-            if level.shape[-2:] != grid:
+            if level.shape[-1] > grid[-1]:
+                level = F.adaptive_avg_pool2d(level, grid)
+            elif level.shape[-2:] != grid:
                 level = F.interpolate(level, size=grid, mode="bilinear", align_corners=False)
             pooled.append(level)
         return torch.cat(pooled, dim=1)

@@ -1,0 +1,330 @@
+"""The ``iadkit`` command line.
+
+Stable commands (scripts and CI rely on them)::
+
+    iadkit fit --method NAME --preset cpu|paper --data ROOT --category NAME --out RUN_DIR
+    iadkit test RUN_DIR [--data ROOT --category NAME] --json FILE [--report DIR]
+    iadkit predict RUN_DIR IMAGES... --out DIR
+    iadkit demo --out DIR
+    iadkit data prepare elpv DEST | iadkit data generate DEST
+    iadkit methods
+
+Settings come from ``--config FILE.yaml`` (keys of :class:`iadkit.engine.RunConfig`, with
+``params:`` for hyperparameters), then flags override them; ``--param key=value`` overrides one
+hyperparameter (the value is read as YAML: ``--param coreset_ratio=0.02``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import IadkitError
+
+log = logging.getLogger("iadkit")
+
+
+def _parse_param(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--param needs key=value, got {text!r}")
+    key, value = text.split("=", 1)
+    return key.strip(), yaml.safe_load(value)
+
+
+def _run_config(args: argparse.Namespace) -> Any:
+    from .engine import RunConfig
+
+    values: dict[str, Any] = {}
+    if args.config:
+        loaded = yaml.safe_load(Path(args.config).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise IadkitError(f"{args.config}: expected a mapping of run settings")
+        values.update(loaded)
+    flags = {
+        "method": args.method, "preset": args.preset, "data": args.data, "layout": args.layout,
+        "setting": args.setting, "device": args.device, "seed": args.seed,
+        "batch_size": args.batch_size, "workers": args.workers,
+        "validation_fraction": args.validation_fraction,
+        "seen_subclasses": args.seen, "unseen_subclasses": args.unseen,
+    }
+    values.update({k: v for k, v in flags.items() if v is not None})
+    if args.category:
+        values["categories"] = None if args.category == ["all"] else args.category
+    params = dict(values.get("params") or {})
+    params.update(dict(args.param or []))
+    values["params"] = params
+    values["show_progress"] = not args.quiet
+    for needed in ("method", "data"):
+        if needed not in values:
+            raise IadkitError(f"--{needed} is required (or give it in --config)")
+    return RunConfig.from_dict(values)
+
+
+def _format_table(results: dict[str, Any]) -> str:
+    keys = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_aupro")
+    header = f"{'group':<24}" + "".join(f"{k:>13}" for k in keys)
+    lines = [header, "-" * len(header)]
+
+    def row(name: str, values: dict[str, Any]) -> str:
+        cells = "".join(
+            f"{values[k]:>13.4f}" if values.get(k) is not None else f"{'-':>13}" for k in keys
+        )
+        return f"{name:<24}{cells}"
+
+    for name, values in results["per_category"].items():
+        lines.append(row(name, values))
+    headline = "pooled" if results.get("pooled") else "mean"
+    lines.append(row(headline, results))
+    return "\n".join(lines)
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from .methods import available_methods, get_method
+
+    for name in available_methods():
+        method = get_method(name)
+        print(f"{name:<14} presets: {', '.join(sorted(method.presets)):<12} {method.summary}")
+        if args.verbose:
+            for preset, params in sorted(method.presets.items()):
+                print(f"    {preset}: {params}")
+    return 0
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from .engine import fit_run
+
+    config = _run_config(args)
+    saved = fit_run(config, args.out)
+    print(f"saved {len(saved)} model(s) under {args.out}")
+    return 0
+
+
+def _write_outputs(results: dict[str, Any], evaluations: list[Any], args: argparse.Namespace,
+                   title: str) -> None:
+    print(_format_table(results))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2))
+        print(f"metrics written to {args.json}")
+    if args.report:
+        from .report import write_report
+
+        page = write_report(results, evaluations, args.report, title=title)
+        print(f"report written to {page}")
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    from .engine import test_run
+
+    results, evaluations = test_run(args.run_dir, args.data, args.category, args.device,
+                                    show_progress=not args.quiet)
+    _write_outputs(results, evaluations, args, title=f"iadkit test: {args.run_dir}")
+    return 0
+
+
+def _collect_images(inputs: list[str]) -> list[Path]:
+    from .data.image_io import is_image_file
+
+    paths: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            paths += sorted(p for p in path.rglob("*") if is_image_file(p))
+        elif any(ch in item for ch in "*?["):
+            paths += sorted(p for p in Path().glob(item) if is_image_file(p))
+        elif path.exists():
+            paths.append(path)
+        else:
+            raise IadkitError(f"{item}: no such file or folder")
+    if not paths:
+        raise IadkitError(f"no images found in {inputs}")
+    return paths
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .engine import iter_predictions, normalised_scores, read_run
+    from .methods import Detector
+    from .report import save_overlay
+
+    run_dir = Path(args.run_dir)
+    if (run_dir / "detector.json").is_file():
+        model_dir = run_dir
+    else:
+        _, tasks = read_run(run_dir)
+        if args.model is None and len(tasks) > 1:
+            raise IadkitError(f"{run_dir} holds several models {tasks}; choose one with --model")
+        model_dir = run_dir / "models" / (args.model or tasks[0])
+    detector = Detector.load(model_dir, device=args.device)
+    calibration = detector.calibration
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = _collect_images(args.inputs)
+    with (out / "scores.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "score", "normalised_score", "threshold", "anomalous"])
+        for path, score, anomaly_map in iter_predictions(detector, paths, args.batch_size):
+            if calibration:
+                normalised = float(normalised_scores(score, calibration))
+                threshold = calibration["image_threshold"]
+                decision = int(score >= threshold)
+                writer.writerow([path, f"{score:.6g}", f"{normalised:.4f}", f"{threshold:.6g}",
+                                 decision])
+            else:
+                writer.writerow([path, f"{score:.6g}", "", "", ""])
+            if not args.no_heatmaps:
+                save_overlay(path, anomaly_map, detector.preprocess, calibration,
+                             out / "heatmaps" / f"{path.stem}.png")
+    print(f"{len(paths)} images scored: {out / 'scores.csv'}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .data.elpv import prepare_elpv
+    from .engine import RunConfig, fit_run, test_run
+
+    out = Path(args.out)
+    data_root = Path(args.data) if args.data else out / "data"
+    if not args.data:
+        print(f"preparing the ELPV solar-cell data in {data_root} ...")
+        prepare_elpv(data_root, seed=args.seed, max_train=args.max_train)
+    config = RunConfig(method=args.method, preset="cpu", data=str(data_root),
+                       device=args.device or "auto", seed=args.seed,
+                       show_progress=not args.quiet)
+    print(f"training {config.method} (cpu preset) ...")
+    fit_run(config, out / "run")
+    results, evaluations = test_run(out / "run", show_progress=not args.quiet)
+    args.json = str(out / "metrics.json")
+    args.report = str(out / "report")
+    _write_outputs(results, evaluations, args, title=f"iadkit demo: {config.method} on {data_root}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    if args.data_command == "prepare":
+        from .data.elpv import prepare_elpv
+
+        if args.dataset != "elpv":
+            raise IadkitError(f"unknown dataset {args.dataset!r}; available: elpv")
+        category = prepare_elpv(args.dest, args.test_fraction, args.seed, args.max_train)
+        print(f"ELPV written to {category}")
+    else:
+        from .data.generate import generate_dataset
+
+        generate_dataset(args.dest, tuple(args.categories), args.n_train, size=args.size,
+                         seed=args.seed)
+        print(f"generated dataset in {args.dest}")
+    return 0
+
+
+def _add_run_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", help="method name (see 'iadkit methods')")
+    parser.add_argument("--preset", help="cpu (default) or paper")
+    parser.add_argument("--data", help="dataset root folder")
+    parser.add_argument("--category", action="append",
+                        help="category to use; repeat for several; 'all' for every one")
+    parser.add_argument("--layout", help="dataset layout (default: auto-detect)")
+    parser.add_argument("--setting", help="one-class (default), model-unified, "
+                        "absolute-unified, unseen-subclass")
+    parser.add_argument("--seen", action="append", help="seen subclass (unseen-subclass setting)")
+    parser.add_argument("--unseen", action="append", help="unseen subclass")
+    parser.add_argument("--param", action="append", type=_parse_param, metavar="KEY=VALUE",
+                        help="override a hyperparameter (value parsed as YAML)")
+    parser.add_argument("--config", help="YAML file of run settings")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--workers", type=int)
+    parser.add_argument("--validation-fraction", type=float,
+                        help="share of training normals held out for calibration (default 0.1)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="iadkit", description=__doc__.split("\n")[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    common.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 ...")
+    common.add_argument("--verbose", "-v", action="store_true", help="log what happens")
+    commands = parser.add_subparsers(dest="command", required=True)
+    original_add_parser = commands.add_parser
+
+    def add_parser(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return original_add_parser(name, parents=[common], **kwargs)
+
+    commands.add_parser = add_parser  # type: ignore[method-assign]
+
+    commands.add_parser("methods", help="list methods and presets").set_defaults(func=cmd_methods)
+
+    fit = commands.add_parser("fit", help="train detector(s) into a run folder")
+    _add_run_flags(fit)
+    fit.add_argument("--out", required=True, help="run folder to create")
+    fit.set_defaults(func=cmd_fit)
+
+    test = commands.add_parser("test", help="evaluate a run folder on its test split")
+    test.add_argument("run_dir")
+    test.add_argument("--data", help="dataset root (default: the one used for fitting)")
+    test.add_argument("--category", action="append")
+    test.add_argument("--json", help="write the metrics as JSON here")
+    test.add_argument("--report", help="write an HTML report into this folder")
+    test.set_defaults(func=cmd_test)
+
+    predict = commands.add_parser("predict", help="score images with a trained detector")
+    predict.add_argument("run_dir", help="run folder or model folder")
+    predict.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
+    predict.add_argument("--out", required=True, help="folder for scores.csv and heatmaps/")
+    predict.add_argument("--model", help="which model of a multi-model run folder")
+    predict.add_argument("--batch-size", type=int, default=16)
+    predict.add_argument("--no-heatmaps", action="store_true")
+    predict.set_defaults(func=cmd_predict)
+
+    demo = commands.add_parser("demo", help="train, evaluate and report on the ELPV solar cells")
+    demo.add_argument("--out", default="demo_out")
+    demo.add_argument("--data", help="use this dataset instead of preparing ELPV")
+    demo.add_argument("--method", default="patchcore")
+    demo.add_argument("--max-train", type=int, default=400,
+                      help="training images kept from ELPV (default 400, for a quick demo)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo)
+
+    data = commands.add_parser("data", help="prepare or generate datasets")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    prepare = data_commands.add_parser("prepare", help="arrange a packaged dataset (elpv)",
+                                       parents=[common])
+    prepare.add_argument("dataset")
+    prepare.add_argument("dest")
+    prepare.add_argument("--test-fraction", type=float, default=0.25)
+    prepare.add_argument("--max-train", type=int)
+    prepare.add_argument("--seed", type=int, default=0)
+    generate = data_commands.add_parser("generate", help="write a procedural test dataset",
+                                        parents=[common])
+    generate.add_argument("dest")
+    generate.add_argument("--categories", nargs="+", default=["texture"])
+    generate.add_argument("--n-train", type=int, default=20)
+    generate.add_argument("--size", type=int, default=64)
+    generate.add_argument("--seed", type=int, default=0)
+    data.set_defaults(func=cmd_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except IadkitError as error:
+        print(f"iadkit: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("iadkit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

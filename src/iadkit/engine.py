@@ -1,0 +1,332 @@
+"""Fit, calibrate, evaluate and predict for any detector in any evaluation setting.
+
+The engine never looks at which method it drives: it builds detectors through the registry,
+feeds them batches, and reads back maps and scores. Thresholds and score normalisation are fitted
+on *normal validation images held out from training* (or a layout's own validation split), never
+on the test set.
+
+Example:
+    >>> from iadkit.engine import RunConfig, fit_run, test_run
+    >>> config = RunConfig(method="patchcore", data="data/magnetic_tile")
+    >>> fit_run(config, "runs/mt")
+    >>> results = test_run("runs/mt")
+    >>> results["image_auroc"]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import metrics
+from .data.dataset import Preprocess, make_loader
+from .data.layouts import load_dataset
+from .data.samples import SampleSet
+from .data.settings import Task, make_tasks
+from .errors import IadkitError
+from .methods import Detector, create_detector
+from .progress import progress
+
+log = logging.getLogger("iadkit")
+
+RUN_FILE = "run.json"
+METRIC_KEYS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_aupro")
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a training run; saved as ``run.json`` in the run folder.
+
+    Attributes:
+        method: registered method name (``iadkit methods`` lists them).
+        data: dataset root folder.
+        preset: the method's preset ("cpu" or "paper").
+        params: hyperparameters overriding the preset.
+        categories: categories to use; None = all.
+        layout: dataset layout ("auto" detects it).
+        setting: evaluation setting (see :mod:`iadkit.data.settings`).
+        seen_subclasses, unseen_subclasses: for the unseen-subclass setting.
+        batch_size: images per batch when predicting.
+        workers: DataLoader worker processes.
+        validation_fraction: share of the training normals held out for calibration when the
+            layout has no validation split; 0 trains on all of them and leaves the detector
+            uncalibrated (scores only, no decision threshold).
+        threshold_quantile: the image threshold is this quantile of held-out normal scores.
+        device: "auto" (CUDA when present), "cpu", "cuda", ...
+        seed: seeds the validation split and the detectors.
+        show_progress: show progress bars.
+    """
+
+    method: str
+    data: str
+    preset: str = "cpu"
+    params: dict[str, Any] = field(default_factory=dict)
+    categories: list[str] | None = None
+    layout: str = "auto"
+    setting: str = "one-class"
+    seen_subclasses: list[str] | None = None
+    unseen_subclasses: list[str] | None = None
+    batch_size: int = 16
+    workers: int = 0
+    validation_fraction: float = 0.1
+    threshold_quantile: float = 0.99
+    device: str = "auto"
+    seed: int = 0
+    show_progress: bool = True
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise IadkitError(f"unknown run settings {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+    def tasks(self, data: str | None = None, categories: list[str] | None = None) -> list[Task]:
+        samples = load_dataset(data or self.data, categories or self.categories, self.layout)
+        return make_tasks(samples, self.setting, self.seen_subclasses, self.unseen_subclasses)
+
+    def new_detector(self) -> Detector:
+        return create_detector(self.method, self.preset, device=self.device, seed=self.seed,
+                               **self.params)
+
+
+# -- calibration ---------------------------------------------------------------------------------
+def holdout_split(train: SampleSet, fraction: float, seed: int) -> tuple[SampleSet, SampleSet]:
+    """Split normal training samples into (fit, validation) by a seeded shuffle."""
+    if fraction <= 0:
+        return train, SampleSet([])
+    order = list(range(len(train)))
+    random.Random(seed).shuffle(order)
+    n_validation = max(1, int(round(fraction * len(train))))
+    if n_validation >= len(train):
+        raise IadkitError(f"validation_fraction {fraction} leaves no training images")
+    held = set(order[:n_validation])
+    return (SampleSet(s for i, s in enumerate(train) if i not in held),
+            SampleSet(s for i, s in enumerate(train) if i in held))
+
+
+def calibrate(scores: np.ndarray, maps: np.ndarray, quantile: float, source: str) -> dict[str, Any]:
+    """Decision threshold and normalisation statistics from normal validation predictions.
+
+    The normalised score is ``(score - median) / (threshold - median)``: 0 for a typical normal
+    image, 1 at the threshold.
+    """
+    threshold = float(np.quantile(scores, quantile))
+    return {
+        "image_threshold": threshold,
+        "pixel_threshold": float(np.quantile(maps, quantile)),
+        "normal_median": float(np.median(scores)),
+        "normal_mean": float(scores.mean()),
+        "normal_std": float(scores.std()),
+        "n_images": int(scores.size),
+        "quantile": quantile,
+        "source": source,
+    }
+
+
+def normalised_scores(scores: np.ndarray, calibration: dict[str, Any]) -> np.ndarray:
+    span = calibration["image_threshold"] - calibration["normal_median"]
+    return (scores - calibration["normal_median"]) / (span if span > 0 else 1.0)
+
+
+# -- prediction ----------------------------------------------------------------------------------
+@dataclass
+class Predictions:
+    """Predictions for a sample set, in sample order."""
+
+    samples: SampleSet
+    scores: np.ndarray  # (N,)
+    maps: np.ndarray  # (N, S, S) float32
+    masks: np.ndarray  # (N, S, S) bool
+    seconds: float
+    preprocess: Preprocess
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array(self.samples.labels, dtype=int)
+
+
+def predict_samples(detector: Detector, samples: SampleSet, batch_size: int = 16,
+                    workers: int = 0, show_progress: bool = False,
+                    description: str = "predict") -> Predictions:
+    """Run a fitted detector over samples, keeping maps, scores and ground-truth masks."""
+    size = detector.preprocess.output_size
+    n = len(samples)
+    scores = np.empty(n, dtype=np.float32)
+    maps = np.empty((n, size, size), dtype=np.float32)
+    masks = np.empty((n, size, size), dtype=bool)
+    loader = make_loader(samples, detector.preprocess, batch_size, workers)
+    started = time.perf_counter()
+    total = -(-n // batch_size)
+    for batch in progress(loader, description, show_progress, total=total):
+        index = batch["index"].numpy()
+        prediction = detector.predict(batch["image"])
+        scores[index] = prediction.scores.numpy()
+        maps[index] = prediction.anomaly_maps.numpy()
+        masks[index] = batch["mask"].numpy() > 0.5
+    return Predictions(samples, scores, maps, masks, time.perf_counter() - started,
+                       detector.preprocess)
+
+
+def fit_detector(config: RunConfig, task: Task) -> Detector:
+    """Fit a fresh detector on a task's training images and calibrate it on held-out normals."""
+    detector = config.new_detector()
+    train, validation = task.train, task.validation
+    if len(validation) == 0:
+        train, validation = holdout_split(task.train, config.validation_fraction, config.seed)
+    loader = make_loader(train, detector.preprocess, config.batch_size, config.workers,
+                         shuffle=False, seed=config.seed)
+    started = time.perf_counter()
+    detector.fit(loader, show_progress=config.show_progress)
+    detector.fit_info_["seconds_fit"] = round(time.perf_counter() - started, 2)
+    detector.fit_info_["n_validation_images"] = len(validation)
+    detector.calibration = None
+    if len(validation):
+        held = predict_samples(detector, validation, config.batch_size, config.workers,
+                               config.show_progress, "calibrate")
+        source = (f"{config.threshold_quantile:.3g} quantile of {len(validation)} normal "
+                  "validation images held out from training")
+        detector.calibration = calibrate(held.scores, held.maps, config.threshold_quantile, source)
+    return detector
+
+
+# -- evaluation ----------------------------------------------------------------------------------
+def score_predictions(predictions: Predictions, pixel: bool) -> dict[str, Any]:
+    """The metric set of one test group (pixel metrics None where masks are missing)."""
+    result: dict[str, Any] = {"n_images": len(predictions.samples),
+                              "n_anomalous": int(predictions.labels.sum())}
+    result.update(metrics.image_metrics(predictions.labels, predictions.scores))
+    if pixel:
+        result.update(metrics.pixel_metrics(predictions.masks, predictions.maps))
+    else:
+        result.update(pixel_auroc=None, pixel_ap=None, pixel_f1_max=None, pixel_aupro=None)
+    return result
+
+
+def _concat(parts: Sequence[Predictions]) -> Predictions:
+    samples = SampleSet([s for p in parts for s in p.samples])
+    return Predictions(samples, np.concatenate([p.scores for p in parts]),
+                       np.concatenate([p.maps for p in parts]),
+                       np.concatenate([p.masks for p in parts]), sum(p.seconds for p in parts),
+                       parts[0].preprocess)
+
+
+def _mean(groups: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    mean: dict[str, Any] = {}
+    for key in METRIC_KEYS:
+        values = [g[key] for g in groups.values() if g.get(key) is not None]
+        mean[key] = float(np.mean(values)) if values and len(values) == len(groups) else None
+    return mean
+
+
+@dataclass
+class TaskEvaluation:
+    """Metrics of one task, with the predictions behind them (for reports)."""
+
+    task: str
+    per_group: dict[str, dict[str, Any]]
+    pooled: dict[str, Any] | None
+    predictions: dict[str, Predictions]
+    calibration: dict[str, Any] | None
+
+
+def evaluate_task(detector: Detector, task: Task, batch_size: int = 16, workers: int = 0,
+                  show_progress: bool = False) -> TaskEvaluation:
+    per_group, predictions = {}, {}
+    for name, group in task.test_groups.items():
+        if len(group) == 0:
+            raise IadkitError(f"test group {name!r} of task {task.name!r} has no images")
+        predicted = predict_samples(detector, group, batch_size, workers, show_progress,
+                                    f"test {name}")
+        predictions[name] = predicted
+        per_group[name] = score_predictions(predicted, group.has_masks)
+        per_group[name]["ms_per_image"] = round(1000 * predicted.seconds / len(group), 2)
+    pooled = None
+    if task.pooled:
+        every = _concat(list(predictions.values()))
+        pooled = score_predictions(every, all(g.has_masks for g in task.test_groups.values()))
+    return TaskEvaluation(task.name, per_group, pooled, predictions,
+                          getattr(detector, "calibration", None))
+
+
+def summarise(evaluations: Sequence[TaskEvaluation], setting: str) -> dict[str, Any]:
+    """The flat results object ``iadkit test --json`` writes."""
+    per_category: dict[str, dict[str, Any]] = {}
+    for evaluation in evaluations:
+        per_category.update(evaluation.per_group)
+    pooled = [e.pooled for e in evaluations if e.pooled is not None]
+    headline = {k: pooled[0][k] for k in METRIC_KEYS} if pooled else _mean(per_category)
+    return {"setting": setting, **headline, "per_category": per_category,
+            "pooled": pooled[0] if pooled else None}
+
+
+# -- run folders ---------------------------------------------------------------------------------
+def fit_run(config: RunConfig, run_dir: str | Path) -> list[Path]:
+    """Fit one detector per task and save them (with ``run.json``) under ``run_dir``."""
+    run_dir = Path(run_dir)
+    tasks = config.tasks()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved = []
+    for task in tasks:
+        log.info("fitting %s on %d images (%s)", config.method, len(task.train), task.name)
+        detector = fit_detector(config, task)
+        saved.append(detector.save(run_dir / "models" / task.name))
+        log.info("saved %s (%.1f s)", saved[-1], detector.fit_info_["seconds_fit"])
+    record = {"config": asdict(config), "tasks": [t.name for t in tasks],
+              "iadkit_version": _version()}
+    (run_dir / RUN_FILE).write_text(json.dumps(record, indent=2))
+    return saved
+
+
+def read_run(run_dir: str | Path) -> tuple[RunConfig, list[str]]:
+    path = Path(run_dir) / RUN_FILE
+    if not path.is_file():
+        raise IadkitError(f"{path}: missing; {run_dir} is not a run folder made by 'iadkit fit'")
+    record = json.loads(path.read_text())
+    return RunConfig.from_dict(record["config"]), record["tasks"]
+
+
+def test_run(run_dir: str | Path, data: str | None = None, categories: list[str] | None = None,
+             device: str | None = None, show_progress: bool = False
+             ) -> tuple[dict[str, Any], list[TaskEvaluation]]:
+    """Evaluate the saved detectors of a run folder on the test split of its setting."""
+    config, task_names = read_run(run_dir)
+    evaluations = []
+    for task in config.tasks(data, categories):
+        model_dir = Path(run_dir) / "models" / task.name
+        if task.name not in task_names or not model_dir.is_dir():
+            raise IadkitError(f"{run_dir}: no model for {task.name!r}; trained: {task_names}")
+        detector = Detector.load(model_dir, device=device or config.device)
+        evaluations.append(evaluate_task(detector, task, config.batch_size, config.workers,
+                                         show_progress))
+    return summarise(evaluations, config.setting), evaluations
+
+
+def iter_predictions(detector: Detector, paths: Sequence[Path], batch_size: int = 16
+                     ) -> Iterator[tuple[Path, float, np.ndarray]]:
+    """(path, score, map) for image files, batch by batch, in bounded memory."""
+    from .data.image_io import read_image
+
+    preprocess: Preprocess = detector.preprocess
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start:start + batch_size]
+        images = torch.stack([preprocess.image(read_image(p)) for p in chunk])
+        prediction = detector.predict(images)
+        for path, score, anomaly_map in zip(chunk, prediction.scores, prediction.anomaly_maps):
+            yield path, float(score), anomaly_map.numpy()
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__

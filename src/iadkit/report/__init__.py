@@ -1,0 +1,195 @@
+"""A self-contained HTML report and heatmap overlays.
+
+The page holds the metrics table, ROC and precision-recall curves, per-group score histograms with
+the decision threshold and where it came from, and a gallery of test images with their anomaly
+maps and ground-truth contours, worst false positives and false negatives first. Every figure is
+an embedded PNG, so the page is one file that can be mailed or archived.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from ..data.dataset import Preprocess  # noqa: E402
+from ..data.image_io import read_image  # noqa: E402
+
+GALLERY_PER_KIND = 6
+
+
+def heatmap_overlay(image: np.ndarray, anomaly_map: np.ndarray, scale: tuple[float, float],
+                    mask: np.ndarray | None = None) -> np.ndarray:
+    """Blend a jet-coloured anomaly map over an RGB uint8 image; draw mask contours in white."""
+    low, high = scale
+    normalised = np.clip((anomaly_map - low) / max(high - low, 1e-12), 0.0, 1.0)
+    colours = (plt.get_cmap("jet")(normalised)[:, :, :3] * 255).astype(np.float32)
+    blended = (0.55 * image.astype(np.float32) + 0.45 * colours).astype(np.uint8)
+    if mask is not None and mask.any():
+        edge = mask & ~(np.roll(mask, 1, 0) & np.roll(mask, -1, 0) & np.roll(mask, 1, 1)
+                        & np.roll(mask, -1, 1))
+        blended[edge] = 255
+    return blended
+
+
+def _map_scale(calibration: dict[str, Any] | None, maps: np.ndarray) -> tuple[float, float]:
+    if calibration:
+        threshold = calibration["pixel_threshold"]
+        return float(np.min(maps)) if maps.size else 0.0, 2.0 * threshold
+    return float(np.min(maps)), float(np.max(maps))
+
+
+def save_overlay(path: Path, anomaly_map: np.ndarray, preprocess: Preprocess,
+                 calibration: dict[str, Any] | None, destination: Path) -> None:
+    """Write image + anomaly map overlay as PNG (the map scaled by the calibration if any)."""
+    image = preprocess.image(read_image(path)).permute(1, 2, 0).numpy()
+    image = (image * 255).astype(np.uint8)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(heatmap_overlay(image, anomaly_map, _map_scale(calibration, anomaly_map))
+                    ).save(destination)
+
+
+def _figure_png(figure: plt.Figure) -> str:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    plt.close(figure)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _array_png(array: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _curves(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, ...]:
+    order = np.argsort(-scores, kind="stable")
+    sorted_labels = labels[order]
+    tp = np.cumsum(sorted_labels)
+    fp = np.cumsum(1 - sorted_labels)
+    positives, negatives = max(tp[-1], 1), max(fp[-1], 1)
+    tpr, fpr = np.r_[0, tp / positives], np.r_[0, fp / negatives]
+    precision = tp / np.maximum(tp + fp, 1)
+    return fpr, tpr, tp / positives, precision
+
+
+def _group_figures(name: str, predictions: Any, threshold: float | None) -> list[str]:
+    labels, scores = predictions.labels, predictions.scores
+    figures = []
+    figure, axis = plt.subplots(figsize=(4.6, 3.2))
+    bins = np.linspace(scores.min(), scores.max(), 40) if scores.max() > scores.min() else 10
+    axis.hist(scores[labels == 0], bins=bins, alpha=0.6, label="normal", color="tab:blue")
+    axis.hist(scores[labels == 1], bins=bins, alpha=0.6, label="anomalous", color="tab:red")
+    if threshold is not None:
+        axis.axvline(threshold, color="black", linestyle="--", label="threshold")
+    axis.set(title=f"{name}: image scores", xlabel="score", ylabel="images")
+    axis.legend(fontsize=8)
+    figures.append(_figure_png(figure))
+    if 0 < labels.sum() < labels.size:
+        fpr, tpr, recall, precision = _curves(labels, scores)
+        figure, axes = plt.subplots(1, 2, figsize=(7.4, 3.2))
+        axes[0].plot(fpr, tpr, color="tab:red")
+        axes[0].plot([0, 1], [0, 1], color="grey", linestyle=":")
+        axes[0].set(title="ROC", xlabel="false positive rate", ylabel="true positive rate")
+        axes[1].plot(recall, precision, color="tab:purple")
+        axes[1].set(title="precision-recall", xlabel="recall", ylabel="precision", ylim=(0, 1.02))
+        figures.append(_figure_png(figure))
+    return figures
+
+
+def _gallery(predictions: Any, calibration: dict[str, Any] | None) -> str:
+    labels, scores = predictions.labels, predictions.scores
+    normal, anomalous = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
+    worst_fp = normal[np.argsort(-scores[normal])][:GALLERY_PER_KIND]
+    worst_fn = anomalous[np.argsort(scores[anomalous])][:GALLERY_PER_KIND]
+    scale = _map_scale(calibration, predictions.maps)
+    preprocess = predictions.preprocess
+    cells = []
+    for kind, indices in (("highest-scored normal images (false-positive candidates)", worst_fp),
+                          ("lowest-scored anomalous images (false-negative candidates)", worst_fn)):
+        if len(indices) == 0:
+            continue
+        cells.append(f"<h4>{kind}</h4><div class='gallery'>")
+        for index in indices:
+            sample = predictions.samples[int(index)]
+            image = (preprocess.image(read_image(sample.image_path)).permute(1, 2, 0).numpy()
+                     * 255).astype(np.uint8)
+            overlay = heatmap_overlay(image, predictions.maps[index], scale,
+                                      predictions.masks[index])
+            caption = html.escape(f"{sample.defect_type} · {Path(sample.image_path).name} · "
+                                  f"score {scores[index]:.4g}")
+            cells.append(f"<figure><img src='data:image/png;base64,{_array_png(image)}'>"
+                         f"<img src='data:image/png;base64,{_array_png(overlay)}'>"
+                         f"<figcaption>{caption}</figcaption></figure>")
+        cells.append("</div>")
+    return "".join(cells)
+
+
+def _metrics_table(results: dict[str, Any]) -> str:
+    keys = ("n_images", "image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap",
+            "pixel_aupro")
+
+    def cell(value: Any) -> str:
+        if value is None:
+            return "<td>–</td>"
+        return f"<td>{value:.4f}</td>" if isinstance(value, float) else f"<td>{value}</td>"
+
+    rows = [f"<tr><th>{html.escape(name)}</th>{''.join(cell(values.get(k)) for k in keys)}</tr>"
+            for name, values in results["per_category"].items()]
+    headline = results.get("pooled") or results
+    label = "all pooled" if results.get("pooled") else "mean"
+    rows.append(f"<tr class='total'><th>{label}</th>"
+                f"{''.join(cell(headline.get(k)) for k in keys)}</tr>")
+    head = "".join(f"<th>{k}</th>" for k in keys)
+    return f"<table><tr><th>group</th>{head}</tr>{''.join(rows)}</table>"
+
+
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1200px}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;
+text-align:right}th:first-child{text-align:left}tr.total{font-weight:bold;background:#f4f4f4}
+.gallery{display:flex;flex-wrap:wrap;gap:10px}figure{margin:0;width:260px}
+figure img{width:125px;margin-right:2px}figcaption{font-size:11px;color:#555}
+.note{background:#fffbe6;border:1px solid #e6d97a;padding:6px 10px}
+"""
+
+
+def write_report(results: dict[str, Any], evaluations: Sequence[Any], folder: str | Path,
+                 title: str = "iadkit report") -> Path:
+    """Write ``folder/index.html`` for the results and evaluations of :func:`engine.test_run`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    parts = [f"<h1>{html.escape(title)}</h1>",
+             f"<p>setting: <b>{html.escape(str(results.get('setting')))}</b></p>",
+             "<h2>Metrics</h2>", _metrics_table(results)]
+    for evaluation in evaluations:
+        calibration = evaluation.calibration
+        parts.append(f"<h2>Model: {html.escape(evaluation.task)}</h2>")
+        if calibration:
+            parts.append(f"<p class='note'>Decision threshold {calibration['image_threshold']:.5g}"
+                         f" on the image score: the {html.escape(calibration['source'])}. "
+                         "No test image was used to choose it.</p>")
+        else:
+            parts.append("<p class='note'>No decision threshold: this model was trained without "
+                         "held-out normal images (validation_fraction = 0).</p>")
+        threshold = calibration["image_threshold"] if calibration else None
+        for name, predictions in evaluation.predictions.items():
+            parts.append(f"<h3>{html.escape(name)}</h3>")
+            parts += [f"<img src='data:image/png;base64,{png}'>"
+                      for png in _group_figures(name, predictions, threshold)]
+            parts.append(_gallery(predictions, calibration))
+    page = folder / "index.html"
+    page.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>"
+                    f"{html.escape(title)}</title><style>{STYLE}</style></head><body>"
+                    f"{''.join(parts)}</body></html>")
+    return page
