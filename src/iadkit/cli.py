@@ -168,19 +168,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
     paths = _collect_images(args.inputs)
     with (out / "scores.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path", "score", "normalised_score", "threshold", "anomalous"])
-        for path, score, anomaly_map in iter_predictions(detector, paths, args.batch_size):
+        writer.writerow(["path", "score", "normalised_score", "threshold", "anomalous", "heatmap"])
+        predictions = iter_predictions(detector, paths, args.batch_size)
+        for number, (path, score, anomaly_map) in enumerate(predictions):
+            # Numbered names: files of the same name in different folders must not collide.
+            heatmap = "" if args.no_heatmaps else f"heatmaps/{number:06d}_{path.stem}.png"
+            if heatmap:
+                save_overlay(path, anomaly_map, detector.preprocess, calibration, out / heatmap)
             if calibration:
-                normalised = float(normalised_scores(score, calibration))
                 threshold = calibration["image_threshold"]
-                decision = int(score >= threshold)
-                writer.writerow([path, f"{score:.6g}", f"{normalised:.4f}", f"{threshold:.6g}",
-                                 decision])
+                writer.writerow([path, f"{score:.6g}",
+                                 f"{float(normalised_scores(score, calibration)):.4f}",
+                                 f"{threshold:.6g}", int(score >= threshold), heatmap])
             else:
-                writer.writerow([path, f"{score:.6g}", "", "", ""])
-            if not args.no_heatmaps:
-                save_overlay(path, anomaly_map, detector.preprocess, calibration,
-                             out / "heatmaps" / f"{path.stem}.png")
+                writer.writerow([path, f"{score:.6g}", "", "", "", heatmap])
     print(f"{len(paths)} images scored: {out / 'scores.csv'}")
     return 0
 

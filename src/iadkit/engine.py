@@ -274,6 +274,7 @@ def summarise(evaluations: Sequence[TaskEvaluation], setting: str) -> dict[str, 
 def fit_run(config: RunConfig, run_dir: str | Path) -> list[Path]:
     """Fit one detector per task and save them (with ``run.json``) under ``run_dir``."""
     run_dir = Path(run_dir)
+    config.new_detector()  # fail fast on a bad method, preset or hyperparameter
     tasks = config.tasks()
     run_dir.mkdir(parents=True, exist_ok=True)
     saved = []

@@ -1,0 +1,36 @@
+"""Shared fixtures: small generated datasets so the suite needs nothing but the package."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never download anything: missing weights must fail fast with our error.
+os.environ.setdefault("IADKIT_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def toy_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two generated categories in the MVTec AD layout, 64 px, with masks."""
+    from iadkit.data import generate_dataset
+
+    return generate_dataset(tmp_path_factory.mktemp("toy"), categories=("alpha", "beta"),
+                            n_train=16, n_test_good=6, n_test_defect=6, size=64, seed=0)
+
+
+@pytest.fixture(scope="session")
+def fitted_patchcore(toy_root: Path):
+    """A PatchCore fitted on the 'alpha' category of the toy data (shared: fitting costs time)."""
+    from iadkit.data import load_dataset, make_loader
+    from iadkit.methods import create_detector
+
+    samples = load_dataset(toy_root, ["alpha"])
+    detector = create_detector("patchcore", "cpu", image_size=64, coreset_ratio=0.25,
+                               device="cpu")
+    detector.fit(make_loader(samples.where(split="train"), detector.preprocess, batch_size=8))
+    return detector, samples

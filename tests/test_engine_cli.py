@@ -1,0 +1,126 @@
+"""The engine and the command line on generated data."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from iadkit import engine
+from iadkit.cli import main
+from iadkit.data import load_dataset, make_tasks
+
+FAST = ["--param", "image_size=48", "--param", "coreset_ratio=0.2", "--quiet"]
+
+
+def test_cli_fit_test_predict_round_trip(toy_root: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    assert main(["fit", "--method", "patchcore", "--data", str(toy_root), "--category", "alpha",
+                 "--out", str(run), *FAST]) == 0
+    assert (run / "models" / "alpha" / "detector.json").is_file()
+    metrics_file = tmp_path / "m.json"
+    assert main(["test", str(run), "--json", str(metrics_file), "--report", str(tmp_path / "r"),
+                 "--quiet"]) == 0
+    results = json.loads(metrics_file.read_text())
+    for key in ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_aupro"):
+        assert isinstance(results[key], float)
+    assert results["per_category"]["alpha"]["image_auroc"] >= 0.9
+    page = (tmp_path / "r" / "index.html").read_text()
+    assert "data:image/png;base64" in page and "held out from training" in page
+
+    out = tmp_path / "pred"
+    assert main(["predict", str(run), str(toy_root / "alpha" / "test"), "--out", str(out),
+                 "--quiet"]) == 0
+    rows = list(csv.DictReader((out / "scores.csv").open()))
+    assert len(rows) == 12 and len(list((out / "heatmaps").glob("*.png"))) == 12
+    flagged = {Path(r["path"]).parent.name: 0 for r in rows}
+    for row in rows:
+        flagged[Path(row["path"]).parent.name] += int(row["anomalous"])
+    assert flagged["good"] < flagged["blob"] + flagged["scratch"]
+
+
+def test_threshold_comes_from_held_out_normals_not_test(toy_root: Path) -> None:
+    config = engine.RunConfig(method="patchcore", data=str(toy_root), categories=["alpha"],
+                              params={"image_size": 48, "coreset_ratio": 0.2},
+                              validation_fraction=0.25, show_progress=False)
+    task = config.tasks()[0]
+    detector = engine.fit_detector(config, task)
+    assert detector.fit_info_["n_train_images"] == 12  # 16 normals minus 4 held out
+    fit_part, held = engine.holdout_split(task.train, 0.25, config.seed)
+    assert not {s.image_path for s in held} & {s.image_path for s in fit_part}
+    held_scores = engine.predict_samples(detector, held).scores
+    expected = float(np.quantile(held_scores, config.threshold_quantile))
+    assert detector.calibration["image_threshold"] == pytest.approx(expected)
+    assert "held out" in detector.calibration["source"]
+
+
+def test_absolute_unified_pools_where_averaging_would_not(toy_root: Path) -> None:
+    """Per-group AUROC can be perfect while pooled AUROC is not: scales differ per category."""
+    samples = load_dataset(toy_root)
+    task = make_tasks(samples, "absolute-unified")[0]
+    groups = {}
+    for offset, (name, group) in zip((0.0, 10.0), task.test_groups.items()):
+        labels = np.array(group.labels)
+        scores = labels + offset  # perfect within each group, shifted between groups
+        groups[name] = engine.Predictions(group, scores.astype(np.float32),
+                                          np.zeros((len(group), 2, 2), np.float32),
+                                          np.zeros((len(group), 2, 2), bool), 0.0, None)
+    per_group = {n: engine.score_predictions(p, pixel=False) for n, p in groups.items()}
+    pooled = engine.score_predictions(engine._concat(list(groups.values())), pixel=False)
+    assert all(v["image_auroc"] == 1.0 for v in per_group.values())
+    assert pooled["image_auroc"] < 0.8
+
+
+def test_image_level_category_gives_null_pixel_metrics(tmp_path: Path) -> None:
+    import shutil
+
+    from iadkit.data import generate_dataset
+
+    root = generate_dataset(tmp_path / "d", n_train=8, n_test_good=3, n_test_defect=3, size=48)
+    shutil.rmtree(root / "texture" / "ground_truth")
+    run = tmp_path / "run"
+    assert main(["fit", "--method", "patchcore", "--data", str(root), "--out", str(run),
+                 *FAST]) == 0
+    assert main(["test", str(run), "--json", str(tmp_path / "m.json"), "--quiet"]) == 0
+    results = json.loads((tmp_path / "m.json").read_text())
+    assert results["pixel_auroc"] is None and results["pixel_aupro"] is None
+    assert results["image_auroc"] is not None
+
+
+def test_bad_input_gives_one_clear_error_and_exit_code_2(tmp_path: Path, capsys) -> None:
+    code = main(["fit", "--method", "patchcore", "--data", str(tmp_path / "nowhere"),
+                 "--out", str(tmp_path / "run"), "--quiet"])
+    assert code == 2 and "dataset folder not found" in capsys.readouterr().err
+    assert main(["fit", "--method", "nope", "--data", str(tmp_path), "--out", "x", "-q"]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
+    assert main(["test", str(tmp_path), "-q"]) == 2
+    assert "not a run folder" in capsys.readouterr().err
+
+
+def test_methods_command_lists_patchcore(capsys) -> None:
+    assert main(["methods"]) == 0
+    assert "patchcore" in capsys.readouterr().out
+
+
+def test_config_file_and_param_overrides(toy_root: Path, tmp_path: Path) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text(f"method: patchcore\ndata: {toy_root}\ncategories: [beta]\n"
+                      "params: {image_size: 40, coreset_ratio: 0.5}\n")
+    run = tmp_path / "run"
+    assert main(["fit", "--config", str(config), "--param", "coreset_ratio=0.2", "--out", str(run),
+                 "-q"]) == 0
+    saved = json.loads((run / "models" / "beta" / "detector.json").read_text())["params"]
+    assert saved["image_size"] == 40 and saved["coreset_ratio"] == 0.2
+
+
+def test_elpv_prepare_writes_mvtec_layout_with_subclasses(tmp_path: Path) -> None:
+    pytest.importorskip("elpv_dataset")
+    assert main(["data", "prepare", "elpv", str(tmp_path / "elpv"), "--max-train", "20"]) == 0
+    samples = load_dataset(tmp_path / "elpv")
+    assert len(samples.where(split="train")) == 20
+    test = samples.where(split="test")
+    assert set(test.labels) == {0, 1} and not test.has_masks
+    assert samples.subclasses == ["mono", "poly"]

@@ -1,0 +1,73 @@
+"""Shared blocks: coreset, nearest neighbours, smoothing, patch features."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from iadkit.nn.coreset import greedy_coreset
+from iadkit.nn.knn import nearest_neighbours
+from iadkit.nn.patch_features import LocalPatchFeatures
+from iadkit.nn.smoothing import gaussian_blur
+
+
+def plain_greedy_coreset(features: torch.Tensor, ratio: float, projection_dim: int = 128,
+                         n_starts: int = 10, seed: int = 0) -> torch.Tensor:
+    """The textbook loop: update every point's minimum distance after every selection."""
+    n, dim = features.shape
+    generator = torch.Generator().manual_seed(seed)
+    points = features
+    if projection_dim < dim:
+        points = features @ (torch.randn(dim, projection_dim, generator=generator)
+                             / projection_dim**0.5)
+    starts = torch.randperm(n, generator=generator)[:n_starts]
+    min_distance = torch.stack([(points - points[s]).norm(dim=1) for s in starts], 1).mean(1)
+    chosen = []
+    for _ in range(max(1, int(ratio * n))):
+        index = int(torch.argmax(min_distance))
+        chosen.append(index)
+        min_distance = torch.minimum(min_distance, (points - points[index]).norm(dim=1))
+    return torch.tensor(chosen)
+
+
+@pytest.mark.parametrize("n,dim,ratio", [(3000, 200, 0.02), (2000, 16, 0.05), (700, 64, 0.3)])
+def test_lazy_coreset_selects_exactly_what_the_plain_loop_selects(n: int, dim: int,
+                                                                  ratio: float) -> None:
+    features = torch.randn(n, dim) @ torch.randn(dim, dim)
+    lazy = greedy_coreset(features, ratio, block_size=64)
+    assert torch.equal(lazy, plain_greedy_coreset(features, ratio))
+    assert lazy.unique().numel() == int(ratio * n)
+
+
+def test_coreset_is_deterministic_and_stops_on_duplicates() -> None:
+    features = torch.randn(500, 8)
+    assert torch.equal(greedy_coreset(features, 0.1, seed=3), greedy_coreset(features, 0.1, seed=3))
+    duplicates = torch.randn(5, 8).repeat(40, 1)  # 200 points, 5 distinct
+    chosen = greedy_coreset(duplicates, 0.5)
+    assert chosen.numel() == 5 and duplicates[chosen].unique(dim=0).shape[0] == 5
+    with pytest.raises(ValueError, match="sampling_ratio"):
+        greedy_coreset(features, 0.0)
+
+
+def test_nearest_neighbours_equal_brute_force_with_tiny_chunks() -> None:
+    queries, bank = torch.randn(50, 12), torch.randn(300, 12)
+    distances, indices = nearest_neighbours(queries, bank, k=3, max_elements=500)
+    brute = torch.cdist(queries, bank).topk(3, largest=False)
+    assert torch.equal(indices, brute.indices)
+    assert torch.allclose(distances, brute.values, atol=1e-4)
+
+
+@pytest.mark.parametrize("size", [(64, 48), (10, 9)])
+def test_gaussian_blur_equals_scipy(size: tuple[int, int]) -> None:
+    maps = np.random.default_rng(0).random((2, *size)).astype(np.float32)
+    ours = gaussian_blur(torch.from_numpy(maps), sigma=4.0).numpy()
+    expected = np.stack([ndimage.gaussian_filter(m, sigma=4.0, truncate=4.0) for m in maps])
+    assert np.allclose(ours, expected, atol=1e-5)
+
+
+def test_local_patch_features_grid_and_width() -> None:
+    levels = [torch.rand(2, 24, 16, 16), torch.rand(2, 40, 8, 8), torch.rand(2, 112, 4, 4)]
+    assert LocalPatchFeatures(3)(levels).shape == (2, 176, 16, 16)
+    assert LocalPatchFeatures(3, grid_level=1)(levels).shape == (2, 176, 8, 8)

@@ -1,0 +1,90 @@
+"""PatchCore through the Detector interface."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from iadkit import metrics
+from iadkit.data import make_loader
+from iadkit.errors import CheckpointError, NotFittedError
+from iadkit.methods import Detector, available_methods, create_detector, get_method
+
+
+def _predict_all(detector: Detector, samples) -> tuple[np.ndarray, ...]:
+    maps, scores, masks, labels = [], [], [], []
+    for batch in make_loader(samples, detector.preprocess, batch_size=8):
+        prediction = detector.predict(batch["image"])
+        maps.append(prediction.anomaly_maps)
+        scores.append(prediction.scores)
+        masks.append(batch["mask"])
+        labels.append(batch["label"])
+    return (torch.cat(maps).numpy(), torch.cat(scores).numpy(), torch.cat(masks).numpy(),
+            torch.cat(labels).numpy())
+
+
+def test_patchcore_separates_synthetic_defects(fitted_patchcore) -> None:
+    detector, samples = fitted_patchcore
+    maps, scores, masks, labels = _predict_all(detector, samples.where(split="test"))
+    assert maps.shape == (12, 64, 64) and scores.shape == (12,)
+    assert metrics.auroc(labels, scores) >= 0.95
+    assert metrics.pixel_metrics(masks, maps)["pixel_auroc"] >= 0.85
+
+
+def test_checkpoint_round_trip_gives_identical_scores(fitted_patchcore, tmp_path: Path) -> None:
+    detector, samples = fitted_patchcore
+    folder = detector.save(tmp_path / "model")
+    config = json.loads((folder / "detector.json").read_text())
+    assert config["method"] == "patchcore" and config["params"]["image_size"] == 64
+    assert not list(folder.glob("*.pt*")) and (folder / "weights.safetensors").is_file()
+    loaded = Detector.load(folder)
+    images = next(iter(make_loader(samples.where(split="test"), detector.preprocess, 12)))["image"]
+    first, second = detector.predict(images), loaded.predict(images)
+    assert torch.equal(first.scores, second.scores)
+    assert torch.equal(first.anomaly_maps, second.anomaly_maps)
+
+
+def test_fit_is_deterministic_under_a_seed(toy_root: Path) -> None:
+    from iadkit.data import load_dataset
+
+    train = load_dataset(toy_root, ["beta"]).where(split="train")
+    banks = []
+    for _ in range(2):
+        detector = create_detector("patchcore", image_size=32, coreset_ratio=0.1, seed=5)
+        detector.fit(make_loader(train, detector.preprocess, 8))
+        banks.append(detector.memory_bank_)
+    assert torch.equal(banks[0], banks[1])
+
+
+def test_errors_for_unfitted_detector_and_broken_checkpoints(tmp_path: Path) -> None:
+    detector = create_detector("patchcore", image_size=32)
+    with pytest.raises(NotFittedError):
+        detector.predict(torch.rand(1, 3, 32, 32))
+    with pytest.raises(CheckpointError, match="detector.json: missing"):
+        Detector.load(tmp_path)
+    (tmp_path / "detector.json").write_text("{not json")
+    (tmp_path / "weights.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        Detector.load(tmp_path)
+
+
+def test_registry_presets_and_params() -> None:
+    assert "patchcore" in available_methods()
+    cls = get_method("patchcore")
+    assert {"cpu", "paper"} <= set(cls.presets)
+    paper = create_detector("patchcore", "paper", backbone_weights="random")
+    assert paper.get_params()["backbone"] == "wide_resnet50_2"
+    assert paper.preprocess.output_size == 224
+
+
+def test_paper_preset_runs_with_random_weights_on_tiny_input() -> None:
+    detector = create_detector("patchcore", "paper", backbone_weights="random", image_size=72,
+                               crop_size=64, device="cpu")
+    detector.fit(torch.rand(2, 3, 64, 64))
+    assert detector.memory_bank_.shape[1] == 1024  # the official embedding dimension
+    prediction = detector.predict(torch.rand(1, 3, 64, 64))
+    assert prediction.anomaly_maps.shape == (1, 64, 64)
