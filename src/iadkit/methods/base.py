@@ -95,6 +95,10 @@ class Detector(ABC):
         if preset not in cls.presets:
             raise IadkitError(f"{cls.name} has no preset {preset!r}; presets: {sorted(cls.presets)}")
         params = {**cls.presets[preset], **overrides}
+        unknown = sorted(set(params) - set(cls.param_names()))
+        if unknown:
+            raise IadkitError(f"{cls.name} has no hyperparameter {unknown}; "
+                              f"it has: {cls.param_names()}")
         detector = cls(**params)
         detector.preset = preset
         return detector

@@ -91,9 +91,12 @@ def greedy_coreset(
             seen = int(centres_seen[block])
             if seen == step:
                 break
-            distances = torch.addmm(centre_sq_norms[seen:step].unsqueeze(0), blocks[block],
-                                    centres[seen:step].T, alpha=-2.0)
-            distances = distances.add_(block_sq_norms[block].unsqueeze(1)).amin(1).clamp_(min=0.0)
+            norms = block_sq_norms[block].unsqueeze(1) + centre_sq_norms[seen:step].unsqueeze(0)
+            distances = torch.addmm(norms, blocks[block], centres[seen:step].T, alpha=-2.0)
+            # |a|^2 + |b|^2 - 2ab cancels badly for equal points: below its float resolution a
+            # distance is zero, so duplicates of a centre are never selected again.
+            distances.masked_fill_(distances <= 1e-6 * norms, 0.0)
+            distances = distances.amin(1)
             torch.minimum(block_min[block], distances, out=block_min[block])
             centres_seen[block] = step
             bound[block] = block_min[block].max()
