@@ -6,7 +6,7 @@ demo:
 	.venv/bin/iadkit demo --out demo_out
 
 test:
-	scripts/bootstrap.sh test
+	scripts/bootstrap.sh test,demo
 	.venv/bin/python -m pytest -q tests
 
 test-slow:

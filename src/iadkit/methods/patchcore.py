@@ -57,7 +57,7 @@ class PatchCore(Detector):
     summary = "coreset memory bank of locally aware patch features, nearest-neighbour scoring"
     presets = {
         "cpu": dict(backbone="tf_efficientnet_lite0", layers=(2, 3), image_size=256,
-                    coreset_ratio=0.01),
+                    crop_size=224, coreset_ratio=0.01),
         "paper": dict(backbone="wide_resnet50_2", layers=("layer2", "layer3"), image_size=256,
                       crop_size=224, feature_dim=1024, coreset_ratio=0.1),
     }

@@ -75,13 +75,15 @@ def greedy_coreset(
     n_blocks = -(-n_points // block_size)
     padding = n_blocks * block_size - n_points
     blocks = torch.cat([points, points.new_zeros(padding, width)]).view(n_blocks, block_size, width)
+    del points  # the padded blocks hold every point; keep one copy only
+    flat_points = blocks.view(-1, width)
     block_sq_norms = blocks.pow(2).sum(2)
     block_min = torch.cat([min_distance, min_distance.new_full((padding,), -1.0)])
     block_min = block_min.view(n_blocks, block_size)  # padding never wins (-1)
     bound = block_min.amax(1)
     centres_seen = torch.zeros(n_blocks, dtype=torch.long)
-    centres = points.new_empty(n_select, width)
-    centre_sq_norms = points.new_empty(n_select)
+    centres = blocks.new_empty(n_select, width)
+    centre_sq_norms = blocks.new_empty(n_select)
     selected = torch.empty(n_select, dtype=torch.long)
 
     count = 0
@@ -105,7 +107,7 @@ def greedy_coreset(
             break  # every point coincides with a selected centre
         index = block * block_size + offset
         selected[step] = index
-        centres[step] = points[index]
+        centres[step] = flat_points[index]
         centre_sq_norms[step] = block_sq_norms[block, offset]
         block_min[block, offset] = 0.0
         bound[block] = block_min[block].max()
