@@ -19,13 +19,14 @@ def nearest_neighbours(
     queries: torch.Tensor,
     bank: torch.Tensor,
     k: int = 1,
-    max_elements: int = 1 << 24,
+    max_elements: int = 1 << 21,
     bank_sq_norms: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Distances and indices of the ``k`` nearest bank rows of each query, in bounded memory.
 
     Queries are processed in chunks so that the distance matrix never exceeds
-    ``max_elements`` entries (64 MB in float32 by default).
+    ``max_elements`` entries (8 MB in float32 by default: small enough to stay in cache,
+    which matters because the distance matrix, not the arithmetic, bounds the speed).
 
     Returns:
         (M, k) Euclidean distances (ascending) and (M, k) int64 indices into ``bank``.
