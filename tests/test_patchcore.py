@@ -30,7 +30,7 @@ def _predict_all(detector: Detector, samples) -> tuple[np.ndarray, ...]:
 def test_patchcore_separates_synthetic_defects(fitted_patchcore) -> None:
     detector, samples = fitted_patchcore
     maps, scores, masks, labels = _predict_all(detector, samples.where(split="test"))
-    assert maps.shape == (12, 64, 64) and scores.shape == (12,)
+    assert maps.shape == (12, 56, 56) and scores.shape == (12,)
     assert metrics.auroc(labels, scores) >= 0.95
     assert metrics.pixel_metrics(masks, maps)["pixel_auroc"] >= 0.85
 
@@ -88,3 +88,11 @@ def test_paper_preset_runs_with_random_weights_on_tiny_input() -> None:
     assert detector.memory_bank_.shape[1] == 1024  # the official embedding dimension
     prediction = detector.predict(torch.rand(1, 3, 64, 64))
     assert prediction.anomaly_maps.shape == (1, 64, 64)
+
+
+def test_overriding_image_size_scales_the_preset_crop() -> None:
+    detector = create_detector("patchcore", "cpu", image_size=64)
+    assert (detector.image_size, detector.crop_size) == (64, 56)
+    assert create_detector("patchcore", "cpu", image_size=64, crop_size=None).crop_size is None
+    with pytest.raises(ValueError, match="crop_size 80 must be between"):
+        create_detector("patchcore", "cpu", image_size=64, crop_size=80).preprocess

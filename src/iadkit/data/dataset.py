@@ -25,6 +25,12 @@ class Preprocess:
     image_size: int
     crop_size: int | None = None
 
+    def __post_init__(self) -> None:
+        if self.image_size < 1 or (self.crop_size is not None and
+                                   not 0 < self.crop_size <= self.image_size):
+            raise ValueError(f"crop_size {self.crop_size} must be between 1 and image_size "
+                             f"{self.image_size}")
+
     @property
     def output_size(self) -> int:
         return self.crop_size or self.image_size

@@ -91,10 +91,18 @@ class Detector(ABC):
     # -- construction --------------------------------------------------------------------
     @classmethod
     def from_preset(cls, preset: str = "cpu", **overrides: Any) -> Detector:
-        """Build from a named preset, with some hyperparameters overridden."""
+        """Build from a named preset, with some hyperparameters overridden.
+
+        A preset's centre crop is a proportion of its image size: overriding ``image_size``
+        alone scales ``crop_size`` with it (256 -> 224 becomes 64 -> 56).
+        """
         if preset not in cls.presets:
             raise IadkitError(f"{cls.name} has no preset {preset!r}; presets: {sorted(cls.presets)}")
-        params = {**cls.presets[preset], **overrides}
+        base = cls.presets[preset]
+        params = {**base, **overrides}
+        if "image_size" in overrides and "crop_size" not in overrides and base.get("crop_size"):
+            params["crop_size"] = round(overrides["image_size"] * base["crop_size"]
+                                        / base["image_size"])
         unknown = sorted(set(params) - set(cls.param_names()))
         if unknown:
             raise IadkitError(f"{cls.name} has no hyperparameter {unknown}; "
