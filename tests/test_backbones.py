@@ -69,3 +69,18 @@ def test_weights_from_a_file_and_a_bad_file(tmp_path: Path) -> None:
         FeatureExtractor("lite0", (2,), weights=str(bad))
     with pytest.raises(WeightsNotFoundError, match="do not fit"):
         FeatureExtractor("resnet18", (2,), weights=str(path))
+
+
+@pytest.mark.parametrize("name,layers,weights", [
+    ("lite0", (1, 2, 3), "pretrained"),
+    ("resnet18", ("layer2", "layer3"), "random"),
+])
+def test_batchnorm_folding_keeps_outputs_and_removes_every_batchnorm(name, layers, weights) -> None:
+    torch.manual_seed(0)
+    folded = FeatureExtractor(name, layers, weights=weights, fold_bn=True)
+    torch.manual_seed(0)
+    plain = FeatureExtractor(name, layers, weights=weights, fold_bn=False)  # same random init
+    x = torch.rand(2, 3, 64, 64)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    for a, b in zip(folded(x), plain(x)):
+        assert torch.allclose(a, b, atol=1e-4 * float(b.abs().max()))

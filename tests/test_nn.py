@@ -71,3 +71,17 @@ def test_local_patch_features_grid_and_width() -> None:
     levels = [torch.rand(2, 24, 16, 16), torch.rand(2, 40, 8, 8), torch.rand(2, 112, 4, 4)]
     assert LocalPatchFeatures(3)(levels).shape == (2, 176, 16, 16)
     assert LocalPatchFeatures(3, grid_level=1)(levels).shape == (2, 176, 8, 8)
+
+
+def test_flat_index_backends_agree_with_brute_force() -> None:
+    from iadkit.nn.knn import FlatIndex, faiss_available
+
+    queries, bank = torch.randn(200, 24), torch.randn(900, 24)
+    brute = torch.cdist(queries, bank).topk(4, largest=False)
+    backends = ["torch"] + (["faiss"] if faiss_available() else [])
+    for backend in backends:
+        distances, indices = FlatIndex(bank, backend).search(queries, k=4)
+        assert torch.equal(indices, brute.indices), backend
+        assert torch.allclose(distances, brute.values, atol=1e-4), backend
+    with pytest.raises(ValueError, match="unknown nearest-neighbour backend"):
+        FlatIndex(bank, "annoy")

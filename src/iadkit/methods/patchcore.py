@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..backbones import FeatureExtractor
 from ..nn.coreset import greedy_coreset
-from ..nn.knn import nearest_neighbours
+from ..nn.knn import FlatIndex
 from ..nn.patch_features import LocalPatchFeatures
 from ..nn.smoothing import gaussian_blur
 from ..progress import progress
@@ -44,6 +44,8 @@ class PatchCore(Detector):
         num_neighbors: neighbourhood size b of the image-score re-weighting.
         reweight: apply the re-weighting (paper Eq. 7); False gives the plain max patch score.
         smoothing_sigma: Gaussian sigma of the anomaly-map smoothing (0 switches it off).
+        knn_backend: "auto" (faiss-cpu when installed, else torch), "torch" or "faiss"; all
+            exact.
         batch_size: images per forward pass.
         device: "auto", "cpu", "cuda", ...
         seed: seeds the coreset's projection and start points.
@@ -77,6 +79,7 @@ class PatchCore(Detector):
         num_neighbors: int = 9,
         reweight: bool = True,
         smoothing_sigma: float = 4.0,
+        knn_backend: str = "auto",
         batch_size: int = 16,
         device: str = "auto",
         seed: int = 0,
@@ -94,6 +97,7 @@ class PatchCore(Detector):
         self.num_neighbors = num_neighbors
         self.reweight = reweight
         self.smoothing_sigma = smoothing_sigma
+        self.knn_backend = knn_backend
         self.batch_size = batch_size
         self.device = device
         self.seed = seed
@@ -135,8 +139,7 @@ class PatchCore(Detector):
         extracted = time.perf_counter()
         indices = greedy_coreset(all_features, self.coreset_ratio, self.projection_dim,
                                  seed=self.seed, show_progress=show_progress)
-        self.memory_bank_ = all_features[indices].contiguous()
-        self._bank_sq_norms = self.memory_bank_.pow(2).sum(1)
+        self._set_memory_bank(all_features[indices].contiguous())
         return {
             "n_train_images": n_images,
             "n_patches": int(all_features.shape[0]),
@@ -152,8 +155,7 @@ class PatchCore(Detector):
         features = self.patch_features(images)
         batch, dim, height, width = features.shape
         queries = features.permute(0, 2, 3, 1).reshape(-1, dim)
-        distances, indices = nearest_neighbours(queries, self.memory_bank_,
-                                                bank_sq_norms=self._bank_sq_norms)
+        distances, indices = self._index.search(queries)
         patch_scores = distances.view(batch, height * width)
         nearest = indices.view(batch, height * width)
         scores = self._image_scores(queries.view(batch, height * width, dim), patch_scores, nearest)
@@ -171,17 +173,19 @@ class PatchCore(Detector):
         test_feature = queries[rows, best_patch]  # (B, D)
         memory_feature = self.memory_bank_[nearest[rows, best_patch]]  # (B, D): m*
         k = min(self.num_neighbors, self.memory_bank_.shape[0])
-        _, support = nearest_neighbours(memory_feature, self.memory_bank_, k=k,
-                                        bank_sq_norms=self._bank_sq_norms)  # N_b(m*), m* first
+        _, support = self._index.search(memory_feature, k)  # N_b(m*), m* itself first
         support_distances = torch.linalg.vector_norm(
             self.memory_bank_[support] - test_feature.unsqueeze(1), dim=2)  # (B, k)
         weight = 1.0 - torch.softmax(support_distances, dim=1)[:, 0]
         return weight * best_score
 
+    def _set_memory_bank(self, bank: torch.Tensor) -> None:
+        self.memory_bank_ = bank
+        self._index = FlatIndex(bank, self.knn_backend)
+
     def _state_tensors(self) -> dict[str, torch.Tensor]:
         return {"memory_bank": self.memory_bank_}
 
     def _load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.memory_bank_ = tensors["memory_bank"]
-        self._bank_sq_norms = self.memory_bank_.pow(2).sum(1)
+        self._set_memory_bank(tensors["memory_bank"])
         self.extractor  # build the backbone now, so loading fails early if weights are missing
