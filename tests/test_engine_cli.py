@@ -124,3 +124,34 @@ def test_elpv_prepare_writes_mvtec_layout_with_subclasses(tmp_path: Path) -> Non
     test = samples.where(split="test")
     assert set(test.labels) == {0, 1} and not test.has_masks
     assert samples.subclasses == ["mono", "poly"]
+
+
+def test_predict_records_unreadable_files_and_scores_the_rest(fitted_patchcore, tmp_path: Path,
+                                                              toy_root: Path) -> None:
+    import shutil
+
+    detector, _ = fitted_patchcore
+    model = detector.save(tmp_path / "model")
+    images = tmp_path / "images"
+    shutil.copytree(toy_root / "alpha" / "test" / "good", images)
+    (images / "broken.png").write_bytes(b"\x89PNG truncated")
+    assert main(["predict", str(model), str(images), "--out", str(tmp_path / "o"), "-q"]) == 1
+    rows = {Path(r["path"]).name: r for r in csv.DictReader((tmp_path / "o" / "scores.csv").open())}
+    assert "not a readable image" in rows["broken.png"]["error"]
+    assert all(r["score"] and not r["error"] for n, r in rows.items() if n != "broken.png")
+    assert len(rows) == 7
+
+
+def test_interrupted_fit_resumes_keeping_finished_models(toy_root: Path, tmp_path: Path) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    args = ["fit", "--method", "patchcore", "--data", str(toy_root), "--out", str(run), *FAST]
+    assert main(args) == 0
+    kept = (run / "models" / "alpha" / "weights.safetensors").stat().st_mtime_ns
+    shutil.rmtree(run / "models" / "beta")  # as if interrupted before the second model
+    assert main([*args, "--resume"]) == 0
+    assert (run / "models" / "alpha" / "weights.safetensors").stat().st_mtime_ns == kept
+    assert (run / "models" / "beta" / "detector.json").is_file()
+    assert not list((run / "models").glob("*.partial"))
+    assert main([*args, "--resume", "--seed", "7"]) == 2  # other settings: refuse to mix

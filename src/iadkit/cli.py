@@ -101,7 +101,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from .engine import fit_run
 
     config = _run_config(args)
-    saved = fit_run(config, args.out)
+    saved = fit_run(config, args.out, resume=args.resume)
     print(f"saved {len(saved)} model(s) under {args.out}")
     return 0
 
@@ -166,24 +166,31 @@ def cmd_predict(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     paths = _collect_images(args.inputs)
+    failures = 0
     with (out / "scores.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path", "score", "normalised_score", "threshold", "anomalous", "heatmap"])
+        writer.writerow(["path", "score", "normalised_score", "threshold", "anomalous", "heatmap",
+                         "error"])
         predictions = iter_predictions(detector, paths, args.batch_size)
-        for number, (path, score, anomaly_map) in enumerate(predictions):
+        for number, item in enumerate(predictions):
+            if item.error is not None:
+                failures += 1
+                print(f"iadkit: skipped {item.error}", file=sys.stderr)
+                writer.writerow([item.path, "", "", "", "", "", item.error])
+                continue
             # Numbered names: files of the same name in different folders must not collide.
-            heatmap = "" if args.no_heatmaps else f"heatmaps/{number:06d}_{path.stem}.png"
+            heatmap = "" if args.no_heatmaps else f"heatmaps/{number:06d}_{item.path.stem}.png"
             if heatmap:
-                save_overlay(path, anomaly_map, detector.preprocess, calibration, out / heatmap)
+                save_overlay(item.path, item.anomaly_map, detector.preprocess, calibration,
+                             out / heatmap)
+            row = [item.path, f"{item.score:.6g}", "", "", ""]
             if calibration:
                 threshold = calibration["image_threshold"]
-                writer.writerow([path, f"{score:.6g}",
-                                 f"{float(normalised_scores(score, calibration)):.4f}",
-                                 f"{threshold:.6g}", int(score >= threshold), heatmap])
-            else:
-                writer.writerow([path, f"{score:.6g}", "", "", "", heatmap])
-    print(f"{len(paths)} images scored: {out / 'scores.csv'}")
-    return 0
+                row[2:] = [f"{float(normalised_scores(item.score, calibration)):.4f}",
+                           f"{threshold:.6g}", int(item.score >= threshold)]
+            writer.writerow([*row, heatmap, ""])
+    print(f"{len(paths) - failures} images scored, {failures} unreadable: {out / 'scores.csv'}")
+    return 0 if failures == 0 else 1
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -264,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit = commands.add_parser("fit", help="train detector(s) into a run folder")
     _add_run_flags(fit)
     fit.add_argument("--out", required=True, help="run folder to create")
+    fit.add_argument("--resume", action="store_true",
+                     help="keep models an interrupted run already saved; fit the rest")
     fit.set_defaults(func=cmd_fit)
 
     test = commands.add_parser("test", help="evaluate a run folder on its test split")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -39,6 +40,10 @@ from .progress import progress
 log = logging.getLogger("iadkit")
 
 RUN_FILE = "run.json"
+#: Run settings that change what a model learns (a resumed run must match them).
+MODEL_SETTINGS = ("method", "data", "preset", "params", "categories", "layout", "setting",
+                  "seen_subclasses", "unseen_subclasses", "validation_fraction",
+                  "threshold_quantile", "seed")
 METRIC_KEYS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_aupro")
 
 
@@ -271,21 +276,44 @@ def summarise(evaluations: Sequence[TaskEvaluation], setting: str) -> dict[str, 
 
 
 # -- run folders ---------------------------------------------------------------------------------
-def fit_run(config: RunConfig, run_dir: str | Path) -> list[Path]:
-    """Fit one detector per task and save them (with ``run.json``) under ``run_dir``."""
+def fit_run(config: RunConfig, run_dir: str | Path, resume: bool = False) -> list[Path]:
+    """Fit one detector per task and save them (with ``run.json``) under ``run_dir``.
+
+    With ``resume``, models already saved by an interrupted run with the same settings are kept
+    and only the missing ones are fitted.
+    """
     run_dir = Path(run_dir)
     config.new_detector()  # fail fast on a bad method, preset or hyperparameter
     tasks = config.tasks()
     run_dir.mkdir(parents=True, exist_ok=True)
-    saved = []
-    for task in tasks:
-        log.info("fitting %s on %d images (%s)", config.method, len(task.train), task.name)
-        detector = fit_detector(config, task)
-        saved.append(detector.save(run_dir / "models" / task.name))
-        log.info("saved %s (%.1f s)", saved[-1], detector.fit_info_["seconds_fit"])
     record = {"config": asdict(config), "tasks": [t.name for t in tasks],
               "iadkit_version": _version()}
-    (run_dir / RUN_FILE).write_text(json.dumps(record, indent=2))
+    previous = run_dir / RUN_FILE
+    if resume and previous.is_file():
+        before = json.loads(previous.read_text())["config"]
+        if any(before.get(key) != record["config"][key] for key in MODEL_SETTINGS):
+            raise IadkitError(f"{run_dir} was fitted with other settings; use another --out "
+                              "folder or drop --resume")
+    saved = []
+    for task in tasks:
+        model_dir = run_dir / "models" / task.name
+        if resume and (model_dir / "detector.json").is_file():
+            log.info("keeping the finished model %s", model_dir)
+            saved.append(model_dir)
+            continue
+        log.info("fitting %s on %d images (%s)", config.method, len(task.train), task.name)
+        detector = fit_detector(config, task)
+        # Save to a temporary folder, then rename: an interruption never leaves half a model.
+        partial = model_dir.with_name(model_dir.name + ".partial")
+        detector.save(partial)
+        if model_dir.exists():
+            shutil.rmtree(model_dir)
+        partial.rename(model_dir)
+        saved.append(model_dir)
+        log.info("saved %s (%.1f s)", model_dir, detector.fit_info_["seconds_fit"])
+        # run.json after every model, so a run interrupted later can be resumed and tested.
+        previous.write_text(json.dumps(record, indent=2))
+    previous.write_text(json.dumps(record, indent=2))
     return saved
 
 
@@ -313,18 +341,40 @@ def test_run(run_dir: str | Path, data: str | None = None, categories: list[str]
     return summarise(evaluations, config.setting), evaluations
 
 
+@dataclass
+class FilePrediction:
+    """The prediction for one image file, or why there is none."""
+
+    path: Path
+    score: float | None
+    anomaly_map: np.ndarray | None
+    error: str | None = None
+
+
 def iter_predictions(detector: Detector, paths: Sequence[Path], batch_size: int = 16
-                     ) -> Iterator[tuple[Path, float, np.ndarray]]:
-    """(path, score, map) for image files, batch by batch, in bounded memory."""
+                     ) -> Iterator[FilePrediction]:
+    """Predictions for image files, batch by batch, in bounded memory.
+
+    A file that cannot be read yields a prediction with ``error`` set (naming the file and the
+    problem); the other files are still scored.
+    """
     from .data.image_io import read_image
+    from .errors import ImageReadError
 
     preprocess: Preprocess = detector.preprocess
     for start in range(0, len(paths), batch_size):
-        chunk = paths[start:start + batch_size]
-        images = torch.stack([preprocess.image(read_image(p)) for p in chunk])
-        prediction = detector.predict(images)
-        for path, score, anomaly_map in zip(chunk, prediction.scores, prediction.anomaly_maps):
-            yield path, float(score), anomaly_map.numpy()
+        readable, images = [], []
+        for path in paths[start:start + batch_size]:
+            try:
+                images.append(preprocess.image(read_image(path)))
+                readable.append(path)
+            except ImageReadError as error:
+                yield FilePrediction(Path(path), None, None, str(error))
+        if not images:
+            continue
+        prediction = detector.predict(torch.stack(images))
+        for path, score, anomaly_map in zip(readable, prediction.scores, prediction.anomaly_maps):
+            yield FilePrediction(Path(path), float(score), anomaly_map.numpy())
 
 
 def _version() -> str:
