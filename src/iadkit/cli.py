@@ -259,23 +259,20 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 ...")
     common.add_argument("--verbose", "-v", action="store_true", help="log what happens")
     commands = parser.add_subparsers(dest="command", required=True)
-    original_add_parser = commands.add_parser
 
-    def add_parser(name: str, **kwargs: Any) -> argparse.ArgumentParser:
-        return original_add_parser(name, parents=[common], **kwargs)
+    def add_command(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, parents=[common])
 
-    commands.add_parser = add_parser  # type: ignore[method-assign]
+    add_command("methods", "list methods and presets").set_defaults(func=cmd_methods)
 
-    commands.add_parser("methods", help="list methods and presets").set_defaults(func=cmd_methods)
-
-    fit = commands.add_parser("fit", help="train detector(s) into a run folder")
+    fit = add_command("fit", "train detector(s) into a run folder")
     _add_run_flags(fit)
     fit.add_argument("--out", required=True, help="run folder to create")
     fit.add_argument("--resume", action="store_true",
                      help="keep models an interrupted run already saved; fit the rest")
     fit.set_defaults(func=cmd_fit)
 
-    test = commands.add_parser("test", help="evaluate a run folder on its test split")
+    test = add_command("test", "evaluate a run folder on its test split")
     test.add_argument("run_dir")
     test.add_argument("--data", help="dataset root (default: the one used for fitting)")
     test.add_argument("--category", action="append")
@@ -283,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("--report", help="write an HTML report into this folder")
     test.set_defaults(func=cmd_test)
 
-    predict = commands.add_parser("predict", help="score images with a trained detector")
+    predict = add_command("predict", "score images with a trained detector")
     predict.add_argument("run_dir", help="run folder or model folder")
     predict.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
     predict.add_argument("--out", required=True, help="folder for scores.csv and heatmaps/")
@@ -292,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--no-heatmaps", action="store_true")
     predict.set_defaults(func=cmd_predict)
 
-    demo = commands.add_parser("demo", help="train, evaluate and report on the ELPV solar cells")
+    demo = add_command("demo", "train, evaluate and report on the ELPV solar cells")
     demo.add_argument("--out", default="demo_out")
     demo.add_argument("--data", help="use this dataset instead of preparing ELPV")
     demo.add_argument("--method", default="patchcore")
@@ -301,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
 
-    data = commands.add_parser("data", help="prepare or generate datasets")
+    data = add_command("data", "prepare or generate datasets")
     data_commands = data.add_subparsers(dest="data_command", required=True)
     prepare = data_commands.add_parser("prepare", help="arrange a packaged dataset (elpv)",
                                        parents=[common])

@@ -177,7 +177,7 @@ def _pro_area(
     pro_at_limit = pro_above + (pro_at_or_above - pro_above) * min(fraction, 1.0)
     width = min(n_at_limit, at_or_above) / n_negatives - above_cut / n_negatives
     area += width * (pro_above + pro_at_limit) / 2.0
-    return area / fpr_limit
+    return float(area / fpr_limit)
 
 
 def _select_top(negatives: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
