@@ -9,8 +9,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from iadkit.data import (ImageDataset, Preprocess, generate_dataset, load_dataset, make_tasks,
-                         read_folder, read_image, read_mask)
+from iadkit.data import (
+    ImageDataset,
+    Preprocess,
+    generate_dataset,
+    load_dataset,
+    make_tasks,
+    read_folder,
+    read_image,
+    read_mask,
+)
 from iadkit.errors import DatasetError, ImageReadError
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import SHARED_DATA
+
 from iadkit import metrics
 from iadkit.data import SampleSet, load_dataset, make_loader
 from iadkit.methods import create_detector

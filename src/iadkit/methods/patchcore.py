@@ -107,6 +107,7 @@ class PatchCore(Detector):
     # -- features -------------------------------------------------------------------------
     @property
     def extractor(self) -> FeatureExtractor:
+        """The frozen backbone, built (and its weights resolved) on first use."""
         if self._extractor is None:
             self._extractor = FeatureExtractor(self.backbone, self.layers, self.backbone_weights)
             self._extractor.to(self.torch_device)
@@ -188,4 +189,5 @@ class PatchCore(Detector):
 
     def _load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self._set_memory_bank(tensors["memory_bank"])
-        self.extractor  # build the backbone now, so loading fails early if weights are missing
+        # Build the backbone now, so that loading fails early when its weights are missing.
+        self._extractor = self.extractor
