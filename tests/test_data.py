@@ -211,3 +211,12 @@ def test_settings_make_the_right_tasks(toy_root: Path) -> None:
     assert unseen.train.categories == ["alpha"] and list(unseen.test_groups) == ["beta"]
     with pytest.raises(DatasetError, match="unknown subclasses"):
         make_tasks(samples, "unseen-subclass", unseen_subclasses=["gamma"])
+
+
+def test_batches_carry_category_and_subclass(toy_root: Path) -> None:
+    from iadkit.data import make_loader
+
+    samples = load_dataset(toy_root)
+    batch = next(iter(make_loader(samples.where(split="train"), Preprocess(32), batch_size=40)))
+    assert set(batch["category"]) == {"alpha", "beta"} and set(batch["subclass"]) == {""}
+    assert batch["image"].shape == (32, 3, 32, 32) and batch["index"].tolist() == list(range(32))

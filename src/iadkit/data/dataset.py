@@ -60,6 +60,8 @@ class Batch(TypedDict):
     mask: torch.Tensor  # (B, S, S) float 0/1 (all zero where no mask)
     label: torch.Tensor  # (B,) int64
     index: torch.Tensor  # (B,) position in the SampleSet
+    category: list[str]  # for methods that learn per class (e.g. class-aware references)
+    subclass: list[str]  # "" where unknown (e.g. routing to experts per subclass)
 
 
 class ImageDataset(Dataset):
@@ -72,7 +74,7 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int | str]:
         sample = self.samples[index]
         array = read_image(sample.image_path)
         size = self.preprocess.output_size
@@ -91,6 +93,8 @@ class ImageDataset(Dataset):
             "mask": mask_tensor,
             "label": sample.label,
             "index": index,
+            "category": sample.category,
+            "subclass": sample.subclass or "",
         }
 
 
