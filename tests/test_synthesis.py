@@ -96,3 +96,97 @@ def test_self_blend_and_empty_texture_folder(tmp_path: Path) -> None:
         TextureSource(tmp_path / "images")
     with pytest.raises(DatasetError, match="texture folder not found"):
         TextureSource(tmp_path / "missing")
+
+
+def _check_aligned(sample, image: torch.Tensor) -> None:
+    assert sample.image.shape == image.shape and sample.image.dtype == image.dtype
+    assert sample.mask.shape == image.shape[-2:]
+    assert set(sample.mask.unique().tolist()) <= {0.0, 1.0}
+    outside = sample.mask == 0
+    assert torch.equal(sample.image[:, outside], image[:, outside])
+
+
+@pytest.mark.parametrize("mode", ["normal", "scar"])
+def test_cutpaste_pastes_inside_its_mask_only(mode: str) -> None:
+    from iadkit.synthesis import CutPasteSynthesizer
+
+    image = torch.rand(3, 64, 64)
+    synthesizer = CutPasteSynthesizer(mode, anomaly_probability=1.0)
+    for seed in range(6):
+        sample = synthesizer(image, seeded(seed))
+        _check_aligned(sample, image)
+        assert sample.mask.any()
+    assert not CutPasteSynthesizer(mode, 0.0)(image, seeded(0)).mask.any()
+    three_way = [CutPasteSynthesizer("3way")(image, seeded(s)).label for s in range(30)]
+    assert 5 <= three_way.count(0) <= 18  # about a third normal
+
+
+def test_fragments_come_from_the_donor_and_shapes_differ() -> None:
+    from iadkit.synthesis import FragmentSynthesizer, shape_mask
+
+    image, donor = torch.zeros(3, 64, 64), torch.ones(3, 64, 64)
+    for seed in range(6):
+        sample = FragmentSynthesizer()(image, donor, seeded(seed))
+        _check_aligned(sample, image)
+        inside = sample.mask == 1
+        assert inside.any() and torch.equal(sample.image[:, inside], donor[:, inside])
+    areas = {s: float(shape_mask(s, 20, 20, seeded(0)).mean()) for s in
+             ("rectangle", "ellipse", "polygon")}
+    assert areas["rectangle"] == 1.0 and areas["ellipse"] < 0.85 and areas["polygon"] < 1.0
+
+
+def test_cse_defects_of_every_kind() -> None:
+    from iadkit.synthesis import CseDefectSynthesizer
+
+    image = torch.rand(3, 64, 64)
+    for kind in ("structural", "textural", "blur"):
+        synthesizer = CseDefectSynthesizer(anomaly_probability=1.0, kinds=(kind,))
+        sample = synthesizer(image, seeded(1))
+        _check_aligned(sample, image)
+        assert sample.mask.sum() >= 100 and not torch.equal(sample.image, image)
+    with pytest.raises(ValueError, match="unknown defect kinds"):
+        CseDefectSynthesizer(kinds=("melted",))
+
+
+def test_foreground_rules() -> None:
+    from iadkit.synthesis import foreground_mask, rule_for
+
+    image = torch.zeros(3, 40, 40)
+    image[:, 10:30, 10:30] = 1.0  # a bright object on black
+    bright = foreground_mask(image, ("above", 50), blur_sigma=1.0)
+    assert bright[20, 20] == 1 and bright[2, 2] == 0
+    assert foreground_mask(image, ("at_most", 50), blur_sigma=1.0)[2, 2] == 1
+    assert foreground_mask(image, rule_for("carpet")).all()  # textures: switched off
+    disc = foreground_mask(image, rule_for("bottle"))
+    assert disc[20, 20] == 1 and disc[0, 0] == 0
+
+
+def test_pseudo_validation_is_half_synthetic_and_patchcore_separates_it(
+        toy_root: Path, tmp_path: Path) -> None:
+    from iadkit import engine
+    from iadkit.data import SampleSet, load_dataset, make_loader
+    from iadkit.methods import create_detector
+    from iadkit.synthesis import build_pseudo_validation
+
+    normals = list(load_dataset(toy_root, ["alpha"]).where(split="train"))
+    fit_part, held = SampleSet(normals[:8]), SampleSet(normals[8:])  # disjoint normals
+    pseudo = build_pseudo_validation(held, tmp_path / "pv", kind="fragments", size=64)
+    assert len(pseudo) == len(held) and sum(pseudo.labels) == len(held) // 2
+    assert pseudo.has_masks
+    detector = create_detector("patchcore", image_size=64, crop_size=None, coreset_ratio=0.25)
+    detector.fit(make_loader(fit_part, detector.preprocess, 8))
+    result = engine.score_predictions(engine.predict_samples(detector, pseudo), pixel=True)
+    assert result["image_auroc"] > 0.8 and result["pixel_auroc"] > 0.8
+
+
+def test_synth_cli_preview_and_errors(toy_root: Path, tmp_path: Path) -> None:
+    from iadkit.cli import main
+
+    out = tmp_path / "grid.png"
+    assert main(["synth", "preview", "--data", str(toy_root), "--kind", "scar", "--count", "3",
+                 "--size", "48", "--out", str(out), "-q"]) == 0
+    from PIL import Image
+
+    assert Image.open(out).size == (3 * 48 + 8, 3 * (48 + 4))
+    assert main(["synth", "preview", "--data", str(toy_root), "--textures",
+                 str(tmp_path / "none"), "--out", str(out), "-q"]) == 2

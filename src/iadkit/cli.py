@@ -7,6 +7,8 @@ Stable commands (scripts and CI rely on them)::
     iadkit predict RUN_DIR IMAGES... --out DIR
     iadkit demo --out DIR
     iadkit data prepare elpv DEST | iadkit data generate DEST
+    iadkit synth preview --data ROOT --kind draem --out grid.png
+    iadkit synth pseudo-val --data ROOT --kind fragments --out DIR
     iadkit methods
 
 Settings come from ``--config FILE.yaml`` (keys of :class:`iadkit.engine.RunConfig`, with
@@ -231,6 +233,24 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_synth(args: argparse.Namespace) -> int:
+    from .data.layouts import load_dataset
+    from .synthesis import TextureSource, build_pseudo_validation, preview_grid
+
+    normals = load_dataset(args.data, args.category, args.layout).where(split="train")
+    textures = TextureSource(args.textures) if args.textures else None
+    if args.synth_command == "preview":
+        path = preview_grid(normals, args.out, args.kind, args.count, args.size, textures,
+                            args.seed)
+        print(f"preview (normal | synthetic | mask) written to {path}")
+    else:
+        written = build_pseudo_validation(normals, args.out, args.kind, args.size, textures,
+                                          args.seed)
+        print(f"pseudo-validation set of {len(written)} images "
+              f"({sum(written.labels)} synthetic) written to {args.out}")
+    return 0
+
+
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", help="method name (see 'iadkit methods')")
     parser.add_argument("--preset", help="cpu (default) or paper")
@@ -297,6 +317,25 @@ def build_parser() -> argparse.ArgumentParser:
                       help="training images kept from ELPV (default 400, for a quick demo)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
+
+    synth = add_command("synth", "synthetic anomalies: preview them, build pseudo-validation")
+    synth_commands = synth.add_subparsers(dest="synth_command", required=True)
+    for name, help_text in (("preview", "write a PNG grid: normal | synthetic | mask"),
+                            ("pseudo-val", "write a labelled set: half normal, half synthetic")):
+        command = synth_commands.add_parser(name, help=help_text, parents=[common])
+        command.add_argument("--data", required=True, help="dataset root (its training normals)")
+        command.add_argument("--category", action="append")
+        command.add_argument("--layout", default="auto")
+        command.add_argument("--kind", default="draem",
+                             help="fragments, draem, cse, cutpaste or scar")
+        command.add_argument("--textures", help="texture folder (e.g. DTD images/); "
+                             "procedural textures without it")
+        command.add_argument("--out", required=True,
+                             help="PNG file (preview) or folder (pseudo-val)")
+        command.add_argument("--count", type=int, default=6, help="rows of the preview")
+        command.add_argument("--size", type=int, default=192)
+        command.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(func=cmd_synth)
 
     data = add_command("data", "prepare or generate datasets")
     data_commands = data.add_subparsers(dest="data_command", required=True)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .common import chance, uniform
 from .perlin import perlin_mask
 from .textures import TextureSource, augment_texture
 
@@ -77,7 +78,7 @@ class DraemSynthesizer:
                  foreground: torch.Tensor | None = None) -> SyntheticSample:
         """Maybe add an anomaly to ``image`` (3, H, W) in [0, 1]; ``foreground`` (H, W) 0/1."""
         height, width = image.shape[-2:]
-        if float(torch.rand((), generator=generator)) >= self.anomaly_probability:
+        if not chance(generator, self.anomaly_probability):
             return SyntheticSample(image, torch.zeros(height, width))
         mask = self._mask(height, width, generator, foreground)
         if not mask.any():
@@ -87,8 +88,7 @@ class DraemSynthesizer:
         else:
             source = self.texture_source.sample(max(height, width), generator)[:, :height, :width]
         texture = augment_texture(source, generator)
-        beta = self.beta_range[0] + (self.beta_range[1] - self.beta_range[0]) * float(
-            torch.rand((), generator=generator))
+        beta = uniform(generator, *self.beta_range)
         region = mask.unsqueeze(0)
         blended = (1.0 - region) * image + (1.0 - beta) * region * texture + beta * region * image
         return SyntheticSample(blended, mask)

@@ -13,13 +13,11 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .common import uniform
+
 
 def _fade(t: torch.Tensor) -> torch.Tensor:
     return t * t * t * (t * (t * 6.0 - 15.0) + 10.0)
-
-
-def _uniform(generator: torch.Generator, low: float = 0.0, high: float = 1.0) -> float:
-    return low + (high - low) * float(torch.rand((), generator=generator))
 
 
 def perlin_noise(height: int, width: int, resolution: tuple[int, int],
@@ -69,5 +67,5 @@ def perlin_mask(height: int, width: int, generator: torch.Generator, threshold: 
     resolution = (2 ** int(exponents[0]), 2 ** int(exponents[1]))
     noise = perlin_noise(height, width, resolution, generator)
     if rotate:
-        noise = _rotate(noise, _uniform(generator, -90.0, 90.0))
+        noise = _rotate(noise, uniform(generator, -90.0, 90.0))
     return (noise > threshold).float()

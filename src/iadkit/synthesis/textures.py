@@ -12,26 +12,13 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from .._torchvision_compat import import_torchvision
 from ..data.dataset import Preprocess
 from ..data.image_io import is_image_file, read_image
 from ..errors import DatasetError
-
-
-def _functional() -> Any:
-    """torchvision's tensor image functions (imported through the CPU-torch workaround)."""
-    import_torchvision()
-    import torchvision.transforms.v2.functional as functional
-
-    return functional
-
-
-def _uniform(generator: torch.Generator, low: float, high: float) -> float:
-    return low + (high - low) * float(torch.rand((), generator=generator))
+from .common import chance, tv_functional, uniform
 
 
 def procedural_texture(size: int, generator: torch.Generator) -> torch.Tensor:
@@ -40,8 +27,8 @@ def procedural_texture(size: int, generator: torch.Generator) -> torch.Tensor:
 
     y, x = torch.meshgrid(torch.arange(size, dtype=torch.float32),
                           torch.arange(size, dtype=torch.float32), indexing="ij")
-    angle = _uniform(generator, 0.0, math.pi)
-    frequency = _uniform(generator, 0.05, 0.6)
+    angle = uniform(generator, 0.0, math.pi)
+    frequency = uniform(generator, 0.05, 0.6)
     waves = torch.sin(frequency * (x * math.cos(angle) + y * math.sin(angle)))
     noise = perlin_noise(size, size, (8, 8), generator)
     base = 0.5 + 0.25 * waves + 0.25 * noise
@@ -101,19 +88,19 @@ def _per_channel_gamma(image: torch.Tensor, generator: torch.Generator) -> torch
 
 
 def _brightness(image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    return image * _uniform(generator, 0.8, 1.2) + _uniform(generator, -30.0, 30.0) / 255.0
+    return image * uniform(generator, 0.8, 1.2) + uniform(generator, -30.0, 30.0) / 255.0
 
 
 def _hue_saturation(image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    functional = _functional()
-    shifted = functional.adjust_hue(image.clamp(0, 1), _uniform(generator, -50.0, 50.0) / 255.0)
-    return functional.adjust_saturation(shifted, _uniform(generator, 0.6, 1.4))
+    functional = tv_functional()
+    shifted = functional.adjust_hue(image.clamp(0, 1), uniform(generator, -50.0, 50.0) / 255.0)
+    return functional.adjust_saturation(shifted, uniform(generator, 0.6, 1.4))
 
 
 def _solarize(image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    if float(torch.rand((), generator=generator)) >= 0.5:
+    if not chance(generator, 0.5):
         return image
-    threshold = _uniform(generator, 32.0, 128.0) / 255.0
+    threshold = uniform(generator, 32.0, 128.0) / 255.0
     return torch.where(image >= threshold, 1.0 - image, image)
 
 
@@ -121,12 +108,12 @@ def _on_uint8(name: str) -> Callable[[torch.Tensor, torch.Generator], torch.Tens
     """A torchvision function that needs uint8 input, with its random argument."""
 
     def apply(image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        functional = _functional()
+        functional = tv_functional()
         as_uint8 = (image.clamp(0, 1) * 255).round().to(torch.uint8)
         if name == "posterize":
             result = functional.posterize(as_uint8, int(torch.randint(1, 9, (), generator=generator)))
         elif name == "sharpness":
-            result = functional.adjust_sharpness(as_uint8, _uniform(generator, 0.0, 2.0))
+            result = functional.adjust_sharpness(as_uint8, uniform(generator, 0.0, 2.0))
         else:
             result = getattr(functional, name)(as_uint8)
         return result.float() / 255.0
@@ -135,8 +122,8 @@ def _on_uint8(name: str) -> Callable[[torch.Tensor, torch.Generator], torch.Tens
 
 
 def _rotate(image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    functional = _functional()
-    return functional.rotate(image, _uniform(generator, -45.0, 45.0))
+    functional = tv_functional()
+    return functional.rotate(image, uniform(generator, -45.0, 45.0))
 
 
 #: DRAEM's ten texture operations (imgaug names -> our implementations).

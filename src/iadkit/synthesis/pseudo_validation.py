@@ -1,0 +1,135 @@
+"""Pseudo-validation sets: labelled test-like data made from normal images only.
+
+LafitE §3.4 selects hyperparameters on synthetic anomalies instead of the test set; iadkit
+generalises it to any method. :func:`build_pseudo_validation` takes normal images, keeps half of
+them normal and gives the other half a synthetic anomaly, writes them as PNG files with masks, and
+returns a :class:`SampleSet` that the engine evaluates like any test set::
+
+    pseudo = build_pseudo_validation(held_out_normals, "pseudo_val", kind="fragments")
+    metrics = score_predictions(predict_samples(detector, pseudo), pixel=True)
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..data.dataset import Preprocess
+from ..data.image_io import read_image
+from ..data.samples import ANOMALOUS, NORMAL, Sample, SampleSet
+from ..errors import DatasetError
+from .cse_defects import CseDefectSynthesizer
+from .cutpaste import CutPasteSynthesizer, FragmentSynthesizer
+from .draem import DraemSynthesizer, SyntheticSample
+from .textures import TextureSource
+
+KINDS = ("fragments", "draem", "cse", "cutpaste", "scar")
+
+#: synthesize(image, donor, generator) -> SyntheticSample; donor: another normal image.
+Synthesize = Callable[[torch.Tensor, torch.Tensor, torch.Generator], SyntheticSample]
+
+
+def make_synthesizer(kind: str, textures: TextureSource | None = None,
+                     anomaly_probability: float = 1.0) -> Synthesize:
+    """One calling convention over every generator of this package."""
+    if kind == "fragments":
+        fragments = FragmentSynthesizer()
+        return lambda image, donor, generator: fragments(image, donor, generator)
+    if kind == "draem":
+        single = DraemSynthesizer(textures, anomaly_probability)
+    elif kind == "cse":
+        single = CseDefectSynthesizer(textures, anomaly_probability)
+    elif kind in ("cutpaste", "scar"):
+        single = CutPasteSynthesizer("normal" if kind == "cutpaste" else "scar",
+                                     anomaly_probability)
+    else:
+        raise ValueError(f"unknown synthesis kind {kind!r}; choose from {KINDS}")
+    return lambda image, donor, generator: single(image, generator)
+
+
+def _save(image: torch.Tensor, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = (image.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    Image.fromarray(np.ascontiguousarray(array)).save(path)
+
+
+def build_pseudo_validation(normals: SampleSet, folder: str | Path, kind: str = "fragments",
+                            size: int = 256, textures: TextureSource | None = None,
+                            seed: int = 0, max_attempts: int = 10) -> SampleSet:
+    """Write half of ``normals`` unchanged and half with a synthetic anomaly under ``folder``.
+
+    Each category gets ``<folder>/<category>/test/{good,synthetic}/`` and
+    ``ground_truth/synthetic/<stem>_mask.png``. Donor images for fragments come from the same
+    category. Images are stored at ``size`` x ``size``.
+
+    Returns:
+        The written samples (split "test"), anomalous ones with masks.
+    """
+    if len(normals) < 2:
+        raise DatasetError("a pseudo-validation set needs at least two normal images")
+    synthesize = make_synthesizer(kind, textures)
+    preprocess = Preprocess(size)
+    rng = random.Random(seed)
+    generator = torch.Generator().manual_seed(seed)
+    written: list[Sample] = []
+    for category in normals.categories:
+        pool = list(normals.where(category=category))
+        if len(pool) < 2:
+            raise DatasetError(f"category {category!r} has fewer than two normal images")
+        order = list(range(len(pool)))
+        rng.shuffle(order)
+        base = Path(folder) / category
+        for rank, index in enumerate(order):
+            sample = pool[index]
+            image = preprocess.image(read_image(sample.image_path))
+            name = f"{rank:05d}_{sample.image_path.stem}"
+            if rank % 2 == 0:
+                path = base / "test" / "good" / f"{name}.png"
+                _save(image, path)
+                written.append(Sample(path, NORMAL, category, "good", "test"))
+                continue
+            donor_sample = pool[order[(rank + 1) % len(order)]]
+            donor = preprocess.image(read_image(donor_sample.image_path))
+            for _ in range(max_attempts):
+                synthetic = synthesize(image, donor, generator)
+                if synthetic.mask.any():
+                    break
+            else:
+                raise DatasetError(f"{kind} synthesis produced no anomaly for {sample.image_path}")
+            path = base / "test" / "synthetic" / f"{name}.png"
+            mask_path = base / "ground_truth" / "synthetic" / f"{name}_mask.png"
+            _save(synthetic.image, path)
+            mask_path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray((synthetic.mask.numpy() * 255).astype(np.uint8)).save(mask_path)
+            written.append(Sample(path, ANOMALOUS, category, "synthetic", "test", mask_path))
+    return SampleSet(written)
+
+
+def preview_grid(normals: SampleSet, destination: str | Path, kind: str = "draem",
+                 count: int = 6, size: int = 192, textures: TextureSource | None = None,
+                 seed: int = 0) -> Path:
+    """Write a PNG grid with one row per image: normal | synthetic | mask."""
+    if len(normals) == 0:
+        raise DatasetError("no normal images to preview")
+    synthesize = make_synthesizer(kind, textures)
+    preprocess = Preprocess(size)
+    generator = torch.Generator().manual_seed(seed)
+    pool = list(normals)
+    rows = []
+    for index in range(min(count, len(pool))):
+        image = preprocess.image(read_image(pool[index].image_path))
+        donor = preprocess.image(read_image(pool[(index + 1) % len(pool)].image_path))
+        synthetic = synthesize(image, donor, generator)
+        mask = synthetic.mask.unsqueeze(0).expand(3, -1, -1)
+        gap = torch.ones(3, size, 4)
+        rows.append(torch.cat([image, gap, synthetic.image, gap, mask], dim=2))
+    grid = torch.cat([torch.cat([row, torch.ones(3, 4, row.shape[2])], dim=1) for row in rows],
+                     dim=1)
+    destination = Path(destination)
+    _save(grid, destination)
+    return destination
