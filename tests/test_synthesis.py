@@ -190,3 +190,15 @@ def test_synth_cli_preview_and_errors(toy_root: Path, tmp_path: Path) -> None:
     assert Image.open(out).size == (3 * 48 + 8, 3 * (48 + 4))
     assert main(["synth", "preview", "--data", str(toy_root), "--textures",
                  str(tmp_path / "none"), "--out", str(out), "-q"]) == 2
+
+
+@pytest.mark.parametrize("kind", ["fragments", "draem", "cse", "cutpaste", "scar"])
+def test_every_kind_is_deterministic_and_can_produce_no_anomaly(kind: str) -> None:
+    from iadkit.synthesis import make_synthesizer
+
+    image, donor = torch.rand(3, 48, 48), torch.rand(3, 48, 48)
+    always = make_synthesizer(kind, anomaly_probability=1.0)
+    first, second = always(image, donor, seeded(4)), always(image, donor, seeded(4))
+    assert torch.equal(first.image, second.image) and torch.equal(first.mask, second.mask)
+    never = make_synthesizer(kind, anomaly_probability=0.0)(image, donor, seeded(4))
+    assert torch.equal(never.image, image) and not never.mask.any()

@@ -162,22 +162,26 @@ class FragmentSynthesizer:
         n_fragments: inclusive range of fragments per image.
         area_range: each fragment's area as a fraction of the image.
         shapes: fragment shapes to draw from.
+        anomaly_probability: chance that a call pastes anything (1.0 for pseudo-validation).
     """
 
     def __init__(self, n_fragments: tuple[int, int] = (1, 3),
                  area_range: tuple[float, float] = (0.005, 0.10),
-                 shapes: tuple[str, ...] = SHAPES) -> None:
+                 shapes: tuple[str, ...] = SHAPES, anomaly_probability: float = 1.0) -> None:
         self.n_fragments = n_fragments
         self.area_range = area_range
         self.shapes = shapes
+        self.anomaly_probability = anomaly_probability
 
     def __call__(self, image: torch.Tensor, donor: torch.Tensor,
                  generator: torch.Generator) -> SyntheticSample:
         """Paste fragments of ``donor`` (another normal image, same size) into ``image``."""
         height, width = image.shape[-2:]
+        result, mask = image, torch.zeros(height, width)
+        if not chance(generator, self.anomaly_probability):
+            return SyntheticSample(result, mask)
         count = int(torch.randint(self.n_fragments[0], self.n_fragments[1] + 1, (),
                                   generator=generator))
-        result, mask = image, torch.zeros(height, width)
         for _ in range(count):
             shape = self.shapes[int(torch.randint(len(self.shapes), (), generator=generator))]
             aspect = math.exp(uniform(generator, math.log(0.4), math.log(2.5)))

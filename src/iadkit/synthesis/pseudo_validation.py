@@ -38,7 +38,7 @@ def make_synthesizer(kind: str, textures: TextureSource | None = None,
                      anomaly_probability: float = 1.0) -> Synthesize:
     """One calling convention over every generator of this package."""
     if kind == "fragments":
-        fragments = FragmentSynthesizer()
+        fragments = FragmentSynthesizer(anomaly_probability=anomaly_probability)
         return lambda image, donor, generator: fragments(image, donor, generator)
     if kind == "draem":
         single = DraemSynthesizer(textures, anomaly_probability)
