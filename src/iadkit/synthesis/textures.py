@@ -19,12 +19,11 @@ from ..data.dataset import Preprocess
 from ..data.image_io import is_image_file, read_image
 from ..errors import DatasetError
 from .common import chance, tv_functional, uniform
+from .perlin import perlin_noise
 
 
 def procedural_texture(size: int, generator: torch.Generator) -> torch.Tensor:
     """A random coloured texture (3, size, size) in [0, 1]: oriented waves plus Perlin noise."""
-    from .perlin import perlin_noise
-
     y, x = torch.meshgrid(torch.arange(size, dtype=torch.float32),
                           torch.arange(size, dtype=torch.float32), indexing="ij")
     angle = uniform(generator, 0.0, math.pi)
