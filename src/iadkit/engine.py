@@ -30,10 +30,11 @@ import torch
 
 from . import metrics
 from .data.dataset import Preprocess, make_loader
+from .data.image_io import read_image
 from .data.layouts import load_dataset
 from .data.samples import SampleSet
 from .data.settings import Task, make_tasks
-from .errors import IadkitError
+from .errors import IadkitError, ImageReadError
 from .methods import Detector, create_detector
 from .progress import progress
 
@@ -288,12 +289,14 @@ def fit_run(config: RunConfig, run_dir: str | Path, resume: bool = False) -> lis
     run_dir.mkdir(parents=True, exist_ok=True)
     record = {"config": asdict(config), "tasks": [t.name for t in tasks],
               "iadkit_version": _version()}
-    previous = run_dir / RUN_FILE
-    if resume and previous.is_file():
-        before = json.loads(previous.read_text())["config"]
+    record_file = run_dir / RUN_FILE
+    if resume and record_file.is_file():
+        before = json.loads(record_file.read_text())["config"]
         if any(before.get(key) != record["config"][key] for key in MODEL_SETTINGS):
             raise IadkitError(f"{run_dir} was fitted with other settings; use another --out "
                               "folder or drop --resume")
+    # Written before fitting, so that a run interrupted at any point can be resumed.
+    record_file.write_text(json.dumps(record, indent=2))
     saved = []
     for task in tasks:
         model_dir = run_dir / "models" / task.name
@@ -311,9 +314,6 @@ def fit_run(config: RunConfig, run_dir: str | Path, resume: bool = False) -> lis
         partial.rename(model_dir)
         saved.append(model_dir)
         log.info("saved %s (%.1f s)", model_dir, detector.fit_info_["seconds_fit"])
-        # run.json after every model, so a run interrupted later can be resumed and tested.
-        previous.write_text(json.dumps(record, indent=2))
-    previous.write_text(json.dumps(record, indent=2))
     return saved
 
 
@@ -358,9 +358,6 @@ def iter_predictions(detector: Detector, paths: Sequence[Path], batch_size: int 
     A file that cannot be read yields a prediction with ``error`` set (naming the file and the
     problem); the other files are still scored.
     """
-    from .data.image_io import read_image
-    from .errors import ImageReadError
-
     preprocess: Preprocess = detector.preprocess
     for start in range(0, len(paths), batch_size):
         readable, images = [], []

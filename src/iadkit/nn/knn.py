@@ -42,9 +42,11 @@ class FlatIndex:
     def __init__(self, bank: torch.Tensor, backend: str = "auto") -> None:
         self.bank = bank
         self.backend = resolve_backend(backend, bank.device)
-        self.bank_sq_norms = bank.pow(2).sum(1)
         self._faiss_index = None
-        if self.backend == "faiss":
+        self._bank_sq_norms: torch.Tensor | None = None
+        if self.backend == "torch":
+            self._bank_sq_norms = bank.pow(2).sum(1)
+        else:
             import faiss
 
             faiss.omp_set_num_threads(torch.get_num_threads())
@@ -59,7 +61,7 @@ class FlatIndex:
                 queries.detach().float().contiguous().numpy(), k)
             distances = torch.from_numpy(squared).clamp_(min=0.0).sqrt_()
             return distances, torch.from_numpy(indices).long()
-        return nearest_neighbours(queries, self.bank, k, bank_sq_norms=self.bank_sq_norms)
+        return nearest_neighbours(queries, self.bank, k, bank_sq_norms=self._bank_sq_norms)
 
 
 def squared_distances(queries: torch.Tensor, bank: torch.Tensor,
