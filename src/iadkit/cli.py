@@ -70,7 +70,8 @@ def _run_config(args: argparse.Namespace) -> Any:
 
 
 def _format_table(results: dict[str, Any]) -> str:
-    keys = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_aupro")
+    from .engine import METRIC_KEYS as keys
+
     header = f"{'group':<24}" + "".join(f"{k:>13}" for k in keys)
     lines = [header, "-" * len(header)]
 
@@ -108,17 +109,18 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_outputs(results: dict[str, Any], evaluations: list[Any], args: argparse.Namespace,
-                   title: str) -> None:
+def _write_outputs(results: dict[str, Any], evaluations: list[Any], json_path: str | None,
+                   report_dir: str | None, title: str) -> None:
+    """Print the metrics table; write the JSON file and the HTML report where asked."""
     print(_format_table(results))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2))
-        print(f"metrics written to {args.json}")
-    if args.report:
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(results, indent=2))
+        print(f"metrics written to {json_path}")
+    if report_dir:
         from .report import write_report
 
-        page = write_report(results, evaluations, args.report, title=title)
+        page = write_report(results, evaluations, report_dir, title=title)
         print(f"report written to {page}")
 
 
@@ -127,7 +129,8 @@ def cmd_test(args: argparse.Namespace) -> int:
 
     results, evaluations = test_run(args.run_dir, args.data, args.category, args.device,
                                     show_progress=not args.quiet)
-    _write_outputs(results, evaluations, args, title=f"iadkit test: {args.run_dir}")
+    _write_outputs(results, evaluations, args.json, args.report,
+                   title=f"iadkit test: {args.run_dir}")
     return 0
 
 
@@ -210,9 +213,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"training {config.method} (cpu preset) ...")
     fit_run(config, out / "run")
     results, evaluations = test_run(out / "run", show_progress=not args.quiet)
-    args.json = str(out / "metrics.json")
-    args.report = str(out / "report")
-    _write_outputs(results, evaluations, args, title=f"iadkit demo: {config.method} on {data_root}")
+    _write_outputs(results, evaluations, str(out / "metrics.json"), str(out / "report"),
+                   title=f"iadkit demo: {config.method} on {data_root}")
     return 0
 
 
