@@ -30,7 +30,6 @@ import torch
 
 from . import metrics
 from .data.dataset import Preprocess, make_loader
-from .data.image_io import read_image
 from .data.layouts import load_dataset
 from .data.samples import SampleSet
 from .data.settings import Task, make_tasks
@@ -363,7 +362,7 @@ def iter_predictions(detector: Detector, paths: Sequence[Path], batch_size: int 
         readable, images = [], []
         for path in paths[start:start + batch_size]:
             try:
-                images.append(preprocess.image(read_image(path)))
+                images.append(preprocess.load(path))
                 readable.append(path)
             except ImageReadError as error:
                 yield FilePrediction(Path(path), None, None, str(error))

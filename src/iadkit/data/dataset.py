@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypedDict
 
 import numpy as np
@@ -41,6 +42,10 @@ class Preprocess:
         offset = (self.image_size - self.crop_size) // 2
         return image.crop((offset, offset, offset + self.crop_size, offset + self.crop_size))
 
+    def load(self, path: str | Path) -> torch.Tensor:
+        """Read an image file and preprocess it (errors name the file, see ``read_image``)."""
+        return self.image(read_image(path))
+
     def image(self, array: np.ndarray) -> torch.Tensor:
         """``(H, W, 3)`` uint8 -> ``(3, S, S)`` float32 in [0, 1]."""
         size = (self.image_size, self.image_size)
@@ -53,6 +58,12 @@ class Preprocess:
         size = (self.image_size, self.image_size)
         resized = self._crop(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.NEAREST))
         return torch.from_numpy(np.array(resized) > 127).float()
+
+
+def to_uint8_image(image: torch.Tensor) -> np.ndarray:
+    """``(3, H, W)`` float in [0, 1] -> ``(H, W, 3)`` uint8 (rounded), for saving and display."""
+    return (image.detach().cpu().permute(1, 2, 0).clamp(0, 1) * 255).round().to(
+        torch.uint8).numpy()
 
 
 class Batch(TypedDict):

@@ -22,8 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from ..data.dataset import Preprocess  # noqa: E402
-from ..data.image_io import read_image  # noqa: E402
+from ..data.dataset import Preprocess, to_uint8_image  # noqa: E402
 
 GALLERY_PER_KIND = 6
 
@@ -52,8 +51,7 @@ def _map_scale(calibration: dict[str, Any] | None, maps: np.ndarray) -> tuple[fl
 def save_overlay(path: Path, anomaly_map: np.ndarray, preprocess: Preprocess,
                  calibration: dict[str, Any] | None, destination: Path) -> None:
     """Write image + anomaly map overlay as PNG (the map scaled by the calibration if any)."""
-    image = preprocess.image(read_image(path)).permute(1, 2, 0).numpy()
-    image = (image * 255).astype(np.uint8)
+    image = to_uint8_image(preprocess.load(path))
     destination.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(heatmap_overlay(image, anomaly_map, _map_scale(calibration, anomaly_map))
                     ).save(destination)
@@ -122,8 +120,7 @@ def _gallery(predictions: Any, calibration: dict[str, Any] | None) -> str:
         cells.append(f"<h4>{kind}</h4><div class='gallery'>")
         for index in indices:
             sample = predictions.samples[int(index)]
-            image = (preprocess.image(read_image(sample.image_path)).permute(1, 2, 0).numpy()
-                     * 255).astype(np.uint8)
+            image = to_uint8_image(preprocess.load(sample.image_path))
             overlay = heatmap_overlay(image, predictions.maps[index], scale,
                                       predictions.masks[index])
             caption = html.escape(f"{sample.defect_type} · {Path(sample.image_path).name} · "

@@ -19,8 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data.dataset import Preprocess
-from ..data.image_io import read_image
+from ..data.dataset import Preprocess, to_uint8_image
 from ..data.samples import ANOMALOUS, NORMAL, Sample, SampleSet
 from ..errors import DatasetError
 from .cse_defects import CseDefectSynthesizer
@@ -54,8 +53,7 @@ def make_synthesizer(kind: str, textures: TextureSource | None = None,
 
 def _save(image: torch.Tensor, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    array = (image.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-    Image.fromarray(np.ascontiguousarray(array)).save(path)
+    Image.fromarray(np.ascontiguousarray(to_uint8_image(image))).save(path)
 
 
 def build_pseudo_validation(normals: SampleSet, folder: str | Path, kind: str = "fragments",
@@ -86,7 +84,7 @@ def build_pseudo_validation(normals: SampleSet, folder: str | Path, kind: str = 
         base = Path(folder) / category
         for rank, index in enumerate(order):
             sample = pool[index]
-            image = preprocess.image(read_image(sample.image_path))
+            image = preprocess.load(sample.image_path)
             name = f"{rank:05d}_{sample.image_path.stem}"
             if rank % 2 == 0:
                 path = base / "test" / "good" / f"{name}.png"
@@ -94,7 +92,7 @@ def build_pseudo_validation(normals: SampleSet, folder: str | Path, kind: str = 
                 written.append(Sample(path, NORMAL, category, "good", "test"))
                 continue
             donor_sample = pool[order[(rank + 1) % len(order)]]
-            donor = preprocess.image(read_image(donor_sample.image_path))
+            donor = preprocess.load(donor_sample.image_path)
             for _ in range(max_attempts):
                 synthetic = synthesize(image, donor, generator)
                 if synthetic.mask.any():
@@ -122,8 +120,8 @@ def preview_grid(normals: SampleSet, destination: str | Path, kind: str = "draem
     pool = list(normals)
     rows = []
     for index in range(min(count, len(pool))):
-        image = preprocess.image(read_image(pool[index].image_path))
-        donor = preprocess.image(read_image(pool[(index + 1) % len(pool)].image_path))
+        image = preprocess.load(pool[index].image_path)
+        donor = preprocess.load(pool[(index + 1) % len(pool)].image_path)
         synthetic = synthesize(image, donor, generator)
         mask = synthetic.mask.unsqueeze(0).expand(3, -1, -1)
         gap = torch.ones(3, size, 4)

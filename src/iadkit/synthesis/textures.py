@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..data.dataset import Preprocess
-from ..data.image_io import is_image_file, read_image
+from ..data.image_io import is_image_file
 from ..errors import DatasetError
 from .common import chance, tv_functional, uniform
 from .perlin import perlin_noise
@@ -74,7 +74,7 @@ class TextureSource:
         if key in self._cache:
             self._cache.move_to_end(key)
         else:
-            image = Preprocess(size).image(read_image(self.files[index]))
+            image = Preprocess(size).load(self.files[index])
             self._cache[key] = (image * 255).round().to(torch.uint8)
             if len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
