@@ -183,8 +183,12 @@ def predict_samples(detector: Detector, samples: SampleSet, batch_size: int = 16
                        detector.preprocess)
 
 
-def fit_detector(config: RunConfig, task: Task) -> Detector:
-    """Fit a fresh detector on a task's training images and calibrate it on held-out normals."""
+def fit_detector(config: RunConfig, task: Task, checkpoint_dir: Path | None = None) -> Detector:
+    """Fit a fresh detector on a task's training images and calibrate it on held-out normals.
+
+    ``checkpoint_dir`` keeps the training state of multi-epoch methods (see
+    :meth:`Detector.fit`), so that an interrupted fit resumes.
+    """
     detector = config.new_detector()
     train, validation = task.train, task.validation
     if len(validation) == 0:
@@ -192,7 +196,7 @@ def fit_detector(config: RunConfig, task: Task) -> Detector:
     loader = make_loader(train, detector.preprocess, config.batch_size, config.workers,
                          shuffle=False, seed=config.seed)
     started = time.perf_counter()
-    detector.fit(loader, show_progress=config.show_progress)
+    detector.fit(loader, show_progress=config.show_progress, checkpoint_dir=checkpoint_dir)
     detector.fit_info_["seconds_fit"] = round(time.perf_counter() - started, 2)
     detector.fit_info_["n_validation_images"] = len(validation)
     detector.calibration = None
@@ -279,8 +283,9 @@ def summarise(evaluations: Sequence[TaskEvaluation], setting: str) -> dict[str, 
 def fit_run(config: RunConfig, run_dir: str | Path, resume: bool = False) -> list[Path]:
     """Fit one detector per task and save them (with ``run.json``) under ``run_dir``.
 
-    With ``resume``, models already saved by an interrupted run with the same settings are kept
-    and only the missing ones are fitted.
+    With ``resume``, models already saved by an interrupted run with the same settings are kept,
+    an interrupted training continues from its last checkpoint, and only what is missing is
+    fitted.
     """
     run_dir = Path(run_dir)
     config.new_detector()  # fail fast on a bad method, preset or hyperparameter
@@ -304,7 +309,10 @@ def fit_run(config: RunConfig, run_dir: str | Path, resume: bool = False) -> lis
             saved.append(model_dir)
             continue
         log.info("fitting %s on %d images (%s)", config.method, len(task.train), task.name)
-        detector = fit_detector(config, task)
+        training_dir = model_dir.with_name(model_dir.name + ".training")
+        if not resume and training_dir.exists():
+            shutil.rmtree(training_dir)
+        detector = fit_detector(config, task, training_dir)
         # Save to a temporary folder, then rename: an interruption never leaves half a model.
         partial = model_dir.with_name(model_dir.name + ".partial")
         detector.save(partial)

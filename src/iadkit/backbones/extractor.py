@@ -46,6 +46,12 @@ class FeatureExtractor(nn.Module):
         layers: stage indices (timm ``out_indices``) or module names (``"layer2"``).
         weights: ``"pretrained"`` (offline-first resolution), a file path, or ``"random"``.
         fold_bn: fold BatchNorm into the preceding convolutions (same outputs, faster).
+        feature_location: "" for the stages' outputs (timm's default), or "expansion" for the
+            activated, expanded features inside the next block (EfficientNet/MobileNet only:
+            their stage outputs are linear bottlenecks).
+        trainable: leave the weights trainable and the forward pass differentiable (ReContrast's
+            encoder copy); BatchNorm stays unfolded and in eval mode with its ImageNet
+            statistics. Frozen (the default) is what every teacher and feature bank uses.
 
     Example:
         >>> extractor = FeatureExtractor("lite0", layers=(1, 2, 3))
@@ -59,12 +65,15 @@ class FeatureExtractor(nn.Module):
         layers: Sequence[int | str] = (1, 2, 3),
         weights: str | Path = "pretrained",
         fold_bn: bool = True,
+        feature_location: str = "",
+        trainable: bool = False,
     ) -> None:
         super().__init__()
         self.name = canonical_name(name)
         indices = self._layer_indices(self.name, layers)
+        location = {"feature_location": feature_location} if feature_location else {}
         self.model, self.weights = build_with_weights(
-            self.name, weights, features_only=True, out_indices=indices
+            self.name, weights, features_only=True, out_indices=indices, **location
         )
         info = self.model.feature_info
         self.channels: list[int] = list(info.channels())
@@ -72,8 +81,9 @@ class FeatureExtractor(nn.Module):
         mean, std = normalisation(self.name)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
-        self.requires_grad_(False)
-        if fold_bn:
+        self.trainable = trainable
+        self.requires_grad_(trainable)
+        if fold_bn and not trainable:
             self.model = fold_batchnorm(self.model, torch.rand(1, 3, 64, 64))
         # Channels-last halves the CPU time of these convolutions (depthwise ones especially).
         self.model.to(memory_format=torch.channels_last)
@@ -107,6 +117,6 @@ class FeatureExtractor(nn.Module):
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Images in [0, 1], shape (B, 3, H, W) -> one feature map per requested layer."""
-        with torch.no_grad():
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
             normalised = ((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
             return [feature.contiguous() for feature in self.model(normalised)]

@@ -134,18 +134,22 @@ class Detector(ABC):
         return getattr(self, "fit_info_", None) is not None
 
     # -- learning and inference ---------------------------------------------------------
-    def fit(self, train: Iterable[Any] | torch.Tensor, show_progress: bool = False) -> Detector:
+    def fit(self, train: Iterable[Any] | torch.Tensor, show_progress: bool = False,
+            checkpoint_dir: str | Path | None = None) -> Detector:
         """Learn from normal training images.
 
         Args:
             train: a tensor (N, 3, S, S) of images in [0, 1], or an iterable of batches
-                (DataLoader of dicts with "image", as made by :func:`iadkit.data.make_loader`).
-                Multi-epoch methods iterate it several times.
+                (DataLoader of dicts with "image", and "category" where known, as made by
+                :func:`iadkit.data.make_loader`).
             show_progress: show progress bars.
+            checkpoint_dir: where methods that train for many epochs keep their training state;
+                a fit interrupted and started again with the same folder resumes there, and
+                gives the same model as an uninterrupted fit. The folder is removed at the end.
         """
         seed_everything(self.seed)
         self.fit_info_: dict[str, Any] | None = None
-        self.fit_info_ = self._fit(train, show_progress) or {}
+        self.fit_info_ = self._fit(train, show_progress, checkpoint_dir) or {}
         return self
 
     @torch.no_grad()
@@ -161,7 +165,8 @@ class Detector(ABC):
         return Prediction(prediction.anomaly_maps.float().cpu(), prediction.scores.float().cpu())
 
     @abstractmethod
-    def _fit(self, train: Iterable[Any] | torch.Tensor, show_progress: bool) -> dict[str, Any] | None:
+    def _fit(self, train: Iterable[Any] | torch.Tensor, show_progress: bool,
+             checkpoint_dir: str | Path | None) -> dict[str, Any] | None:
         """Learn; return JSON-friendly facts about the fit (stored in the checkpoint)."""
 
     @abstractmethod

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -125,7 +126,8 @@ class PatchCore(Detector):
         return features
 
     # -- Detector contract --------------------------------------------------------------------
-    def _fit(self, train: Iterable[Any] | torch.Tensor, show_progress: bool) -> dict[str, Any]:
+    def _fit(self, train: Iterable[Any] | torch.Tensor, show_progress: bool,
+             checkpoint_dir: str | Path | None = None) -> dict[str, Any]:
         started = time.perf_counter()
         chunks, n_images, grid = [], 0, (0, 0)
         for images in progress(image_batches(train, self.batch_size), "features", show_progress):

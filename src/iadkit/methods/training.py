@@ -1,0 +1,211 @@
+"""What every trained (gradient-descent) detector needs: images in memory, seeded epochs,
+cached frozen features, learning-rate steps and resumable training checkpoints.
+
+Training images are decoded once and kept as uint8, so an epoch costs only the network, and the
+order of every epoch is drawn from ``(seed, epoch)``: a run resumed from a checkpoint sees the
+same batches as one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+
+STATE_FILE = "training.json"
+TENSORS_FILE = "training.safetensors"
+
+
+@dataclass
+class TrainingImages:
+    """The training set in memory.
+
+    Attributes:
+        images: (N, 3, S, S) uint8.
+        categories: category of each image ("" when the data has none).
+    """
+
+    images: torch.Tensor
+    categories: list[str]
+
+    @classmethod
+    def collect(cls, train: Iterable[Any] | torch.Tensor) -> TrainingImages:
+        """From a tensor of images in [0, 1] or an iterable of batches (dicts or tensors)."""
+        if isinstance(train, torch.Tensor):
+            train = [train]
+        chunks, categories = [], []
+        for batch in train:
+            images = batch["image"] if isinstance(batch, dict) else batch
+            chunks.append((images.clamp(0, 1) * 255).round().to(torch.uint8).cpu())
+            names = batch.get("category") if isinstance(batch, dict) else None
+            categories += list(names) if names is not None else [""] * images.shape[0]
+        if not chunks or sum(c.shape[0] for c in chunks) == 0:
+            raise ValueError("no training images")
+        return cls(torch.cat(chunks), categories)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def get(self, indices: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Images at ``indices`` as float in [0, 1] on ``device``."""
+        return self.images[indices].to(device).float().div_(255.0)
+
+    def epoch_batches(self, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
+        """Shuffled index batches of one epoch, drawn from ``(seed, epoch)``."""
+        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(len(self), generator=generator)
+        return list(order.split(batch_size))
+
+    def in_order(self, batch_size: int) -> Iterator[torch.Tensor]:
+        yield from torch.arange(len(self)).split(batch_size)
+
+
+def cache_features(extract: Callable[[torch.Tensor], list[torch.Tensor]], data: TrainingImages,
+                   batch_size: int, device: torch.device, budget_mb: float
+                   ) -> list[torch.Tensor] | None:
+    """Frozen features of every training image, or None when they would exceed ``budget_mb``.
+
+    A frozen teacher gives the same features every epoch; computing them once turns every later
+    epoch into student-only work.
+    """
+    cached: list[list[torch.Tensor]] = []
+    for indices in data.in_order(batch_size):
+        with torch.no_grad():
+            features = extract(data.get(indices, device))
+        if not cached:
+            per_image = sum(f[0].numel() * f.element_size() for f in features)
+            if per_image * len(data) > budget_mb * 2**20:
+                return None
+        cached.append([f.detach() for f in features])
+    return [torch.cat(level) for level in zip(*cached)]
+
+
+def with_base_rates(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Remember each parameter group's initial learning rate (saved with the optimizer)."""
+    for group in optimizer.param_groups:
+        group.setdefault("base_lr", group["lr"])
+    return optimizer
+
+
+def set_learning_rates(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """Every group's learning rate becomes its base rate times ``factor``."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+
+
+def epoch_seed(seed: int, stage: str, epoch: int) -> int:
+    """The seed of one epoch's random draws: stable across runs, different per stage."""
+    return (seed * 1_000_003 + zlib.crc32(stage.encode()) * 1009 + epoch) % 2**63
+
+
+def step_decay(progress: float, milestones: Iterable[float], gamma: float) -> float:
+    """Multi-step decay: ``gamma`` to the number of milestones (fractions of training) passed."""
+    return gamma ** sum(progress >= m for m in milestones)
+
+
+class TrainingCheckpoint:
+    """Training state in a folder, written atomically every ``every_seconds``.
+
+    The state is the modules' ``state_dict`` and the optimizers' state as safetensors, and the
+    progress (stage, epoch, loss history...) as JSON: no pickle. ``folder=None`` disables it.
+
+    Example:
+        >>> checkpoint = TrainingCheckpoint(folder, every_seconds=60)
+        >>> progress = checkpoint.restore(modules, optimizers) or {"epoch": 0}
+        >>> ... after each epoch: checkpoint.maybe_save(progress, modules, optimizers)
+    """
+
+    def __init__(self, folder: str | Path | None, every_seconds: float = 60.0) -> None:
+        self.folder = Path(folder) if folder is not None else None
+        self.every_seconds = every_seconds
+        self._last_save = time.monotonic()
+
+    def restore(self, modules: dict[str, nn.Module],
+                optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, Any] | None:
+        """Load a saved state into ``modules`` and ``optimizers``; its progress, or None."""
+        if self.folder is None or not (self.folder / STATE_FILE).is_file():
+            return None
+        from safetensors.torch import load_file
+
+        try:
+            record = json.loads((self.folder / STATE_FILE).read_text())
+            tensors = load_file(str(self.folder / TENSORS_FILE))
+        except (OSError, ValueError) as error:
+            raise CheckpointError(f"{self.folder}: unreadable training checkpoint ({error}); "
+                                  "delete the folder to start the training again") from None
+        for name, module in modules.items():
+            prefix = f"module.{name}."
+            module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()
+                                    if k.startswith(prefix)})
+        for name, optimizer in optimizers.items():
+            optimizer.load_state_dict(_unflatten_optimizer(record["optimizers"][name], tensors,
+                                                           f"optimizer.{name}."))
+        return record["progress"]
+
+    def maybe_save(self, progress: dict[str, Any], modules: dict[str, nn.Module],
+                   optimizers: dict[str, torch.optim.Optimizer], force: bool = False) -> None:
+        if self.folder is None:
+            return
+        if not force and time.monotonic() - self._last_save < self.every_seconds:
+            return
+        from safetensors.torch import save_file
+
+        tensors: dict[str, torch.Tensor] = {}
+        for name, module in modules.items():
+            for key, value in module.state_dict().items():
+                tensors[f"module.{name}.{key}"] = value.detach().cpu().contiguous()
+        optimizer_records = {}
+        for name, optimizer in optimizers.items():
+            optimizer_records[name] = _flatten_optimizer(optimizer.state_dict(), tensors,
+                                                         f"optimizer.{name}.")
+        partial = self.folder.with_name(self.folder.name + ".partial")
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True)
+        save_file(tensors, str(partial / TENSORS_FILE))
+        (partial / STATE_FILE).write_text(json.dumps(
+            {"progress": progress, "optimizers": optimizer_records}))
+        if self.folder.exists():
+            shutil.rmtree(self.folder)
+        partial.rename(self.folder)
+        self._last_save = time.monotonic()
+
+    def clear(self) -> None:
+        if self.folder is not None and self.folder.exists():
+            shutil.rmtree(self.folder)
+
+
+def _flatten_optimizer(state: dict[str, Any], tensors: dict[str, torch.Tensor],
+                       prefix: str) -> dict[str, Any]:
+    """Optimizer state_dict -> JSON record, its tensors moved into ``tensors``."""
+    per_parameter: dict[str, dict[str, Any]] = {}
+    for index, values in state["state"].items():
+        entry = {}
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                name = f"{prefix}{index}.{key}"
+                tensors[name] = value.detach().cpu().contiguous()
+                entry[key] = {"tensor": name}
+            else:
+                entry[key] = value
+        per_parameter[str(index)] = entry
+    return {"state": per_parameter, "param_groups": state["param_groups"]}
+
+
+def _unflatten_optimizer(record: dict[str, Any], tensors: dict[str, torch.Tensor],
+                         prefix: str) -> dict[str, Any]:
+    state = {}
+    for index, values in record["state"].items():
+        state[int(index)] = {key: tensors[value["tensor"]] if isinstance(value, dict) else value
+                             for key, value in values.items()}
+    return {"state": state, "param_groups": record["param_groups"]}
