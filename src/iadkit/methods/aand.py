@@ -19,6 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..nn.amplification import (
+    ResidualAmplifier,
+    amplification_loss,
+    downsample_mask,
+    gate_focal_loss,
+)
 from ..synthesis.draem import DraemSynthesizer
 from ..synthesis.foreground import foreground_mask, rule_for
 from ..synthesis.textures import TextureSource
@@ -31,12 +37,6 @@ from .training import (
     set_learning_rates,
     step_decay,
     with_base_rates,
-)
-from ..nn.amplification import (
-    ResidualAmplifier,
-    amplification_loss,
-    downsample_mask,
-    gate_focal_loss,
 )
 
 GATES = ("learned", "none")
