@@ -13,6 +13,7 @@ from iadkit import metrics
 from iadkit.backbones import FeatureExtractor
 from iadkit.cli import main
 from iadkit.data import load_dataset, make_loader
+from iadkit.errors import CheckpointError, IadkitError
 from iadkit.methods import Detector, create_detector
 from iadkit.methods.reverse_distillation import ReverseStudent
 from iadkit.methods.training import TrainingImages
@@ -234,8 +235,24 @@ def test_aand_ablations_change_what_is_scored(toy_alpha) -> None:
     no_gate = create_detector("aand", "cpu", gate="none", **common)
     no_gate.fit(_loader(train, no_gate))
     assert "amplify" in no_gate.fit_info_["loss_history"]
-    with pytest.raises(ValueError, match="gate"):
+    with pytest.raises(IadkitError, match="aand: score_source='gate' needs gate='learned'"):
         create_detector("aand", "cpu", gate="none", score_source="gate")
+
+
+def test_bad_settings_give_one_clear_error(toy_root: Path, tmp_path: Path, capsys) -> None:
+    with pytest.raises(IadkitError, match="foreground must be"):
+        create_detector("aand", "cpu", foreground="bogus")
+    code = main(["fit", "--method", "aand", "--data", str(toy_root), "--category", "alpha",
+                 "--out", str(tmp_path / "run"), "--param", "texture_dir=" + str(tmp_path / "none"),
+                 "--param", "image_size=32", "--quiet"])
+    assert code == 2 and "texture folder not found" in capsys.readouterr().err
+    broken = tmp_path / "training"
+    broken.mkdir()
+    (broken / "training.json").write_text("{")
+    detector = create_detector("rd", "cpu", **{**TINY, "image_size": 32, "epochs": 1})
+    train = load_dataset(toy_root, ["alpha"]).where(split="train")
+    with pytest.raises(CheckpointError, match="unreadable training checkpoint"):
+        detector.fit(_loader(train, detector), checkpoint_dir=broken)
 
 
 def test_interrupted_training_resumes_to_the_same_model(toy_alpha, tmp_path: Path,

@@ -107,7 +107,10 @@ class Detector(ABC):
         if unknown:
             raise IadkitError(f"{cls.name} has no hyperparameter {unknown}; "
                               f"it has: {cls.param_names()}")
-        detector = cls(**params)
+        try:
+            detector = cls(**params)
+        except (ValueError, TypeError) as error:  # a hyperparameter's value is refused
+            raise IadkitError(f"{cls.name}: {error}") from None
         detector.preset = preset
         return detector
 
