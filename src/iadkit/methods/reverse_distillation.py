@@ -14,7 +14,7 @@ amplified teacher), :meth:`ReverseDistillation._distillation_loss`, or the whole
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -250,7 +250,7 @@ class ReverseDistillation(Detector):
                show_progress: bool) -> dict[str, Any]:
         return self._distill(data, optimizers, history, checkpoint, show_progress)
 
-    def _run_stage(self, stage: str, epochs: int, run_epoch: Any,
+    def _run_stage(self, stage: str, epochs: int, run_epoch: Callable[[int], float],
                    history: dict[str, list[float]], optimizers: dict[str, torch.optim.Optimizer],
                    checkpoint: TrainingCheckpoint, show_progress: bool) -> None:
         """Run the remaining epochs of a training stage, recording one mean loss per epoch.
