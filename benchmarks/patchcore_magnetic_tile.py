@@ -25,9 +25,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
+from timing import timed_predictions
 
 from iadkit import metrics
 from iadkit.data import load_dataset, make_loader
@@ -59,27 +59,13 @@ def main() -> None:
     end_to_end = time.perf_counter() - end_to_end_started
 
     # Second pass: time predict() and the backbone alone on the same preprocessed batches.
-    maps, scores, masks, labels = [], [], [], []
-    predict_seconds = backbone_seconds = 0.0
-    for batch in make_loader(test, detector.preprocess, args.batch_size):
-        started = time.perf_counter()
-        prediction = detector.predict(batch["image"])
-        predict_seconds += time.perf_counter() - started
-        started = time.perf_counter()
-        detector.extractor(batch["image"])
-        backbone_seconds += time.perf_counter() - started
-        maps.append(prediction.anomaly_maps.numpy())
-        scores.append(prediction.scores.numpy())
-        masks.append(batch["mask"].numpy() > 0.5)
-        labels.append(batch["label"].numpy())
-
-    maps_array, masks, labels = np.concatenate(maps), np.concatenate(masks), np.concatenate(labels)
-    del maps
+    timed = timed_predictions(detector, test, args.batch_size)
+    predict_seconds, backbone_seconds = timed.predict_seconds, timed.backbone_seconds
     started = time.perf_counter()
-    metrics.aupro(masks[:500], maps_array[:500])
+    metrics.aupro(timed.masks[:500], timed.maps[:500])
     aupro_seconds = time.perf_counter() - started
-    image = metrics.image_metrics(labels, np.concatenate(scores))
-    pixel = metrics.pixel_metrics(masks, maps_array)
+    image = metrics.image_metrics(timed.labels, timed.scores)
+    pixel = metrics.pixel_metrics(timed.masks, timed.maps)
     n = len(test)
     result = {
         "benchmark": "patchcore_magnetic_tile",

@@ -25,7 +25,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,6 +32,8 @@ SHARED = REPO.parent / "shared" / "data"
 
 
 def run_one(method: str, args: argparse.Namespace) -> dict:
+    from timing import timed_predictions
+
     from iadkit import metrics
     from iadkit.data import load_dataset, make_loader
     from iadkit.methods import create_detector
@@ -49,24 +50,10 @@ def run_one(method: str, args: argparse.Namespace) -> dict:
     detector.fit(make_loader(train, detector.preprocess, args.batch_size))
     fit_seconds = time.perf_counter() - started
 
-    maps, scores, masks, labels = [], [], [], []
-    predict_seconds = backbone_seconds = 0.0
-    for batch in make_loader(test, detector.preprocess, args.batch_size):
-        started = time.perf_counter()
-        prediction = detector.predict(batch["image"])
-        predict_seconds += time.perf_counter() - started
-        started = time.perf_counter()
-        detector.extractor(batch["image"])
-        backbone_seconds += time.perf_counter() - started
-        maps.append(prediction.anomaly_maps.numpy())
-        scores.append(prediction.scores.numpy())
-        masks.append(batch["mask"].numpy() > 0.5)
-        labels.append(batch["label"].numpy())
-    maps_array, masks_array = np.concatenate(maps), np.concatenate(masks)
-    labels_array, scores_array = np.concatenate(labels), np.concatenate(scores)
-    image = metrics.image_metrics(labels_array, scores_array)
-    pixel = metrics.pixel_metrics(masks_array, maps_array)
-    n_test = len(labels_array)
+    timed = timed_predictions(detector, test, args.batch_size)
+    image = metrics.image_metrics(timed.labels, timed.scores)
+    pixel = metrics.pixel_metrics(timed.masks, timed.maps)
+    n_test = len(timed.labels)
     return {
         "benchmark": "reverse_distillation_magnetic_tile",
         "method": method,
@@ -79,8 +66,8 @@ def run_one(method: str, args: argparse.Namespace) -> dict:
         "pixel_aupro": round(pixel["pixel_aupro"], 4),
         "fit_seconds": round(fit_seconds, 1),
         "loss_history": detector.fit_info_["loss_history"],
-        "images_per_second": round(n_test / predict_seconds, 1),
-        "backbone_images_per_second": round(n_test / backbone_seconds, 1),
+        "images_per_second": round(n_test / timed.predict_seconds, 1),
+        "backbone_images_per_second": round(n_test / timed.backbone_seconds, 1),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
     }
 
