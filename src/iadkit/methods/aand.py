@@ -34,6 +34,7 @@ from .training import (
     TrainingCheckpoint,
     TrainingImages,
     epoch_seed,
+    run_stage,
     set_learning_rates,
     step_decay,
     with_base_rates,
@@ -260,8 +261,8 @@ class AAND(ReverseDistillation):
                 count += len(indices)
             return total / count
 
-        self._run_stage("amplify", self.amplify_epochs, run_epoch, history, optimizers,
-                        checkpoint, show_progress)
+        run_stage("amplify", self.amplify_epochs, run_epoch, history, self.seed, checkpoint,
+                  self._trained_modules(), optimizers, show_progress)
 
     def _amplification_loss(self, teacher: list[torch.Tensor], masks: torch.Tensor,
                             foregrounds: torch.Tensor, generator: torch.Generator

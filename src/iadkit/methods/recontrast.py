@@ -27,6 +27,7 @@ from .training import (
     TrainingCheckpoint,
     TrainingImages,
     cache_features,
+    run_stage,
     set_learning_rates,
     step_decay,
     with_base_rates,
@@ -199,7 +200,7 @@ class ReContrast(ReverseDistillation):
                 count += len(indices)
             return total / max(count, 1)
 
-        self._run_stage("recontrast", epochs, run_epoch, history, optimizers, checkpoint,
-                        show_progress)
+        run_stage("recontrast", epochs, run_epoch, history, self.seed, checkpoint,
+                  self._trained_modules(), optimizers, show_progress)
         self.student_.eval()
         return {"steps": total_steps, "frozen_features_cached": cached is not None}

@@ -14,7 +14,7 @@ amplified teacher), :meth:`ReverseDistillation._distillation_loss`, or the whole
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +33,15 @@ from ..nn.reverse_distillation import (
     pixel_cosine_loss,
     smooth_maps,
 )
-from ..progress import progress
 from . import register
 from .base import Detector, Prediction
 from .training import (
     TrainingCheckpoint,
     TrainingImages,
     cache_features,
-    epoch_seed,
+    load_module_states,
+    module_state_tensors,
+    run_stage,
     set_learning_rates,
     step_decay,
     with_base_rates,
@@ -250,22 +251,6 @@ class ReverseDistillation(Detector):
                show_progress: bool) -> dict[str, Any]:
         return self._distill(data, optimizers, history, checkpoint, show_progress)
 
-    def _run_stage(self, stage: str, epochs: int, run_epoch: Callable[[int], float],
-                   history: dict[str, list[float]], optimizers: dict[str, torch.optim.Optimizer],
-                   checkpoint: TrainingCheckpoint, show_progress: bool) -> None:
-        """Run the remaining epochs of a training stage, recording one mean loss per epoch.
-
-        ``run_epoch(epoch)`` trains one epoch and returns its mean loss. Each epoch's random
-        draws are seeded by (seed, stage, epoch), so a resumed run repeats an uninterrupted one.
-        """
-        losses = history.setdefault(stage, [])
-        for epoch in progress(range(len(losses), epochs), stage, show_progress,
-                              total=epochs - len(losses)):
-            torch.manual_seed(epoch_seed(self.seed, stage, epoch))
-            losses.append(round(float(run_epoch(epoch)), 6))
-            checkpoint.maybe_save(history, self._trained_modules(), optimizers,
-                                  force=epoch == epochs - 1)
-
     def _distill(self, data: TrainingImages, optimizers: dict[str, torch.optim.Optimizer],
                  history: dict[str, list[float]], checkpoint: TrainingCheckpoint,
                  show_progress: bool) -> dict[str, Any]:
@@ -296,8 +281,8 @@ class ReverseDistillation(Detector):
                 count += len(indices)
             return total / count
 
-        self._run_stage("distill", self.epochs, run_epoch, history, optimizers, checkpoint,
-                        show_progress)
+        run_stage("distill", self.epochs, run_epoch, history, self.seed, checkpoint,
+                  self._trained_modules(), optimizers, show_progress)
         self.student_.eval()
         return {"teacher_features_cached": cached is not None}
 
@@ -324,13 +309,8 @@ class ReverseDistillation(Detector):
 
     # -- persistence --------------------------------------------------------------------------
     def _state_tensors(self) -> dict[str, torch.Tensor]:
-        return {f"{name}.{key}": value for name, module in self._trained_modules().items()
-                for key, value in module.state_dict().items()}
+        return module_state_tensors(self._trained_modules())
 
     def _load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self._build_networks()
-        for name, module in self._trained_modules().items():
-            prefix = f"{name}."
-            module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()
-                                    if k.startswith(prefix)})
-            module.eval()
+        load_module_states(self._trained_modules(), tensors)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from ..progress import progress
 
 STATE_FILE = "training.json"
 TENSORS_FILE = "training.safetensors"
@@ -33,25 +34,29 @@ class TrainingImages:
     Attributes:
         images: (N, 3, S, S) uint8.
         categories: category of each image ("" when the data has none).
+        subclasses: subclass of each image ("" when the data has none).
     """
 
     images: torch.Tensor
     categories: list[str]
+    subclasses: list[str]
 
     @classmethod
     def collect(cls, train: Iterable[Any] | torch.Tensor) -> TrainingImages:
         """From a tensor of images in [0, 1] or an iterable of batches (dicts or tensors)."""
         if isinstance(train, torch.Tensor):
             train = [train]
-        chunks, categories = [], []
+        chunks: list[torch.Tensor] = []
+        names: dict[str, list[str]] = {"category": [], "subclass": []}
         for batch in train:
             images = batch["image"] if isinstance(batch, dict) else batch
             chunks.append((images.clamp(0, 1) * 255).round().to(torch.uint8).cpu())
-            names = batch.get("category") if isinstance(batch, dict) else None
-            categories += list(names) if names is not None else [""] * images.shape[0]
+            for key, values in names.items():
+                given = batch.get(key) if isinstance(batch, dict) else None
+                values += list(given) if given is not None else [""] * images.shape[0]
         if not chunks or sum(c.shape[0] for c in chunks) == 0:
             raise ValueError("no training images")
-        return cls(torch.cat(chunks), categories)
+        return cls(torch.cat(chunks), names["category"], names["subclass"])
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -88,6 +93,39 @@ def cache_features(extract: Callable[[torch.Tensor], list[torch.Tensor]], data: 
                 return None
         cached.append([f.detach() for f in features])
     return [torch.cat(level) for level in zip(*cached)]
+
+
+def run_stage(stage: str, epochs: int, run_epoch: Callable[[int], float],
+              history: dict[str, list[float]], seed: int, checkpoint: TrainingCheckpoint,
+              modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+              show_progress: bool) -> None:
+    """Run the remaining epochs of a training stage, recording one mean loss per epoch.
+
+    ``run_epoch(epoch)`` trains one epoch and returns its mean loss; ``history[stage]`` holds
+    the losses of the epochs already done (restored from a checkpoint). Each epoch's random
+    draws are seeded by (seed, stage, epoch), so a resumed run repeats an uninterrupted one.
+    """
+    losses = history.setdefault(stage, [])
+    for epoch in progress(range(len(losses), epochs), stage, show_progress,
+                          total=epochs - len(losses)):
+        torch.manual_seed(epoch_seed(seed, stage, epoch))
+        losses.append(round(float(run_epoch(epoch)), 6))
+        checkpoint.maybe_save(history, modules, optimizers, force=epoch == epochs - 1)
+
+
+def module_state_tensors(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """Every module's state_dict in one flat dict, keys prefixed by the module's name."""
+    return {f"{name}.{key}": value for name, module in modules.items()
+            for key, value in module.state_dict().items()}
+
+
+def load_module_states(modules: dict[str, nn.Module], tensors: dict[str, torch.Tensor]) -> None:
+    """Inverse of :func:`module_state_tensors`; leaves the modules in eval mode."""
+    for name, module in modules.items():
+        prefix = f"{name}."
+        module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()
+                                if k.startswith(prefix)})
+        module.eval()
 
 
 def with_base_rates(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
