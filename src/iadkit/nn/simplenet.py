@@ -22,6 +22,14 @@ from torch import nn
 class UnfoldPatchFeatures(nn.Module):
     """Neighbourhood vectors of several levels, pooled to one fixed-size feature per position.
 
+    Defined as in the official code: unfold each level's k x k neighbourhoods into ``C * k * k``
+    vectors, resize them onto the first level's grid, adaptive-average-pool each to
+    ``level_dim``, concatenate the levels and adaptive-average-pool to ``feature_dim``.
+
+    Every step is linear, so the whole chain is computed as one k x k convolution per level
+    (the composed pooling matrices as weights) followed by the resize, and a sum: the same
+    features without materialising the ``C * k * k``-channel tensors, several times faster.
+
     Args:
         level_dim: values kept per level after pooling its ``C * k * k`` vector.
         feature_dim: values per position after pooling the levels' concatenation.
@@ -38,22 +46,46 @@ class UnfoldPatchFeatures(nn.Module):
         self.level_dim = level_dim
         self.feature_dim = feature_dim
         self.kernel_size = kernel_size
+        self._weights: dict[tuple[tuple[int, ...], torch.device, torch.dtype],
+                            list[torch.Tensor]] = {}
+
+    def level_weights(self, channels: Sequence[int], device: torch.device,
+                      dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+        """Per level, the (feature_dim, C, k, k) convolution weight of the composed poolings."""
+        key = (tuple(channels), device, dtype)
+        if key not in self._weights:
+            merge = adaptive_pooling_matrix(self.level_dim * len(channels), self.feature_dim)
+            weights = []
+            for index, count in enumerate(channels):
+                length = count * self.kernel_size**2
+                level = adaptive_pooling_matrix(length, self.level_dim)
+                block = merge[:, index * self.level_dim:(index + 1) * self.level_dim] @ level
+                weights.append(block.view(self.feature_dim, count, self.kernel_size,
+                                          self.kernel_size).to(device, dtype))
+            self._weights[key] = weights
+        return self._weights[key]
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
-        batch = features[0].shape[0]
         grid = tuple(features[0].shape[-2:])
-        pooled = []
-        for level in features:
-            channels, height, width = level.shape[1:]
-            patches = F.unfold(level, self.kernel_size, padding=self.kernel_size // 2)
-            patches = patches.view(batch, channels * self.kernel_size**2, height, width)
-            if (height, width) != grid:
-                patches = F.interpolate(patches, size=grid, mode="bilinear", align_corners=False)
-            vectors = patches.permute(0, 2, 3, 1).reshape(-1, 1, patches.shape[1])
-            pooled.append(F.adaptive_avg_pool1d(vectors, self.level_dim))
-        stacked = torch.cat(pooled, dim=1).reshape(-1, 1, self.level_dim * len(pooled))
-        merged = F.adaptive_avg_pool1d(stacked, self.feature_dim)
-        return merged.view(batch, grid[0], grid[1], self.feature_dim).permute(0, 3, 1, 2)
+        weights = self.level_weights([f.shape[1] for f in features], features[0].device,
+                                     features[0].dtype)
+        merged = None
+        for level, weight in zip(features, weights):
+            pooled = F.conv2d(level, weight, padding=self.kernel_size // 2)
+            if tuple(pooled.shape[-2:]) != grid:
+                pooled = F.interpolate(pooled, size=grid, mode="bilinear", align_corners=False)
+            merged = pooled if merged is None else merged + pooled
+        return merged
+
+
+def adaptive_pooling_matrix(length: int, size: int) -> torch.Tensor:
+    """(size, length) matrix of 1-D adaptive average pooling (``F.adaptive_avg_pool1d``):
+    output i averages inputs floor(i * length / size) to ceil((i + 1) * length / size)."""
+    matrix = torch.zeros(size, length, dtype=torch.float64)
+    for index in range(size):
+        start, end = (index * length) // size, -((-(index + 1) * length) // size)
+        matrix[index, start:end] = 1.0 / (end - start)
+    return matrix
 
 
 def _xavier_normal(module: nn.Module) -> None:

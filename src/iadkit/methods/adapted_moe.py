@@ -1,0 +1,239 @@
+"""Adapted-MoE (METHODS.md §2): SimpleNet experts per subclass, a routing network with subclass
+centres, and test-time adaption (TTA) toward the chosen experts.
+
+Training needs the subclass of every normal training image (a ``subclasses.csv`` column, or
+the category when several are mixed; see :mod:`iadkit.data.settings`). Each subclass gets its
+own SimpleNet head, trained on its own images; a routing network learns an L2-normalised image
+embedding with centre loss + cross-entropy over the subclass labels. At test time an image is
+routed to the k experts whose centres are most similar, its patch features are re-styled toward
+each expert's training statistics, and the experts' score maps are averaged with the routing
+weights.
+
+Design decisions the paper leaves open (all options, defaults from METHODS.md):
+
+- TTA acts on every patch feature with per-channel statistics over the test image's positions
+  (AdaIN-style), mapped to the per-channel mean and std of the expert's training patches.
+  Experts train on their own images adapted the same way, so training and test inputs match.
+- Eq. 6's L2 normalisation of adapted features keeps unit root-mean-square values (norm
+  sqrt(C)), so SimpleNet's noise level of 0.015 keeps its meaning.
+- Centres start at the subclass means of the untrained router's embeddings, then follow the
+  centre-loss update (rate 0.5) after every step.
+
+With ``use_moe=False`` and ``use_tta=False`` the detector is exactly SimpleNet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import IadkitError
+from ..nn.mixture import (
+    ROUTING_SCORES,
+    TTA_STATISTICS,
+    RoutingNetwork,
+    adapt_statistics,
+    top_k_weights,
+)
+from . import register
+from .simplenet import SimpleNet
+from .training import TrainingImages
+
+ROUTING_LOSSES = ("center", "softmax")
+ASSIGNMENTS = ("label", "routed")
+
+
+class ExpertStatistics(nn.Module):
+    """Per-channel mean and std of each expert's training patch features (buffers)."""
+
+    def __init__(self, num_experts: int, channels: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(num_experts, channels))
+        self.register_buffer("std", torch.ones(num_experts, channels))
+
+    @torch.no_grad()
+    def fit(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """From (features (B, C, h, w), expert labels (B,)) batches, in float64 sums."""
+        count = torch.zeros(self.mean.shape[0], dtype=torch.float64, device=self.mean.device)
+        total = torch.zeros_like(self.mean, dtype=torch.float64)
+        squares = torch.zeros_like(total)
+        for features, labels in batches:
+            values = features.double()
+            positions = values.shape[2] * values.shape[3]
+            count.index_add_(0, labels, torch.full_like(labels, positions, dtype=torch.float64))
+            total.index_add_(0, labels, values.sum(dim=(2, 3)))
+            squares.index_add_(0, labels, values.pow(2).sum(dim=(2, 3)))
+        mean = total / count[:, None]
+        variance = (squares - count[:, None] * mean.pow(2)) / (count[:, None] - 1).clamp_min(1)
+        self.mean.copy_(mean.float())
+        self.std.copy_(variance.clamp_min(0).sqrt().float())
+
+
+@register
+class AdaptedMoE(SimpleNet):
+    """Adapted-MoE anomaly detector (SimpleNet experts, routing, test-time adaption).
+
+    Takes every :class:`~iadkit.methods.simplenet.SimpleNet` argument, and:
+
+    Args:
+        use_moe: one expert per training subclass with routing (False: one expert for all).
+        use_tta: re-style test (and training) features toward the expert's statistics.
+        use_norm: L2-normalise the routing embedding and the adapted features (Eq. 6).
+        top_k: experts fused per image (4 in the paper; capped at the number of experts).
+        routing_loss: "center" (centre loss + cross-entropy) or "softmax" (cross-entropy only).
+        center_weight: alpha of the routing loss (0.5).
+        center_rate: centre update rate alpha_c (0.5).
+        routing_lr: AdamW learning rate of the routing network (1e-4).
+        routing_scores: "centre" (cosine to the subclass centres) or "classifier" (logits).
+        routing_temperature: softmax temperature of the routing weights (1).
+        tta_statistics: "channel", "scalar" or "batch" (see :func:`adapt_statistics`).
+        expert_assignment: train each image's expert by its "label" or by "routed" (nearest
+            centre).
+
+    Example:
+        >>> detector = AdaptedMoE.from_preset("cpu").fit(loader_with_subclasses)
+        >>> detector.routing_weights(images)  # (B, n_subclasses)
+    """
+
+    name = "adapted_moe"
+    summary = "SimpleNet experts per subclass, centre-loss routing, test-time adaption"
+    presets = {
+        "cpu": {**SimpleNet.presets["cpu"]},
+        "paper": {**SimpleNet.presets["paper"]},
+    }
+
+    def __init__(
+        self,
+        *args: Any,
+        use_moe: bool = True,
+        use_tta: bool = True,
+        use_norm: bool = True,
+        top_k: int = 4,
+        routing_loss: str = "center",
+        center_weight: float = 0.5,
+        center_rate: float = 0.5,
+        routing_lr: float = 1e-4,
+        routing_scores: str = "centre",
+        routing_temperature: float = 1.0,
+        tta_statistics: str = "channel",
+        expert_assignment: str = "label",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        for value, allowed, what in ((routing_loss, ROUTING_LOSSES, "routing_loss"),
+                                     (routing_scores, ROUTING_SCORES, "routing_scores"),
+                                     (tta_statistics, TTA_STATISTICS, "tta_statistics"),
+                                     (expert_assignment, ASSIGNMENTS, "expert_assignment")):
+            if value not in allowed:
+                raise ValueError(f"{what} must be one of {allowed}, got {value!r}")
+        if top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {top_k}")
+        self.use_moe = use_moe
+        self.use_tta = use_tta
+        self.use_norm = use_norm
+        self.top_k = top_k
+        self.routing_loss = routing_loss
+        self.center_weight = center_weight
+        self.center_rate = center_rate
+        self.routing_lr = routing_lr
+        self.routing_scores = routing_scores
+        self.routing_temperature = routing_temperature
+        self.tta_statistics = tta_statistics
+        self.expert_assignment = expert_assignment
+
+    @classmethod
+    def param_names(cls) -> list[str]:
+        own = super().param_names()
+        return [*SimpleNet.param_names(), *(name for name in own if name not in ("args", "kwargs"))]
+
+    # -- experts ------------------------------------------------------------------------------
+    def _expert_names(self, data: TrainingImages) -> list[str]:
+        if not self.use_moe:
+            return ["all"] * len(data)
+        names = [sub or category for sub, category in zip(data.subclasses, data.categories)]
+        if any(not name for name in names):
+            raise IadkitError("adapted_moe: training images need a subclass (a subclasses.csv "
+                              "column, or several categories) when use_moe=True")
+        return names
+
+    def _build_networks(self, num_experts: int) -> None:
+        super()._build_networks(num_experts)
+        self.statistics_ = ExpertStatistics(num_experts, self.feature_dim).to(self.torch_device)
+        if self.use_moe:
+            self.router_ = RoutingNetwork(self.feature_dim, num_experts, self.use_norm)
+            self.router_.to(self.torch_device)
+
+    def _trained_modules(self) -> dict[str, nn.Module]:
+        modules = {**super()._trained_modules(), "statistics": self.statistics_}
+        if self.use_moe:
+            modules["router"] = self.router_
+        return modules
+
+    def _make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        optimizers = super()._make_optimizers()
+        if self.use_moe:
+            optimizers["router"] = torch.optim.AdamW(self.router_.parameters(),
+                                                     lr=self.routing_lr)
+        return optimizers
+
+    def _training_batches(self, features: torch.Tensor | None, data: TrainingImages,
+                          labels: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(features, labels) of the whole training set in order, on the device."""
+        for indices in data.in_order(self.batch_size):
+            batch = (features[indices.to(features.device)] if features is not None
+                     else self.patch_features(data.get(indices, self.torch_device)))
+            yield batch, labels[indices].to(self.torch_device)
+
+    @torch.no_grad()
+    def _prepare_experts(self, features: torch.Tensor | None, data: TrainingImages,
+                         labels: torch.Tensor) -> None:
+        """Expert statistics for TTA; routing centres from the untrained router's embeddings."""
+        self.statistics_.fit(self._training_batches(features, data, labels))
+        if not self.use_moe:
+            return
+        sums = torch.zeros_like(self.router_.centres)
+        counts = torch.zeros(sums.shape[0], device=sums.device)
+        for batch, batch_labels in self._training_batches(features, data, labels):
+            sums.index_add_(0, batch_labels, self.router_(batch))
+            counts.index_add_(0, batch_labels, torch.ones_like(batch_labels, dtype=sums.dtype))
+        self.router_.centres.copy_(sums / counts.clamp_min(1)[:, None])
+
+    def _expert_inputs(self, features: torch.Tensor, expert: int) -> torch.Tensor:
+        if not self.use_tta:
+            return features
+        return adapt_statistics(features, self.statistics_.mean[expert],
+                                self.statistics_.std[expert], self.tta_statistics,
+                                normalize=self.use_norm)
+
+    def _batch_loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if not self.use_moe:
+            return super()._batch_loss(features, labels)
+        embeddings = self.router_(features)
+        alpha = self.center_weight if self.routing_loss == "center" else 0.0
+        routing = self.router_.loss(embeddings, labels, alpha)
+        if self.expert_assignment == "routed":
+            labels = self.router_.routing_scores(embeddings.detach(), "centre").argmax(dim=1)
+        self._last_embeddings = embeddings.detach()
+        return routing + super()._batch_loss(features, labels)
+
+    def _after_step(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        if self.use_moe and self.routing_loss == "center":
+            self.router_.update_centres(self._last_embeddings, labels, self.center_rate)
+
+    # -- inference ----------------------------------------------------------------------------
+    def _expert_weights(self, features: torch.Tensor) -> torch.Tensor:
+        if not self.use_moe:
+            return super()._expert_weights(features)
+        scores = self.router_.routing_scores(self.router_(features), self.routing_scores)
+        return top_k_weights(scores, self.top_k, self.routing_temperature)
+
+    @torch.no_grad()
+    def routing_weights(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, n_experts) fusion weights of preprocessed images; columns follow
+        :attr:`expert_names`. Each row sums to 1."""
+        for module in self._trained_modules().values():
+            module.eval()
+        return self._expert_weights(self.patch_features(images.to(self.torch_device))).cpu()

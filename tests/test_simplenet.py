@@ -1,0 +1,255 @@
+"""SimpleNet and Adapted-MoE: blocks against their definitions, detection on generated defects,
+routing, test-time adaption, checkpoints, the unseen-subclass setting and bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
+
+from iadkit.data import generate_dataset, load_dataset, make_loader
+from iadkit.data.samples import SampleSet
+from iadkit.errors import IadkitError
+from iadkit.methods import Detector, create_detector
+from iadkit.methods.training import TrainingImages
+from iadkit.nn.mixture import RoutingNetwork, adapt_statistics, top_k_weights
+from iadkit.nn.simplenet import SimpleNetHead, UnfoldPatchFeatures
+
+#: Small heads and few epochs: a fit takes seconds on 64 px images.
+#: SimpleNet's discriminator needs a few hundred steps: batches of 2 images give them.
+SMALL = dict(image_size=64, crop_size=None, level_dim=96, feature_dim=96, hidden_dim=64,
+             batch_size=2, device="cpu")
+
+
+def _official_patch_features(features: list[torch.Tensor], level_dim: int, feature_dim: int
+                             ) -> torch.Tensor:
+    """The official code's definition, step by step: unfold, resize, pool, stack, pool."""
+    batch, grid = features[0].shape[0], tuple(features[0].shape[-2:])
+    pooled = []
+    for level in features:
+        channels, height, width = level.shape[1:]
+        patches = F.unfold(level, 3, padding=1).view(batch, channels * 9, height, width)
+        patches = F.interpolate(patches, size=grid, mode="bilinear", align_corners=False)
+        vectors = patches.permute(0, 2, 3, 1).reshape(-1, 1, channels * 9)
+        pooled.append(F.adaptive_avg_pool1d(vectors, level_dim))
+    stacked = torch.cat(pooled, dim=1).reshape(-1, 1, level_dim * len(features))
+    merged = F.adaptive_avg_pool1d(stacked, feature_dim)
+    return merged.view(batch, *grid, feature_dim).permute(0, 3, 1, 2)
+
+
+def test_patch_features_equal_the_unfold_definition() -> None:
+    generator = torch.Generator().manual_seed(0)
+    features = [torch.rand(2, 37, 10, 10, generator=generator),
+                torch.rand(2, 50, 5, 5, generator=generator)]
+    expected = _official_patch_features(features, level_dim=100, feature_dim=70)
+    actual = UnfoldPatchFeatures(level_dim=100, feature_dim=70)(features)
+    assert actual.shape == (2, 70, 10, 10)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_head_loss_is_truncated_l1() -> None:
+    head = SimpleNetHead(8, 4, noise_std=0.0, margin=0.5)
+    head.eval()  # BatchNorm from running statistics: the loss is then a function of the scores
+    features = torch.rand(6, 8)
+    scores = head.discriminator(head.adaptor(features)).squeeze(1)
+    # With zero noise both halves are the same features.
+    expected = F.relu(0.5 - scores).mean() + F.relu(0.5 + scores).mean()
+    torch.testing.assert_close(head.loss(features), expected)
+    torch.testing.assert_close(head(features), -scores)
+
+
+@pytest.mark.parametrize("statistics", ["channel", "scalar", "batch"])
+def test_tta_output_has_the_target_statistics(statistics: str) -> None:
+    generator = torch.Generator().manual_seed(1)
+    features = torch.randn(3, 6, 7, 7, generator=generator) * 4 + 2
+    target_mean = torch.linspace(-1, 1, 6)
+    target_std = torch.linspace(0.5, 2, 6)
+    adapted = adapt_statistics(features, target_mean, target_std, statistics, normalize=False)
+    if statistics == "channel":
+        torch.testing.assert_close(adapted.mean(dim=(2, 3)), target_mean.expand(3, 6),
+                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(adapted.std(dim=(2, 3)), target_std.expand(3, 6),
+                                   atol=1e-4, rtol=1e-4)
+    elif statistics == "batch":
+        torch.testing.assert_close(adapted.mean(dim=(0, 2, 3)), target_mean, atol=1e-5, rtol=0)
+        torch.testing.assert_close(adapted.std(dim=(0, 2, 3)), target_std, atol=1e-4, rtol=1e-4)
+    else:
+        overall_mean = target_mean.mean()
+        overall_std = ((target_std**2 + target_mean**2).mean() - overall_mean**2).sqrt()
+        torch.testing.assert_close(adapted.mean(dim=(1, 2, 3)), overall_mean.expand(3),
+                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(adapted.std(dim=(1, 2, 3)), overall_std.expand(3),
+                                   atol=1e-4, rtol=1e-4)
+    normalised = adapt_statistics(features, target_mean, target_std, statistics, normalize=True)
+    torch.testing.assert_close(normalised.norm(dim=1), torch.full((3, 7, 7), 6**0.5))
+
+
+def test_fusion_weights_sum_to_one_over_the_top_k() -> None:
+    scores = torch.randn(5, 6, generator=torch.Generator().manual_seed(2))
+    for k in (1, 3, 6, 10):
+        weights = top_k_weights(scores, k)
+        torch.testing.assert_close(weights.sum(dim=1), torch.ones(5))
+        assert ((weights > 0).sum(dim=1) == min(k, 6)).all()
+        kept = weights > 0
+        assert (scores[kept].view(5, -1).min(dim=1).values
+                >= scores.masked_fill(kept, -1e9).max(dim=1).values).all()
+
+
+def test_centre_update_follows_the_centre_loss_rule() -> None:
+    router = RoutingNetwork(3, num_subclasses=2)
+    router.centres.copy_(torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]))
+    embeddings = torch.tensor([[0.0, 0, 1], [0, 0, 3], [5, 5, 5]])
+    labels = torch.tensor([0, 0, 1])
+    router.update_centres(embeddings, labels, rate=0.5)
+    # c_0 - 0.5 * ((c_0 - x_0) + (c_0 - x_1)) / 3 ; c_1 - 0.5 * (c_1 - x_2) / 2
+    expected_0 = torch.tensor([1.0, 0, 0]) - 0.5 * torch.tensor([2.0, 0, -4]) / 3
+    expected_1 = torch.tensor([0.0, 1, 0]) - 0.5 * torch.tensor([-5.0, -4, -5]) / 2
+    torch.testing.assert_close(router.centres, torch.stack([expected_0, expected_1]))
+
+
+# -- detectors on generated data ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def three_styles(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three visibly different generated categories, used as subclasses."""
+    return generate_dataset(tmp_path_factory.mktemp("styles"), categories=("s0", "s1", "s2"),
+                            n_train=16, n_test_good=6, n_test_defect=6, size=64, seed=3)
+
+
+def _as_subclasses(samples: SampleSet) -> SampleSet:
+    return SampleSet(s.with_subclass(s.category) for s in samples)
+
+
+def _predict(detector: Detector, samples: SampleSet) -> tuple[np.ndarray, np.ndarray]:
+    scores, labels = [], []
+    for batch in make_loader(samples, detector.preprocess, batch_size=8):
+        scores.append(detector.predict(batch["image"]).scores.numpy())
+        labels.append(batch["label"].numpy())
+    return np.concatenate(scores), np.concatenate(labels)
+
+
+def test_simplenet_separates_generated_defects_and_round_trips(toy_root: Path,
+                                                              tmp_path: Path) -> None:
+    samples = load_dataset(toy_root, ["alpha"])
+    detector = create_detector("simplenet", "cpu", epochs=16, **SMALL)
+    detector.fit(make_loader(samples.where(split="train"), detector.preprocess, batch_size=8))
+    assert detector.fit_info_["loss_history"]["train"][-1] < detector.fit_info_[
+        "loss_history"]["train"][0]
+    scores, labels = _predict(detector, samples.where(split="test"))
+    assert roc_auc_score(labels, scores) > 0.8
+    loaded = Detector.load(detector.save(tmp_path / "model"))
+    reloaded, _ = _predict(loaded, samples.where(split="test"))
+    np.testing.assert_array_equal(reloaded, scores)
+
+
+def test_adapted_moe_without_moe_and_tta_equals_simplenet(three_styles: Path) -> None:
+    samples = _as_subclasses(load_dataset(three_styles))
+    train, test = samples.where(split="train"), samples.where(split="test")
+    common = dict(epochs=1, **SMALL)
+    simplenet = create_detector("simplenet", "cpu", **common)
+    simplenet.fit(make_loader(train, simplenet.preprocess, batch_size=8))
+    plain = create_detector("adapted_moe", "cpu", use_moe=False, use_tta=False, **common)
+    plain.fit(make_loader(train, plain.preprocess, batch_size=8))
+    for batch in make_loader(test, simplenet.preprocess, batch_size=8):
+        expected, actual = simplenet.predict(batch["image"]), plain.predict(batch["image"])
+        assert torch.equal(expected.scores, actual.scores)
+        assert torch.equal(expected.anomaly_maps, actual.anomaly_maps)
+
+
+@pytest.fixture(scope="module")
+def fitted_moe(three_styles: Path) -> tuple[Detector, SampleSet]:
+    samples = _as_subclasses(load_dataset(three_styles))
+    detector = create_detector("adapted_moe", "cpu", epochs=12, top_k=2, **SMALL)
+    detector.fit(make_loader(samples.where(split="train"), detector.preprocess, batch_size=8))
+    return detector, samples
+
+
+def test_routing_learns_the_subclasses(fitted_moe: tuple[Detector, SampleSet]) -> None:
+    detector, samples = fitted_moe
+    assert detector.expert_names == ["s0", "s1", "s2"]
+    hits, total = 0, 0
+    for batch in make_loader(samples.where(split="test"), detector.preprocess, batch_size=8):
+        weights = detector.routing_weights(batch["image"])
+        torch.testing.assert_close(weights.sum(dim=1), torch.ones(len(weights)))
+        assert ((weights > 0).sum(dim=1) == 2).all()  # top_k = 2
+        routed = [detector.expert_names[i] for i in weights.argmax(dim=1).tolist()]
+        hits += sum(r == c for r, c in zip(routed, batch["subclass"]))
+        total += len(routed)
+    assert hits / total > 0.9
+
+
+def test_adapted_moe_detects_and_round_trips(fitted_moe: tuple[Detector, SampleSet],
+                                             tmp_path: Path) -> None:
+    detector, samples = fitted_moe
+    test = samples.where(split="test")
+    scores, labels = _predict(detector, test)
+    subclasses = np.array([s.subclass for s in test])
+    per_subclass = [roc_auc_score(labels[subclasses == name], scores[subclasses == name])
+                    for name in detector.expert_names]
+    assert np.mean(per_subclass) > 0.7
+    loaded = Detector.load(detector.save(tmp_path / "moe"))
+    assert loaded.expert_names == detector.expert_names
+    reloaded, _ = _predict(loaded, samples.where(split="test"))
+    np.testing.assert_array_equal(reloaded, scores)
+
+
+def test_interrupted_adapted_moe_training_resumes_identically(
+        three_styles: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    samples = _as_subclasses(load_dataset(three_styles, ["s0", "s1"]))
+    train = samples.where(split="train")
+    params = dict(epochs=3, checkpoint_every_s=0.0, **SMALL)
+    reference = create_detector("adapted_moe", "cpu", **params)
+    reference.fit(make_loader(train, reference.preprocess, batch_size=8))
+
+    original = TrainingImages.epoch_batches
+    calls = {"n": 0}
+
+    def interrupt_after_two_epochs(self, batch_size, seed, epoch):  # noqa: ANN001, ANN202
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, batch_size, seed, epoch)
+
+    monkeypatch.setattr(TrainingImages, "epoch_batches", interrupt_after_two_epochs)
+    folder = tmp_path / "training"
+    interrupted = create_detector("adapted_moe", "cpu", **params)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.fit(make_loader(train, interrupted.preprocess, batch_size=8),
+                        checkpoint_dir=folder)
+    monkeypatch.setattr(TrainingImages, "epoch_batches", original)
+
+    resumed = create_detector("adapted_moe", "cpu", **params)
+    resumed.fit(make_loader(train, resumed.preprocess, batch_size=8), checkpoint_dir=folder)
+    assert not folder.exists()
+    assert resumed.fit_info_["loss_history"] == reference.fit_info_["loss_history"]
+    for name, tensor in reference._state_tensors().items():
+        assert torch.equal(tensor, resumed._state_tensors()[name]), name
+
+
+def test_unseen_subclass_run_reports_each_unseen_subclass(three_styles: Path,
+                                                          tmp_path: Path) -> None:
+    from iadkit.engine import RunConfig, fit_run, test_run
+
+    config = RunConfig(method="adapted_moe", data=str(three_styles), setting="unseen-subclass",
+                       unseen_subclasses=["s2"], device="cpu", show_progress=False,
+                       params={"epochs": 1,
+                               **{k: v for k, v in SMALL.items() if k != "device"}})
+    fit_run(config, tmp_path / "run")
+    results, _ = test_run(tmp_path / "run")
+    assert list(results["per_category"]) == ["s2"]
+    assert results["image_auroc"] == results["per_category"]["s2"]["image_auroc"]
+    saved = Detector.load(tmp_path / "run" / "models" / "seen-s0+s1")
+    assert saved.expert_names == ["s0", "s1"]
+
+
+def test_adapted_moe_needs_subclasses_and_valid_options() -> None:
+    detector = create_detector("adapted_moe", "cpu", epochs=1, **SMALL)
+    with pytest.raises(IadkitError, match="subclass"):
+        detector.fit(torch.rand(4, 3, 64, 64))
+    with pytest.raises(IadkitError, match="adapted_moe: tta_statistics"):
+        create_detector("adapted_moe", "cpu", tta_statistics="median")
+    with pytest.raises(IadkitError, match="top_k"):
+        create_detector("adapted_moe", "cpu", top_k=0)
