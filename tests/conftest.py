@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -34,3 +35,26 @@ def fitted_patchcore(toy_root: Path):
                                device="cpu")
     detector.fit(make_loader(samples.where(split="train"), detector.preprocess, batch_size=8))
     return detector, samples
+
+
+@pytest.fixture
+def interrupt_training(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], Callable[[], None]]:
+    """``undo = interrupt_training(n)``: after n training epochs, the next one raises
+    KeyboardInterrupt (as a user's Ctrl-C would); ``undo()`` lets training run again."""
+    from iadkit.methods.training import TrainingImages
+
+    original = TrainingImages.epoch_batches
+
+    def arm(epochs_before_stop: int) -> Callable[[], None]:
+        calls = {"n": 0}
+
+        def epoch_batches(self, batch_size, seed, epoch):
+            calls["n"] += 1
+            if calls["n"] > epochs_before_stop:
+                raise KeyboardInterrupt
+            return original(self, batch_size, seed, epoch)
+
+        monkeypatch.setattr(TrainingImages, "epoch_batches", epoch_batches)
+        return lambda: monkeypatch.setattr(TrainingImages, "epoch_batches", original)
+
+    return arm

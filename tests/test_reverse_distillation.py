@@ -16,7 +16,6 @@ from iadkit.data import load_dataset, make_loader
 from iadkit.errors import CheckpointError, IadkitError
 from iadkit.methods import Detector, create_detector
 from iadkit.methods.reverse_distillation import ReverseStudent
-from iadkit.methods.training import TrainingImages
 from iadkit.nn.amplification import (
     ResidualAmplifier,
     amplification_loss,
@@ -256,30 +255,22 @@ def test_bad_settings_give_one_clear_error(toy_root: Path, tmp_path: Path, capsy
 
 
 def test_interrupted_training_resumes_to_the_same_model(toy_alpha, tmp_path: Path,
-                                                        monkeypatch) -> None:
+                                                        interrupt_training) -> None:
     train, _ = toy_alpha
     settings = dict(TINY, image_size=32, epochs=3, amplify_epochs=2, checkpoint_every_s=0)
 
     reference = create_detector("aand", "cpu", **settings)
     reference.fit(_loader(train, reference))
 
-    original = TrainingImages.epoch_batches
-    calls = {"n": 0}
-
-    def interrupt_in_stage_two(self, batch_size, seed, epoch):
-        calls["n"] += 1
-        if calls["n"] == 4:  # two amplification epochs, one distillation epoch, then stop
-            raise KeyboardInterrupt
-        return original(self, batch_size, seed, epoch)
-
-    monkeypatch.setattr(TrainingImages, "epoch_batches", interrupt_in_stage_two)
+    # Two amplification epochs, one distillation epoch, then stop.
+    undo_interrupt = interrupt_training(3)
     checkpoint = tmp_path / "training"
     interrupted = create_detector("aand", "cpu", **settings)
     with pytest.raises(KeyboardInterrupt):
         interrupted.fit(_loader(train, interrupted), checkpoint_dir=checkpoint)
     saved = json.loads((checkpoint / "training.json").read_text())["progress"]
     assert len(saved["amplify"]) == 2 and len(saved["distill"]) == 1
-    monkeypatch.setattr(TrainingImages, "epoch_batches", original)
+    undo_interrupt()
 
     resumed = create_detector("aand", "cpu", **settings)
     resumed.fit(_loader(train, resumed), checkpoint_dir=checkpoint)

@@ -3,6 +3,7 @@ routing, test-time adaption, checkpoints, the unseen-subclass setting and bad in
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,6 @@ from iadkit.data import generate_dataset, load_dataset, make_loader
 from iadkit.data.samples import SampleSet
 from iadkit.errors import IadkitError
 from iadkit.methods import Detector, create_detector
-from iadkit.methods.training import TrainingImages
 from iadkit.nn.mixture import RoutingNetwork, adapt_statistics, top_k_weights
 from iadkit.nn.simplenet import SimpleNetHead, UnfoldPatchFeatures
 
@@ -197,29 +197,21 @@ def test_adapted_moe_detects_and_round_trips(fitted_moe: tuple[Detector, SampleS
 
 
 def test_interrupted_adapted_moe_training_resumes_identically(
-        three_styles: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        three_styles: Path, tmp_path: Path, interrupt_training) -> None:
     samples = _as_subclasses(load_dataset(three_styles, ["s0", "s1"]))
     train = samples.where(split="train")
     params = dict(epochs=3, checkpoint_every_s=0.0, **SMALL)
     reference = create_detector("adapted_moe", "cpu", **params)
     reference.fit(make_loader(train, reference.preprocess, batch_size=8))
 
-    original = TrainingImages.epoch_batches
-    calls = {"n": 0}
-
-    def interrupt_after_two_epochs(self, batch_size, seed, epoch):  # noqa: ANN001, ANN202
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return original(self, batch_size, seed, epoch)
-
-    monkeypatch.setattr(TrainingImages, "epoch_batches", interrupt_after_two_epochs)
+    undo_interrupt = interrupt_training(2)
     folder = tmp_path / "training"
     interrupted = create_detector("adapted_moe", "cpu", **params)
     with pytest.raises(KeyboardInterrupt):
         interrupted.fit(make_loader(train, interrupted.preprocess, batch_size=8),
                         checkpoint_dir=folder)
-    monkeypatch.setattr(TrainingImages, "epoch_batches", original)
+    assert len(json.loads((folder / "training.json").read_text())["progress"]["train"]) == 2
+    undo_interrupt()
 
     resumed = create_detector("adapted_moe", "cpu", **params)
     resumed.fit(make_loader(train, resumed.preprocess, batch_size=8), checkpoint_dir=folder)

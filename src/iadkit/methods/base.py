@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from ..backbones import FeatureExtractor
 from ..data.dataset import Preprocess
 from ..errors import CheckpointError, IadkitError, NotFittedError
 
@@ -73,8 +74,9 @@ def image_batches(data: Iterable[Any] | torch.Tensor, batch_size: int = 16) -> I
 class Detector(ABC):
     """Base class of all detectors. See the module docstring for the contract.
 
-    Subclasses must accept at least ``image_size``, ``crop_size``, ``device`` and ``seed`` in
-    their constructor and store every constructor argument under the same attribute name.
+    Subclasses must accept at least ``image_size``, ``crop_size``, ``device``, ``seed``,
+    ``backbone``, ``layers`` and ``backbone_weights`` in their constructor and store every
+    constructor argument under the same attribute name.
     """
 
     name: ClassVar[str]
@@ -87,6 +89,13 @@ class Detector(ABC):
     crop_size: int | None
     device: str
     seed: int
+    backbone: str
+    layers: tuple[int | str, ...]
+    backbone_weights: str
+    #: Where the backbone's features are taken ("" = stage outputs); a constructor argument of
+    #: the methods that expose it.
+    feature_location: str = ""
+    _extractor: FeatureExtractor | None = None
 
     # -- construction --------------------------------------------------------------------
     @classmethod
@@ -127,6 +136,16 @@ class Detector(ABC):
     def preprocess(self) -> Preprocess:
         """How images must be resized/cropped before :meth:`predict`."""
         return Preprocess(self.image_size, self.crop_size)
+
+    @property
+    def extractor(self) -> FeatureExtractor:
+        """The frozen backbone (``backbone``, ``layers``, ``backbone_weights``), built and its
+        weights resolved on first use."""
+        if self._extractor is None:
+            self._extractor = FeatureExtractor(self.backbone, self.layers, self.backbone_weights,
+                                               feature_location=self.feature_location)
+            self._extractor.to(self.torch_device)
+        return self._extractor
 
     @property
     def torch_device(self) -> torch.device:

@@ -16,7 +16,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..backbones import FeatureExtractor
 from ..nn.coreset import greedy_coreset
 from ..nn.knn import FlatIndex
 from ..nn.patch_features import LocalPatchFeatures
@@ -102,18 +101,9 @@ class PatchCore(Detector):
         self.batch_size = batch_size
         self.device = device
         self.seed = seed
-        self._extractor: FeatureExtractor | None = None
         self._aggregate = LocalPatchFeatures(patch_kernel, grid_level)
 
     # -- features -------------------------------------------------------------------------
-    @property
-    def extractor(self) -> FeatureExtractor:
-        """The frozen backbone, built (and its weights resolved) on first use."""
-        if self._extractor is None:
-            self._extractor = FeatureExtractor(self.backbone, self.layers, self.backbone_weights)
-            self._extractor.to(self.torch_device)
-        return self._extractor
-
     def patch_features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) images -> (B, D, h, w) patch features."""
         extractor = self.extractor

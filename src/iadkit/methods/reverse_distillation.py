@@ -21,7 +21,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..backbones import FeatureExtractor
 from ..nn.reverse_distillation import (
     OneClassBottleneck,
     ReverseDecoder,
@@ -184,18 +183,8 @@ class ReverseDistillation(Detector):
         self.checkpoint_every_s = checkpoint_every_s
         self.device = device
         self.seed = seed
-        self._extractor: FeatureExtractor | None = None
 
     # -- networks -----------------------------------------------------------------------------
-    @property
-    def extractor(self) -> FeatureExtractor:
-        """The frozen teacher, built (and its weights resolved) on first use."""
-        if self._extractor is None:
-            self._extractor = FeatureExtractor(self.backbone, self.layers, self.backbone_weights,
-                                               feature_location=self.feature_location)
-            self._extractor.to(self.torch_device)
-        return self._extractor
-
     def _build_networks(self) -> None:
         """Create the trainable networks (fresh weights, seeded) on the device."""
         torch.manual_seed(self.seed)

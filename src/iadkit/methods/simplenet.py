@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones import FeatureExtractor
 from ..nn.simplenet import SimpleNetHead, UnfoldPatchFeatures
 from ..nn.smoothing import gaussian_blur
 from . import register
@@ -134,19 +133,9 @@ class SimpleNet(Detector):
         self.checkpoint_every_s = checkpoint_every_s
         self.device = device
         self.seed = seed
-        self._extractor: FeatureExtractor | None = None
         self._aggregate = UnfoldPatchFeatures(level_dim, feature_dim, patch_kernel)
 
     # -- features -----------------------------------------------------------------------------
-    @property
-    def extractor(self) -> FeatureExtractor:
-        """The frozen backbone, built (and its weights resolved) on first use."""
-        if self._extractor is None:
-            self._extractor = FeatureExtractor(self.backbone, self.layers, self.backbone_weights,
-                                               feature_location=self.feature_location)
-            self._extractor.to(self.torch_device)
-        return self._extractor
-
     def patch_features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) images -> (B, feature_dim, h, w) locally aware patch features."""
         with torch.no_grad():
