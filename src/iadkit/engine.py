@@ -45,6 +45,7 @@ MODEL_SETTINGS = ("method", "data", "preset", "params", "categories", "layout", 
                   "seen_subclasses", "unseen_subclasses", "validation_fraction",
                   "threshold_quantile", "seed")
 METRIC_KEYS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_aupro")
+PIXEL_KEYS = ("pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_aupro")
 
 
 @dataclass
@@ -175,7 +176,7 @@ def predict_samples(detector: Detector, samples: SampleSet, batch_size: int = 16
     total = -(-n // batch_size)
     for batch in progress(loader, description, show_progress, total=total):
         index = batch["index"].numpy()
-        prediction = detector.predict(batch["image"])
+        prediction = detector.predict(batch["image"], categories=batch["category"])
         scores[index] = prediction.scores.numpy()
         maps[index] = prediction.anomaly_maps.numpy()
         masks[index] = batch["mask"].numpy() > 0.5
@@ -262,8 +263,14 @@ def evaluate_task(detector: Detector, task: Task, batch_size: int = 16, workers:
         per_group[name]["ms_per_image"] = round(1000 * predicted.seconds / len(group), 2)
     pooled = None
     if task.pooled:
-        every = _concat(list(predictions.values()))
-        pooled = score_predictions(every, all(g.has_masks for g in task.test_groups.values()))
+        pooled = score_predictions(_concat(list(predictions.values())), pixel=False)
+        # Pixel metrics pool the groups with masks: image-level-only categories have no pixels
+        # to score.
+        with_masks = [name for name, group in task.test_groups.items() if group.has_masks]
+        if with_masks:
+            pixels = score_predictions(_concat([predictions[n] for n in with_masks]), pixel=True)
+            pooled.update({k: pixels[k] for k in PIXEL_KEYS})
+            pooled["pixel_groups"] = with_masks
     return TaskEvaluation(task.name, per_group, pooled, predictions,
                           getattr(detector, "calibration", None))
 

@@ -40,6 +40,15 @@ def create_detector(name: str, preset: str = "cpu", **overrides: Any) -> Detecto
 
 
 # Importing the method modules registers them.
-from . import aand, adapted_moe, patchcore, recontrast, reverse_distillation, simplenet  # noqa: E402,F401
+from . import (  # noqa: E402,F401
+    aand,
+    adapted_moe,
+    cada,
+    patchcore,
+    recontrast,
+    reverse_distillation,
+    simplenet,
+    uniad,
+)
 
 __all__ = ["Detector", "Prediction", "available_methods", "create_detector", "get_method", "register"]

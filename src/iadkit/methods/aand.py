@@ -199,11 +199,12 @@ class AAND(ReverseDistillation):
             return [f + amplifier.residual(f) for amplifier, f in zip(self.amplifiers_, features)]
         return [amplifier(f)[0] for amplifier, f in zip(self.amplifiers_, features)]
 
-    def _distance_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+    def _reconstruction(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        distances, embedding = super()._reconstruction(images)
         if self.score_source == "gate":
-            return [amplifier.gate(f).squeeze(1)
-                    for amplifier, f in zip(self.amplifiers_, self.extractor(images))]
-        return super()._distance_maps(images)
+            distances = [amplifier.gate(f).squeeze(1)
+                         for amplifier, f in zip(self.amplifiers_, self.extractor(images))]
+        return distances, embedding
 
     # -- training -----------------------------------------------------------------------------
     def _make_optimizers(self) -> dict[str, torch.optim.Optimizer]:

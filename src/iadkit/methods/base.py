@@ -17,7 +17,7 @@ import inspect
 import json
 import random
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -95,6 +95,8 @@ class Detector(ABC):
     #: Where the backbone's features are taken ("" = stage outputs); a constructor argument of
     #: the methods that expose it.
     feature_location: str = ""
+    #: Whether :meth:`predict` needs each image's category (class-aware references only).
+    needs_categories: bool = False
     _extractor: FeatureExtractor | None = None
 
     # -- construction --------------------------------------------------------------------
@@ -103,12 +105,16 @@ class Detector(ABC):
         """Build from a named preset, with some hyperparameters overridden.
 
         A preset's centre crop is a proportion of its image size: overriding ``image_size``
-        alone scales ``crop_size`` with it (256 -> 224 becomes 64 -> 56).
+        alone scales ``crop_size`` with it (256 -> 224 becomes 64 -> 56). A dict-valued
+        hyperparameter (e.g. CADA's ``base_params``) is updated with the override's keys.
         """
         if preset not in cls.presets:
             raise IadkitError(f"{cls.name} has no preset {preset!r}; presets: {sorted(cls.presets)}")
         base = cls.presets[preset]
         params = {**base, **overrides}
+        for key, value in overrides.items():  # a dict hyperparameter is updated, not replaced
+            if isinstance(value, dict) and isinstance(base.get(key), dict):
+                params[key] = {**base[key], **value}
         if "image_size" in overrides and "crop_size" not in overrides and base.get("crop_size"):
             params["crop_size"] = round(overrides["image_size"] * base["crop_size"]
                                         / base["image_size"])
@@ -175,16 +181,38 @@ class Detector(ABC):
         return self
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> Prediction:
-        """Anomaly maps and scores for a batch of preprocessed images (B, 3, S, S) in [0, 1]."""
+    def predict(self, images: torch.Tensor, categories: Sequence[str] | None = None
+                ) -> Prediction:
+        """Anomaly maps and scores for a batch of preprocessed images (B, 3, S, S) in [0, 1].
+
+        ``categories`` (one per image) is used only by detectors that need it
+        (:attr:`needs_categories`); the others ignore it.
+        """
         if not self.is_fitted:
             raise NotFittedError(f"{self.name}: call fit() or load() before predict()")
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
-        prediction = self._predict(images.to(self.torch_device, torch.float32))
+        images = images.to(self.torch_device, torch.float32)
+        if self.needs_categories:
+            if categories is None or len(categories) != images.shape[0]:
+                raise IadkitError(f"{self.name}: this configuration needs the category of "
+                                  "every image at prediction time")
+            prediction = self._predict(images, categories=list(categories))
+        else:
+            prediction = self._predict(images)
         if not torch.isfinite(prediction.scores).all() or not torch.isfinite(prediction.anomaly_maps).all():
             raise IadkitError(f"{self.name}: the model produced NaN or infinite scores")
         return Prediction(prediction.anomaly_maps.float().cpu(), prediction.scores.float().cpu())
+
+    def raw_maps_and_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unsmoothed anomaly maps (B, S, S) of images already on the device, and a feature
+        map (B, C, h, w) of the same images that score calibrators (CADA) regress from.
+
+        Methods that can serve as a calibrated base override this; the choice of features is
+        documented with each method.
+        """
+        raise IadkitError(f"{self.name} does not expose raw maps and features, so it cannot "
+                          "be the base of a score calibrator")
 
     @abstractmethod
     def _fit(self, train: Iterable[Any] | torch.Tensor, show_progress: bool,
@@ -256,8 +284,9 @@ class Detector(ABC):
             tensors = load_file(str(weights_path))
         except (SafetensorError, OSError) as error:
             raise CheckpointError(f"{weights_path}: unreadable weights ({error})") from None
-        detector._load_state_tensors({k: v.to(detector.torch_device) for k, v in tensors.items()})
+        # Detectors that wrap another one read how to rebuild it from their fit facts.
         detector.fit_info_ = config.get("fit_info") or {}
+        detector._load_state_tensors({k: v.to(detector.torch_device) for k, v in tensors.items()})
         detector.calibration = config.get("calibration")
         return detector
 

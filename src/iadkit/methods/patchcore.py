@@ -144,16 +144,29 @@ class PatchCore(Detector):
             "seconds_coreset": round(time.perf_counter() - extracted, 2),
         }
 
-    def _predict(self, images: torch.Tensor) -> Prediction:
+    def _score_patches(self, images: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Patch features (B, D, h, w), their unsmoothed upsampled maps (B, S, S), and per
+        patch the distance to and index of the nearest memory-bank feature (B, hw)."""
         features = self.patch_features(images)
         batch, dim, height, width = features.shape
         queries = features.permute(0, 2, 3, 1).reshape(-1, dim)
         distances, indices = self._index.search(queries)
         patch_scores = distances.view(batch, height * width)
-        nearest = indices.view(batch, height * width)
-        scores = self._image_scores(queries.view(batch, height * width, dim), patch_scores, nearest)
         maps = F.interpolate(patch_scores.view(batch, 1, height, width), size=images.shape[-2:],
                              mode="bilinear", align_corners=False).squeeze(1)
+        return features, maps, patch_scores, indices.view(batch, height * width)
+
+    def raw_maps_and_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unsmoothed maps, and the patch features (our choice of CADA input for PatchCore:
+        it has no bottleneck)."""
+        features, maps, _, _ = self._score_patches(images)
+        return maps, features
+
+    def _predict(self, images: torch.Tensor) -> Prediction:
+        features, maps, patch_scores, nearest = self._score_patches(images)
+        queries = features.flatten(2).transpose(1, 2)
+        scores = self._image_scores(queries, patch_scores, nearest)
         return Prediction(gaussian_blur(maps, self.smoothing_sigma), scores)
 
     def _image_scores(self, queries: torch.Tensor, patch_scores: torch.Tensor,

@@ -13,7 +13,6 @@ score is the mean of the top 1% of the map.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -30,6 +29,7 @@ from .training import (
     run_stage,
     set_learning_rates,
     step_decay,
+    step_schedule,
     with_base_rates,
 )
 
@@ -137,18 +137,21 @@ class ReContrast(ReverseDistillation):
         return {"encoder": self.encoder_, "student": self.student_}
 
     def _cross_reconstruction(self, frozen: list[torch.Tensor], trained: list[torch.Tensor]
-                              ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                              ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
         """Decoder outputs paired with (frozen, trained): heads A of the trainable half, heads B
-        of the frozen half."""
+        of the frozen half; and the frozen half's bottleneck embedding."""
         batch = frozen[0].shape[0]
-        heads_a, heads_b = self.student_([torch.cat([t, f]) for t, f in zip(trained, frozen)])
-        return [h[:batch] for h in heads_a], [h[batch:] for h in heads_b]
+        embedding = self.student_.bottleneck([torch.cat([t, f]) for t, f in zip(trained, frozen)])
+        heads_a, heads_b = self.student_.decoder(embedding)
+        return [h[:batch] for h in heads_a], [h[batch:] for h in heads_b], embedding[batch:]
 
-    def _distance_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+    def _reconstruction(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The six 1 - cos maps, and the bottleneck embedding of the frozen encoder's half
+        (CADA's regressor input: the paper leaves the half open)."""
         frozen, trained = self.extractor(images), self.encoder_(images)
-        rebuilt_frozen, rebuilt_trained = self._cross_reconstruction(frozen, trained)
+        rebuilt_frozen, rebuilt_trained, embedding = self._cross_reconstruction(frozen, trained)
         return (cosine_distance_maps(frozen, rebuilt_frozen)
-                + cosine_distance_maps(trained, rebuilt_trained))
+                + cosine_distance_maps(trained, rebuilt_trained)), embedding
 
     # -- training -----------------------------------------------------------------------------
     def _make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
@@ -162,9 +165,8 @@ class ReContrast(ReverseDistillation):
                show_progress: bool) -> dict[str, Any]:
         device = self.torch_device
         optimizer = optimizers["recontrast"]
-        steps_per_epoch = math.ceil(len(data) / self.batch_size)
-        epochs = math.ceil(self.max_steps / steps_per_epoch) if self.max_steps else self.epochs
-        total_steps = self.max_steps or epochs * steps_per_epoch
+        epochs, steps_per_epoch, total_steps = step_schedule(len(data), self.batch_size,
+                                                             self.epochs, self.max_steps)
         cached = None
         if len(history.get("recontrast", [])) < epochs:
             cached = cache_features(self.extractor, data, self.batch_size, device,
@@ -189,7 +191,8 @@ class ReContrast(ReverseDistillation):
                 else:
                     frozen = self.extractor(images)
                 trained = self.encoder_(images)
-                rebuilt_frozen, rebuilt_trained = self._cross_reconstruction(frozen, trained)
+                rebuilt_frozen, rebuilt_trained, _ = self._cross_reconstruction(frozen,
+                                                                                trained)
                 loss = (hard_mined_cosine_loss(frozen, rebuilt_frozen, alpha, self.hard_factor)
                         + hard_mined_cosine_loss(trained, rebuilt_trained, alpha,
                                                  self.hard_factor)) / 2

@@ -284,15 +284,22 @@ class ReverseDistillation(Detector):
         return loss
 
     # -- inference ----------------------------------------------------------------------------
-    def _distance_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Per level (B, h, w) 1 - cos between teacher and student."""
+    def _reconstruction(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Per level (B, h, w) 1 - cos between teacher and student, and the bottleneck's
+        embedding."""
         teacher = self.teacher_features(images)
-        return cosine_distance_maps(teacher, self.student_(teacher))
+        embedding = self.student_.bottleneck(teacher)
+        return cosine_distance_maps(teacher, self.student_.decoder(embedding)), embedding
+
+    def raw_maps_and_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unsmoothed fused maps and the one-class bottleneck's embedding (CADA's regressor
+        input for reverse distillation)."""
+        self.student_.eval()
+        distances, embedding = self._reconstruction(images)
+        return fuse_maps(distances, tuple(images.shape[-2:]), self.map_reduction), embedding
 
     def _predict(self, images: torch.Tensor) -> Prediction:
-        self.student_.eval()
-        maps = fuse_maps(self._distance_maps(images), tuple(images.shape[-2:]),
-                         self.map_reduction)
+        maps, _ = self.raw_maps_and_features(images)
         maps = smooth_maps(maps, self.smoothing_sigma, self.smoothing_kernel)
         return Prediction(maps, image_scores(maps, self.score_reduction, self.top_fraction))
 

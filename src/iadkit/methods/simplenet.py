@@ -265,12 +265,23 @@ class SimpleNet(Detector):
             scores[rows] += weights[rows, expert].view(-1, 1, 1) * expert_scores
         return scores
 
-    def _predict(self, images: torch.Tensor) -> Prediction:
+    def _score(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Patch features (B, C, h, w), patch scores (B, h, w) and unsmoothed maps (B, S, S)."""
         for module in self._trained_modules().values():
             module.eval()
-        scores = self.patch_scores(self.patch_features(images))
+        features = self.patch_features(images)
+        scores = self.patch_scores(features)
         maps = F.interpolate(scores.unsqueeze(1), size=images.shape[-2:], mode="bilinear",
                              align_corners=False).squeeze(1)
+        return features, scores, maps
+
+    def raw_maps_and_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unsmoothed maps, and the locally aware patch features (our choice of CADA input)."""
+        features, _, maps = self._score(images)
+        return maps, features
+
+    def _predict(self, images: torch.Tensor) -> Prediction:
+        _, scores, maps = self._score(images)
         return Prediction(gaussian_blur(maps, self.smoothing_sigma), scores.flatten(1).amax(1))
 
     # -- persistence --------------------------------------------------------------------------

@@ -9,6 +9,7 @@ same batches as one that was never interrupted.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 import zlib
@@ -73,6 +74,15 @@ class TrainingImages:
 
     def in_order(self, batch_size: int) -> Iterator[torch.Tensor]:
         yield from torch.arange(len(self)).split(batch_size)
+
+    def batches(self, batch_size: int) -> Iterator[dict[str, Any]]:
+        """The images in order, as the loader's batches (images in [0, 1] on the CPU, with
+        categories and subclasses): to fit another detector on the same data."""
+        for indices in self.in_order(batch_size):
+            rows = indices.tolist()
+            yield {"image": self.get(indices, torch.device("cpu")),
+                   "category": [self.categories[i] for i in rows],
+                   "subclass": [self.subclasses[i] for i in rows]}
 
 
 def cache_features(extract: Callable[[torch.Tensor], list[torch.Tensor]], data: TrainingImages,
@@ -144,6 +154,16 @@ def set_learning_rates(optimizer: torch.optim.Optimizer, factor: float) -> None:
 def epoch_seed(seed: int, stage: str, epoch: int) -> int:
     """The seed of one epoch's random draws: stable across runs, different per stage."""
     return (seed * 1_000_003 + zlib.crc32(stage.encode()) * 1009 + epoch) % 2**63
+
+
+def step_schedule(n_images: int, batch_size: int, epochs: int, max_steps: int | None
+                  ) -> tuple[int, int, int]:
+    """(epochs, steps per epoch, total steps) of a schedule given in epochs or, when
+    ``max_steps`` is set, in optimisation steps (the last epoch then stops early)."""
+    steps_per_epoch = math.ceil(n_images / batch_size)
+    if max_steps:
+        return math.ceil(max_steps / steps_per_epoch), steps_per_epoch, max_steps
+    return epochs, steps_per_epoch, epochs * steps_per_epoch
 
 
 def step_decay(progress: float, milestones: Iterable[float], gamma: float) -> float:

@@ -1,9 +1,10 @@
 """A self-contained HTML report and heatmap overlays.
 
 The page holds the metrics table, ROC and precision-recall curves, per-group score histograms with
-the decision threshold and where it came from, and a gallery of test images with their anomaly
-maps and ground-truth contours, worst false positives and false negatives first. Every figure is
-an embedded PNG, so the page is one file that can be mailed or archived.
+the decision threshold and where it came from, the categories' score distributions on one axis
+(unified models), and a gallery of test images with their anomaly maps and ground-truth contours,
+worst false positives and false negatives first. Every figure is an embedded PNG, so the page is
+one file that can be mailed or archived.
 """
 
 from __future__ import annotations
@@ -105,6 +106,33 @@ def _group_figures(name: str, predictions: Any, threshold: float | None) -> list
     return figures
 
 
+def score_alignment_figure(models: dict[str, Any]) -> str:
+    """Per-category histograms of normal and anomalous image scores, one row per model, every
+    row on one shared score axis: how far the categories' score scales are from one another
+    (CADA's Fig. 5). ``models`` maps a model's name to its :class:`engine.TaskEvaluation`."""
+    categories = sorted({name for e in models.values() for name in e.predictions})
+    figure, axes = plt.subplots(len(models), len(categories), squeeze=False,
+                                figsize=(2.6 * len(categories), 2.2 * len(models)))
+    for row, (model, evaluation) in enumerate(models.items()):
+        scores = np.concatenate([p.scores for p in evaluation.predictions.values()])
+        bins = np.linspace(scores.min(), scores.max(), 30) if np.ptp(scores) > 0 else 10
+        for column, category in enumerate(categories):
+            axis = axes[row, column]
+            predictions = evaluation.predictions.get(category)
+            if predictions is not None:
+                for label, colour, name in ((0, "tab:blue", "normal"), (1, "tab:red", "anomalous")):
+                    axis.hist(predictions.scores[predictions.labels == label], bins=bins,
+                              alpha=0.6, color=colour, label=name, density=True)
+            axis.set_yticks([])
+            if row == 0:
+                axis.set_title(category, fontsize=9)
+            if column == 0:
+                axis.set_ylabel(model, fontsize=9)
+    axes[0, 0].legend(fontsize=7)
+    figure.suptitle("image scores per category on one axis per model", fontsize=10)
+    return _figure_png(figure)
+
+
 def _gallery(predictions: Any, calibration: dict[str, Any] | None) -> str:
     labels, scores = predictions.labels, predictions.scores
     normal, anomalous = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
@@ -165,13 +193,15 @@ def write_report(results: dict[str, Any], evaluations: Sequence[Any], folder: st
                  title: str = "iadkit report") -> Path:
     """Write ``folder/index.html`` for the results and evaluations of :func:`engine.test_run`."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     parts = [f"<h1>{html.escape(title)}</h1>",
              f"<p>setting: <b>{html.escape(str(results.get('setting')))}</b></p>",
              "<h2>Metrics</h2>", _metrics_table(results)]
     for evaluation in evaluations:
         calibration = evaluation.calibration
         parts.append(f"<h2>Model: {html.escape(evaluation.task)}</h2>")
+        if len(evaluation.predictions) > 1:
+            parts.append(f"<img src='data:image/png;base64,"
+                         f"{score_alignment_figure({evaluation.task: evaluation})}'>")
         if calibration:
             parts.append(f"<p class='note'>Decision threshold {calibration['image_threshold']:.5g}"
                          f" on the image score: the {html.escape(calibration['source'])}. "
@@ -185,6 +215,30 @@ def write_report(results: dict[str, Any], evaluations: Sequence[Any], folder: st
             parts += [f"<img src='data:image/png;base64,{png}'>"
                       for png in _group_figures(name, predictions, threshold)]
             parts.append(_gallery(predictions, calibration))
+    return _write_page(folder, title, parts)
+
+
+def write_comparison_report(results: dict[str, dict[str, Any]], evaluations: dict[str, Any],
+                            folder: str | Path, title: str = "iadkit comparison") -> Path:
+    """Write ``folder/index.html`` comparing models evaluated on the same test groups: each
+    model's metrics table, then the categories' score distributions, one row per model.
+
+    Args:
+        results: model name -> the results object of :func:`engine.summarise`.
+        evaluations: model name -> its :class:`engine.TaskEvaluation`.
+    """
+    parts = [f"<h1>{html.escape(title)}</h1>"]
+    for name, result in results.items():
+        parts += [f"<h2>{html.escape(name)}</h2>",
+                  f"<p>setting: <b>{html.escape(str(result.get('setting')))}</b></p>",
+                  _metrics_table(result)]
+    parts += ["<h2>Score distributions</h2>",
+              f"<img src='data:image/png;base64,{score_alignment_figure(evaluations)}'>"]
+    return _write_page(Path(folder), title, parts)
+
+
+def _write_page(folder: Path, title: str, parts: list[str]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
     page = folder / "index.html"
     page.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>"
                     f"{html.escape(title)}</title><style>{STYLE}</style></head><body>"
