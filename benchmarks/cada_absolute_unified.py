@@ -8,13 +8,14 @@ all pixels with masks into one pixel AUROC/AP:
 - ``elpv``: real solar cells from ``elpv-dataset`` (image labels only: no pixel metrics);
 - ``generated``: a procedural texture with masks (:func:`iadkit.data.generate_dataset`).
 
-The base (RD, ``cada`` cpu preset's base: GELU decoder, mean of level maps) is trained once;
-CADA and the class-aware reference CaDA-A calibrate that same saved base. Each training set is a
+The base (``--base``: RD with the paper's changes, GELU decoder and mean of level maps; or UniAD)
+is trained once with its ``cpu`` preset; CADA and the class-aware reference CaDA-A calibrate that
+same saved base. Each training set is a
 seeded subsample of ``--train-per-category`` normal images (all test images are kept). Prints
 one JSON line per model and writes a comparison report (score histograms before/after, the
 paper's Fig. 5) to ``--report``:
 
-    .venv/bin/python benchmarks/cada_absolute_unified.py [--epochs 5] [--iterations 1000]
+    .venv/bin/python benchmarks/cada_absolute_unified.py [--base rd] [--epochs 5] [--iterations 1000]
 """
 
 from __future__ import annotations
@@ -51,18 +52,20 @@ def main() -> None:
     from iadkit.data import generate_dataset
     from iadkit.data.elpv import prepare_elpv
     from iadkit.engine import RunConfig, fit_run, test_run
-    from iadkit.methods.cada import CADA
+    from iadkit.methods.cada import PAPER_BASE_CHANGES
     from iadkit.report import write_comparison_report
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--magnetic-tile", default=str(SHARED / "magnetic_tile"))
     parser.add_argument("--train-per-category", type=int, default=300)
-    parser.add_argument("--epochs", type=int, default=5, help="RD distillation epochs")
+    parser.add_argument("--base", choices=("rd", "uniad"), default="rd")
+    parser.add_argument("--epochs", type=int, default=5, help="the base's training epochs")
     parser.add_argument("--iterations", type=int, default=1000, help="CADA regressor steps")
-    parser.add_argument("--report", default=str(REPO / "benchmarks" / "reports" / "cada"))
+    parser.add_argument("--report", default=None,
+                        help="report folder (default benchmarks/reports/cada_<base>)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    base_params = {**CADA.presets["cpu"]["base_params"], "epochs": args.epochs}
+    base_params = {**PAPER_BASE_CHANGES.get(args.base, {}), "epochs": args.epochs}
     with tempfile.TemporaryDirectory() as scratch:
         sources = Path(scratch) / "sources"
         prepare_elpv(sources)
@@ -74,9 +77,9 @@ def main() -> None:
             subsampled_category(sources / name, root / name, args.train_per_category, args.seed)
 
         runs = {
-            "rd": ("rd", base_params),
-            "rd+cada": ("cada", {"iterations": args.iterations}),
-            "rd+cada_a": ("cada", {"alignment": "class"}),
+            args.base: (args.base, base_params),
+            f"{args.base}+cada": ("cada", {"iterations": args.iterations}),
+            f"{args.base}+cada_a": ("cada", {"alignment": "class"}),
         }
         results, evaluations = {}, {}
         base_dir = None
@@ -108,8 +111,10 @@ def main() -> None:
                                           result["per_category"].values()) / pooled["n_images"], 2),
                 "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
             }), flush=True)
-        page = write_comparison_report(results, evaluations, args.report,
-                                       title="RD vs RD+CADA, absolute-unified")
+        report = args.report or REPO / "benchmarks" / "reports" / f"cada_{args.base}"
+        page = write_comparison_report(results, evaluations, report,
+                                       title=f"{args.base} with and without CADA, "
+                                             "absolute-unified")
         print(json.dumps({"report": str(page)}))
 
 

@@ -4,19 +4,21 @@ references, checkpoints, resumed training and the unified settings through the C
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from iadkit import metrics
+from iadkit import engine, metrics
 from iadkit.cli import main
 from iadkit.data import generate_dataset, load_dataset, make_loader
 from iadkit.errors import IadkitError
 from iadkit.methods import Detector, create_detector
 from iadkit.nn.cada import StatisticsRegressor, align_maps, map_statistics
 from iadkit.nn.uniad import UniADTransformer, align_features, feature_jitter, neighbour_mask
+from iadkit.report import ALIGNMENT_ALT, write_comparison_report
 
 #: UniAD small enough to learn the generated textures in seconds (8x8 tokens at 64 px).
 SMALL_UNIAD = dict(image_size=64, feature_stride=8, neighbourhood=3, hidden_dim=64, ffn_dim=128,
@@ -226,6 +228,18 @@ def test_interrupted_cada_keeps_its_base_and_resumes_identically(
     assert torch.equal(resumed.predict(images).scores, reference.predict(images).scores)
 
 
+def test_cada_over_uniad_uses_the_papers_loss_threshold(three_categories: Path) -> None:
+    train = load_dataset(three_categories, ["a", "b"]).where(split="train")
+    uniad = {k: v for k, v in SMALL_UNIAD.items() if k != "device"}
+    detector = create_detector("cada", "cpu", base="uniad", base_params={**uniad, "epochs": 1},
+                               iterations=5, device="cpu")
+    detector.fit(make_loader(train, detector.preprocess, 8))
+    assert detector.fit_info_["loss_beta"] == 10.0
+    assert detector.fit_info_["feature_channels"] == SMALL_UNIAD["hidden_dim"]
+    prediction = detector.predict(torch.rand(2, 3, 64, 64))
+    assert prediction.anomaly_maps.shape == (2, 64, 64)
+
+
 def test_cada_refuses_bases_and_settings_it_cannot_use(tmp_path: Path, toy_root: Path) -> None:
     with pytest.raises(IadkitError, match="alignment must be one of"):
         create_detector("cada", "cpu", alignment="oracle")
@@ -239,14 +253,29 @@ def test_cada_refuses_bases_and_settings_it_cannot_use(tmp_path: Path, toy_root:
 
 
 def test_cli_absolute_unified_with_cada(three_categories: Path, tmp_path: Path) -> None:
+    """Pooled metrics over all categories; pixels only from the categories with masks; the
+    report shows the categories' score distributions."""
+    data = tmp_path / "data"
+    shutil.copytree(three_categories, data)
+    shutil.rmtree(data / "c" / "ground_truth")  # c: image labels only
     run = tmp_path / "run"
-    code = main(["fit", "--method", "cada", "--data", str(three_categories), "--out", str(run),
+    code = main(["fit", "--method", "cada", "--data", str(data), "--out", str(run),
                  "--setting", "absolute-unified", "--param", "image_size=32",
                  "--param", "base_params={epochs: 1}", "--param", "iterations=10", "--quiet"])
     assert code == 0
-    assert main(["test", str(run), "--json", str(tmp_path / "m.json"), "--quiet"]) == 0
+    assert main(["test", str(run), "--json", str(tmp_path / "m.json"), "--report",
+                 str(tmp_path / "report"), "--quiet"]) == 0
     results = json.loads((tmp_path / "m.json").read_text())
     assert results["setting"] == "absolute-unified"
-    assert results["pooled"]["n_images"] == 24
-    assert set(results["per_category"]) == {"a", "b", "c"}
-    assert results["image_auroc"] == results["pooled"]["image_auroc"]
+    pooled = results["pooled"]
+    assert pooled["n_images"] == 24 and set(results["per_category"]) == {"a", "b", "c"}
+    assert results["image_auroc"] == pooled["image_auroc"]
+    assert pooled["pixel_groups"] == ["a", "b"] and pooled["pixel_auroc"] is not None
+    assert results["per_category"]["c"]["pixel_auroc"] is None
+    assert ALIGNMENT_ALT in (tmp_path / "report" / "index.html").read_text()
+
+    _, evaluations = engine.test_run(run)
+    page = write_comparison_report({"one": results, "again": results},
+                                   {"one": evaluations[0], "again": evaluations[0]},
+                                   tmp_path / "comparison")
+    assert page.read_text().count(ALIGNMENT_ALT) == 1

@@ -50,6 +50,15 @@ ALIGNMENTS = ("image", "class", "classifier")
 #: Subfolders of a fit's checkpoint folder: the base's training state, the trained base (kept
 #: so that an interruption during the regressor's training loses nothing), the regressor's state.
 BASE_TRAINING, BASE_FOLDER, REGRESSOR_TRAINING = "base", "base_detector", "regressor"
+#: The paper's changes to a base ("GELU replaces ReLU in the decoder for better training
+#: stability"; level maps averaged, as in the ReContrast code its evaluation comes from).
+#: ReContrast's defaults already are these.
+PAPER_BASE_CHANGES: dict[str, dict[str, Any]] = {
+    "rd": {"decoder_activation": "gelu", "map_reduction": "mean"},
+}
+#: The paper's smooth-L1 threshold per base, "according to the scale of their anomaly scores".
+PAPER_LOSS_BETA = {"uniad": 10.0}
+DEFAULT_LOSS_BETA = 0.1
 
 
 @register
@@ -59,7 +68,10 @@ class CADA(Detector):
     Args:
         base: registered name of the base method ("rd", "recontrast", "uniad", ...).
         base_preset: the base's preset.
-        base_params: hyperparameters of the base that override its preset.
+        base_params: hyperparameters of the base that override its preset (and the paper's
+            changes).
+        paper_base_changes: apply the paper's changes to the base (RD: GELU decoder, mean of
+            the level maps; see :data:`PAPER_BASE_CHANGES`).
         base_checkpoint: a saved, fitted base detector to calibrate instead of training one
             (``base``, ``base_preset`` and ``base_params`` are then ignored).
         image_size: overrides the base's image size (None keeps it).
@@ -72,7 +84,8 @@ class CADA(Detector):
         dropout: dropout before each linear layer (0.25).
         conv_layers: convolution blocks of the regressor (1).
         kernel_size: their kernel size (3).
-        loss_beta: smooth-L1 threshold (the paper: 0.1 for RD and ReContrast, 10 for UniAD).
+        loss_beta: smooth-L1 threshold; None takes the paper's value for the base (10 for
+            UniAD, whose errors are large; 0.1 for the others).
         iterations: regressor optimisation steps (paper: 5000; 20000 with UniAD).
         batch_size: regressor batch size (16).
         lr: SGD learning rate (0.05).
@@ -95,16 +108,10 @@ class CADA(Detector):
     name = "cada"
     summary = "class-agnostic alignment of a base detector's scores across categories"
     presets = {
-        # RD's cpu preset with a GELU decoder (the paper's change for stability), maps averaged
-        # over levels as in the ReContrast code the CADA evaluation comes from. A 1x1 regressor
-        # convolution: at 3x3 its 1344x1344 kernel costs about 1.5 s per CPU step.
-        "cpu": dict(base="rd", base_preset="cpu",
-                    base_params={"decoder_activation": "gelu", "map_reduction": "mean"},
-                    kernel_size=1, iterations=1000),
-        "paper": dict(base="rd", base_preset="paper",
-                      base_params={"decoder_activation": "gelu", "map_reduction": "mean",
-                                   "epochs": 200},
-                      iterations=5000),
+        # A 1x1 regressor convolution: at 3x3 the 1344x1344 kernel on RD-cpu's embedding costs
+        # about 1.5 s per CPU step.
+        "cpu": dict(base="rd", base_preset="cpu", kernel_size=1, iterations=1000),
+        "paper": dict(base="rd", base_preset="paper", iterations=5000),
     }
 
     def __init__(
@@ -112,6 +119,7 @@ class CADA(Detector):
         base: str = "rd",
         base_preset: str = "cpu",
         base_params: dict[str, Any] | None = None,
+        paper_base_changes: bool = True,
         base_checkpoint: str | None = None,
         image_size: int | None = None,
         crop_size: int | None = None,
@@ -122,7 +130,7 @@ class CADA(Detector):
         dropout: float = 0.25,
         conv_layers: int = 1,
         kernel_size: int = 3,
-        loss_beta: float = 0.1,
+        loss_beta: float | None = None,
         iterations: int = 5000,
         batch_size: int = 16,
         lr: float = 0.05,
@@ -146,6 +154,7 @@ class CADA(Detector):
         self.base = base
         self.base_preset = base_preset
         self.base_params = dict(base_params or {})
+        self.paper_base_changes = paper_base_changes
         self.base_checkpoint = base_checkpoint
         self.image_size = image_size
         self.crop_size = crop_size
@@ -188,9 +197,10 @@ class CADA(Detector):
             else:
                 overrides = {k: v for k, v in (("image_size", self.image_size),
                                                ("crop_size", self.crop_size)) if v is not None}
+                changes = PAPER_BASE_CHANGES.get(self.base, {}) if self.paper_base_changes else {}
                 self._base = get_method(self.base).from_preset(
-                    self.base_preset, **{**self.base_params, **overrides, "device": self.device,
-                                         "seed": self.seed})
+                    self.base_preset, **{**changes, **self.base_params, **overrides,
+                                         "device": self.device, "seed": self.seed})
         return self._base
 
     def _check_preprocess(self, base: Detector) -> None:
@@ -285,6 +295,9 @@ class CADA(Detector):
         entropy to the categories)."""
         device = self.torch_device
         classify = self.alignment == "classifier"
+        beta = self.loss_beta
+        if beta is None:
+            beta = PAPER_LOSS_BETA.get(self.base_detector.name, DEFAULT_LOSS_BETA)
         self._build_network(features.shape[1], num_classes if classify else 2)
         if not classify:
             self.network_.start_at(statistics.mean(dim=0).to(device))
@@ -308,7 +321,7 @@ class CADA(Detector):
                     loss = F.cross_entropy(output, labels[indices].to(device))
                 else:
                     target = statistics[indices].to(device)
-                    loss = F.smooth_l1_loss(output, target, beta=self.loss_beta,
+                    loss = F.smooth_l1_loss(output, target, beta=beta,
                                             reduction="none").mean(dim=0).sum()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -320,7 +333,7 @@ class CADA(Detector):
         run_stage("regressor", epochs, run_epoch, history, self.seed, checkpoint,
                   {"network": self.network_}, optimizers, show_progress)
         self.network_.eval()
-        return {"steps": total_steps, "loss_history": history}
+        return {"steps": total_steps, "loss_beta": beta, "loss_history": history}
 
     def _build_network(self, channels: int, outputs: int) -> None:
         torch.manual_seed(self.seed)

@@ -26,6 +26,7 @@ from PIL import Image  # noqa: E402
 from ..data.dataset import Preprocess, to_uint8_image  # noqa: E402
 
 GALLERY_PER_KIND = 6
+ALIGNMENT_ALT = "image scores per category, on one axis"
 
 
 def heatmap_overlay(image: np.ndarray, anomaly_map: np.ndarray, scale: tuple[float, float],
@@ -200,7 +201,7 @@ def write_report(results: dict[str, Any], evaluations: Sequence[Any], folder: st
         calibration = evaluation.calibration
         parts.append(f"<h2>Model: {html.escape(evaluation.task)}</h2>")
         if len(evaluation.predictions) > 1:
-            parts.append(f"<img src='data:image/png;base64,"
+            parts.append(f"<img alt='{ALIGNMENT_ALT}' src='data:image/png;base64,"
                          f"{score_alignment_figure({evaluation.task: evaluation})}'>")
         if calibration:
             parts.append(f"<p class='note'>Decision threshold {calibration['image_threshold']:.5g}"
@@ -233,7 +234,8 @@ def write_comparison_report(results: dict[str, dict[str, Any]], evaluations: dic
                   f"<p>setting: <b>{html.escape(str(result.get('setting')))}</b></p>",
                   _metrics_table(result)]
     parts += ["<h2>Score distributions</h2>",
-              f"<img src='data:image/png;base64,{score_alignment_figure(evaluations)}'>"]
+              f"<img alt='{ALIGNMENT_ALT}' src='data:image/png;base64,"
+              f"{score_alignment_figure(evaluations)}'>"]
     return _write_page(Path(folder), title, parts)
 
 
