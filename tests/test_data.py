@@ -220,3 +220,24 @@ def test_batches_carry_category_and_subclass(toy_root: Path) -> None:
     batch = next(iter(make_loader(samples.where(split="train"), Preprocess(32), batch_size=40)))
     assert set(batch["category"]) == {"alpha", "beta"} and set(batch["subclass"]) == {""}
     assert batch["image"].shape == (32, 3, 32, 32) and batch["index"].tolist() == list(range(32))
+
+
+def test_texture_ad_layout_gives_categories_and_subclass_folders(tmp_path: Path) -> None:
+    root = tmp_path / "texture_ad"
+    generate_dataset(root / "cloth", categories=("sub1", "sub2"), n_train=3, n_test_good=1,
+                     n_test_defect=2, size=32)
+    generate_dataset(root / "metal", categories=("sub1",), n_train=2, n_test_good=1,
+                     n_test_defect=1, size=32)
+    samples = load_dataset(root)  # detected
+    assert samples.categories == ["cloth", "metal"]
+    cloth = samples.where(category="cloth")
+    assert cloth.subclasses == ["sub1", "sub2"] and len(cloth) == 12
+    assert all(s.mask_path is not None for s in cloth.where(split="test", label=1))
+    # One category folder, named explicitly; then the paper's protocol: seen sub1, unseen sub2.
+    one = load_dataset(root / "cloth", layout="texture-ad")
+    assert [s.image_path for s in one] == [s.image_path for s in cloth]
+    (task,) = make_tasks(one, "unseen-subclass", unseen_subclasses=["sub2"])
+    assert {s.subclass for s in task.train} == {"sub1"}
+    assert list(task.test_groups) == ["sub2"]
+    with pytest.raises(DatasetError, match="no category \\['wafer'\\]"):
+        load_dataset(root, ["wafer"], layout="texture-ad")

@@ -9,6 +9,8 @@ Supported layouts (``layout=`` argument of :func:`load_dataset`):
 - ``visa``: VisA with ``split_csv/1cls.csv`` (columns object, split, label, image, mask).
 - ``mvtec3d``: MVTec 3D-AD, RGB part: images in ``<defect>/rgb/``, masks in ``<defect>/gt/``,
   the ``validation/good`` images become split ``"val"``.
+- ``texture-ad``: Texture AD (Adapted-MoE's benchmark): ``<category>/<subclass>/`` folders, each
+  in the MVTec layout; the subclass folder's name becomes every image's subclass.
 - ``folder``: a generic normal folder, optional abnormal and mask folders (see :func:`read_folder`).
 
 A category folder may hold ``subclasses.csv`` (columns ``path,subclass``; paths relative to the
@@ -22,13 +24,14 @@ from __future__ import annotations
 import csv
 import random
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from ..errors import DatasetError
 from .image_io import is_image_file
 from .samples import ANOMALOUS, NORMAL, Sample, SampleSet
 
-LAYOUTS = ("auto", "mvtec", "mpdd", "btad", "visa", "mvtec3d", "folder")
+LAYOUTS = ("auto", "mvtec", "mpdd", "btad", "visa", "mvtec3d", "texture-ad", "folder")
 NORMAL_FOLDER_NAMES = ("good", "ok")
 
 
@@ -74,6 +77,32 @@ def _category_dirs(root: Path, categories: Sequence[str] | None) -> list[Path]:
     if missing:
         raise DatasetError(f"{root}: no category {missing}; available: {sorted(found)}")
     return [found[c] for c in categories]
+
+
+def _subfolders_with_train(folder: Path) -> list[Path]:
+    return [p for p in sorted(folder.iterdir()) if p.is_dir() and (p / "train").is_dir()]
+
+
+def read_texture_ad(root: Path, categories: Sequence[str] | None) -> list[Sample]:
+    """Read Texture AD: ``root/<category>/<subclass>/`` MVTec-like folders, or ``root`` itself
+    when it is one category (its subfolders are the subclasses)."""
+    if _subfolders_with_train(root):
+        found = {root.name: root}
+    else:
+        found = {p.name: p for p in sorted(root.iterdir())
+                 if p.is_dir() and _subfolders_with_train(p)}
+    if not found:
+        raise DatasetError(f"{root}: no Texture AD category found (expected "
+                           "'<category>/<subclass>/train/' folders)")
+    if categories is not None and list(categories) != ["all"]:
+        missing = [c for c in categories if c not in found]
+        if missing:
+            raise DatasetError(f"{root}: no category {missing}; available: {sorted(found)}")
+        found = {c: found[c] for c in categories}
+    return [replace(sample, category=category, subclass=subclass_dir.name)
+            for category, category_dir in found.items()
+            for subclass_dir in _subfolders_with_train(category_dir)
+            for sample in read_mvtec_like(subclass_dir)]
 
 
 def _image_folder(folder: Path, rgb_subfolder: bool) -> Path:
@@ -206,10 +235,13 @@ def detect_layout(root: Path) -> str:
             return "btad"
         if (train / "good").is_dir():
             return "mvtec"
+    if any(_subfolders_with_train(category_dir) for category_dir in candidates):
+        return "texture-ad"
     raise DatasetError(
         f"{root}: unknown dataset layout. Expected MVTec AD/MPDD ('<category>/train/good'), "
         "BTAD ('<category>/train/ok'), MVTec 3D-AD ('<category>/train/good/rgb'), VisA "
-        "('split_csv/1cls.csv'), or use read_folder() for a plain folder of images"
+        "('split_csv/1cls.csv'), Texture AD ('<category>/<subclass>/train/good'), or use "
+        "read_folder() for a plain folder of images"
     )
 
 
@@ -238,6 +270,8 @@ def load_dataset(
         layout = detect_layout(root)
     if layout == "visa":
         samples = read_visa(root, categories)
+    elif layout == "texture-ad":
+        samples = read_texture_ad(root, categories)
     else:
         rgb = layout == "mvtec3d"
         samples = [s for d in _category_dirs(root, categories) for s in read_mvtec_like(d, rgb)]
