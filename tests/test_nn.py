@@ -10,7 +10,7 @@ from scipy import ndimage
 from iadkit.nn.coreset import greedy_coreset
 from iadkit.nn.knn import nearest_neighbours
 from iadkit.nn.patch_features import LocalPatchFeatures
-from iadkit.nn.smoothing import gaussian_blur
+from iadkit.nn.smoothing import gaussian_blur, upsample_blur_operator
 
 
 def plain_greedy_coreset(features: torch.Tensor, ratio: float, projection_dim: int = 128,
@@ -65,6 +65,16 @@ def test_gaussian_blur_equals_scipy(size: tuple[int, int]) -> None:
     ours = gaussian_blur(torch.from_numpy(maps), sigma=4.0).numpy()
     expected = np.stack([ndimage.gaussian_filter(m, sigma=4.0, truncate=4.0) for m in maps])
     assert np.allclose(ours, expected, atol=1e-5)
+
+
+def test_upsample_blur_operator_equals_upsampling_then_blurring() -> None:
+    grid = torch.rand(4, 7, 5)
+    upsampled = torch.nn.functional.interpolate(grid.unsqueeze(1), size=(40, 30),
+                                                mode="bilinear", align_corners=False)
+    expected = gaussian_blur(upsampled.squeeze(1), 4.0)
+    operator = upsample_blur_operator((7, 5), (40, 30), 4.0)
+    assert operator.shape == (35, 1200)
+    assert torch.allclose((grid.flatten(1) @ operator).reshape(4, 40, 30), expected, atol=1e-5)
 
 
 def test_local_patch_features_grid_and_width() -> None:

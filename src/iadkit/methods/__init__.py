@@ -44,6 +44,7 @@ from . import (  # noqa: E402,F401
     aand,
     adapted_moe,
     cada,
+    cse,
     patchcore,
     recontrast,
     reverse_distillation,

@@ -125,8 +125,8 @@ class ReContrast(ReverseDistillation):
 
     # -- networks -----------------------------------------------------------------------------
     def _build_networks(self) -> None:
+        frozen = self.extractor  # built first: building it draws random numbers
         torch.manual_seed(self.seed)
-        frozen = self.extractor
         self.encoder_ = FeatureExtractor(self.backbone, self.layers, self.backbone_weights,
                                          feature_location=self.feature_location,
                                          trainable=True).to(self.torch_device)

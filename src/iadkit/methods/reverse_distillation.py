@@ -187,8 +187,8 @@ class ReverseDistillation(Detector):
     # -- networks -----------------------------------------------------------------------------
     def _build_networks(self) -> None:
         """Create the trainable networks (fresh weights, seeded) on the device."""
+        extractor = self.extractor  # built first: building it draws random numbers
         torch.manual_seed(self.seed)
-        extractor = self.extractor
         self.student_ = self._make_student(extractor.channels, extractor.strides)
         self.student_.to(self.torch_device)
 

@@ -62,6 +62,12 @@ class TrainingImages:
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    def subset(self, indices: torch.Tensor) -> TrainingImages:
+        """The images at ``indices`` (e.g. a validation split), with their names."""
+        rows = indices.tolist()
+        return TrainingImages(self.images[indices], [self.categories[i] for i in rows],
+                              [self.subclasses[i] for i in rows])
+
     def get(self, indices: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Images at ``indices`` as float in [0, 1] on ``device``."""
         return self.images[indices].to(device).float().div_(255.0)
@@ -169,6 +175,31 @@ def step_schedule(n_images: int, batch_size: int, epochs: int, max_steps: int | 
 def step_decay(progress: float, milestones: Iterable[float], gamma: float) -> float:
     """Multi-step decay: ``gamma`` to the number of milestones (fractions of training) passed."""
     return gamma ** sum(progress >= m for m in milestones)
+
+
+def one_cycle(step: int, total_steps: int, pct_start: float = 0.3, div_factor: float = 25.0,
+              final_div_factor: float = 1e4, momentum_range: tuple[float, float] = (0.85, 0.95)
+              ) -> tuple[float, float]:
+    """Smith's one-cycle policy at optimisation step ``step`` (0-based), as torch's
+    ``OneCycleLR`` (cosine annealing, two phases) computes it, without its state.
+
+    Returns:
+        (learning rate as a fraction of the peak rate, momentum). The rate rises from
+        1/div_factor of the peak to the peak over ``pct_start`` of training, then falls to
+        1/(div_factor * final_div_factor); the momentum moves the opposite way.
+    """
+    def anneal(start: float, end: float, fraction: float) -> float:
+        return end + (start - end) / 2.0 * (math.cos(math.pi * fraction) + 1.0)
+
+    initial = 1.0 / div_factor
+    lowest_momentum, highest_momentum = momentum_range
+    warm_end = float(pct_start * total_steps) - 1
+    if step <= warm_end:
+        fraction = step / warm_end if warm_end > 0 else 1.0
+        return anneal(initial, 1.0, fraction), anneal(highest_momentum, lowest_momentum, fraction)
+    fraction = (step - warm_end) / max(total_steps - 1 - warm_end, 1e-12)
+    return (anneal(1.0, initial / final_div_factor, fraction),
+            anneal(lowest_momentum, highest_momentum, fraction))
 
 
 class TrainingCheckpoint:

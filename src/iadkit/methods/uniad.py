@@ -172,9 +172,10 @@ class UniAD(Detector):
             return align_features(self.extractor(images), self.grid)
 
     def _build_networks(self) -> None:
+        channels = sum(self.extractor.channels)  # built first: building it draws random numbers
         torch.manual_seed(self.seed)
         self.transformer_ = UniADTransformer(
-            sum(self.extractor.channels), self.grid, self.hidden_dim, self.num_heads,
+            channels, self.grid, self.hidden_dim, self.num_heads,
             self.ffn_dim, self.dropout, self.encoder_layers, self.decoder_layers,
             self.neighbourhood, self.masked).to(self.torch_device)
 

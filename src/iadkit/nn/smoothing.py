@@ -41,3 +41,18 @@ def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0, truncate: float = 4.0)
     x = F.conv2d(_symmetric_pad(x, radius, 3), kernel.view(1, 1, 1, -1))
     x = F.conv2d(_symmetric_pad(x, radius, 2), kernel.view(1, 1, -1, 1))
     return x.squeeze(1)
+
+
+def upsample_blur_operator(grid: tuple[int, int], size: tuple[int, int], sigma: float,
+                           device: torch.device | None = None) -> torch.Tensor:
+    """The linear map "bilinear upsampling from ``grid`` to ``size``, then :func:`gaussian_blur`"
+    as a (h*w, H*W) matrix.
+
+    Both steps are linear, so a coarse score grid p (B, h*w) becomes its smoothed full-size map
+    by one matrix product ``p @ operator``: for small grids (CSE's 7x7) that costs a fraction of
+    blurring every full-size map. Build it once per (grid, size, sigma); it has h*w*H*W values.
+    """
+    height, width = grid
+    basis = torch.eye(height * width, device=device).reshape(height * width, 1, height, width)
+    upsampled = F.interpolate(basis, size=size, mode="bilinear", align_corners=False)
+    return gaussian_blur(upsampled.squeeze(1), sigma).flatten(1)
