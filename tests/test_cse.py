@@ -22,7 +22,7 @@ from iadkit.nn.cse import (
 )
 from iadkit.nn.kmeans import kmeans
 
-TINY = dict(device="cpu", image_size=64, crop_size=None, batch_size=4)
+TINY = dict(device="cpu", image_size=64, crop_size=None, batch_size=4, min_steps=0)
 
 
 @pytest.fixture(scope="module")
@@ -147,8 +147,11 @@ def test_training_keeps_the_random_decoder_frozen_and_lowers_the_loss(toy_alpha)
 
 def test_the_bank_of_one_cluster_is_the_mean_training_embedding(toy_alpha) -> None:
     train, _ = toy_alpha
-    detector = create_detector("cse", "cpu", epochs=1, **TINY)
+    # 16 images: 5 held out, 11 in batches of 4 = 3 steps per epoch; 6 steps need 2 epochs.
+    detector = create_detector("cse", "cpu", epochs=1, **{**TINY, "min_steps": 6})
     detector.fit(_loader(train, detector))
+    assert detector.fit_info_["epochs"] == 2
+    assert len(detector.fit_info_["loss_history"]["embed"]) == 2
     data = TrainingImages.collect(_loader(train, detector))  # the images as fit stores them
     images = data.get(torch.arange(len(data)), torch.device("cpu"))
     with torch.no_grad():
@@ -159,6 +162,8 @@ def test_the_bank_of_one_cluster_is_the_mean_training_embedding(toy_alpha) -> No
     nearest = create_detector("cse", "cpu", epochs=1, clusters=3,
                               cluster_representative="nearest_sample", **TINY)
     nearest.fit(_loader(train, nearest))
+    with torch.no_grad():
+        pooled = nearest.embed(images)[2]
     for centre in nearest.centres_:  # every representative is one of the training embeddings
         assert (pooled - centre).flatten(1).norm(dim=1).min() < 1e-4
 
@@ -167,8 +172,8 @@ def test_cse_separates_synthetic_defects_and_round_trips(tmp_path: Path) -> None
     root = generate_dataset(tmp_path / "data", categories=("surface",), n_train=24,
                             n_test_good=8, n_test_defect=8, size=128, seed=3)
     samples = load_dataset(root)
-    detector = create_detector("cse", "cpu", epochs=3, device="cpu", image_size=128,
-                               crop_size=None)
+    detector = create_detector("cse", "cpu", epochs=3, min_steps=0, device="cpu",
+                               image_size=128, crop_size=None)
     detector.fit(_loader(samples.where(split="train"), detector))
     test = list(_loader(samples.where(split="test"), detector))
     images = torch.cat([batch["image"] for batch in test])

@@ -6,6 +6,7 @@ Stable commands (scripts and CI rely on them)::
     iadkit test RUN_DIR [--data ROOT --category NAME] --json FILE [--report DIR]
     iadkit predict RUN_DIR IMAGES... --out DIR
     iadkit demo --out DIR
+    iadkit benchmark GRID.yaml --out DIR
     iadkit data prepare elpv DEST | iadkit data generate DEST
     iadkit synth preview --data ROOT --kind draem --out grid.png
     iadkit synth pseudo-val --data ROOT --kind fragments --out DIR
@@ -235,6 +236,20 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from .benchmark import load_grid, run_grid
+
+    cells = load_grid(args.grid)
+    records = run_grid(cells, args.out, show_progress=not args.quiet)
+    failed = [r["id"] for r in records if r.get("status") != "ok"]
+    print((Path(args.out) / "results.md").read_text(), end="")
+    print(f"{len(records) - len(failed)} of {len(cells)} cells done; results in {args.out}")
+    for record in records:
+        if record.get("status") != "ok":
+            print(f"failed: {record['id']}: {record.get('error')}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from .data.layouts import load_dataset
     from .synthesis import TextureSource, build_pseudo_validation, preview_grid
@@ -310,6 +325,13 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=int, default=16)
     predict.add_argument("--no-heatmaps", action="store_true")
     predict.set_defaults(func=cmd_predict)
+
+    benchmark = add_command("benchmark", "run a grid of methods x datasets x settings "
+                            "(resumable) into CSV/JSON/markdown results")
+    benchmark.add_argument("grid", help="grid YAML file (see iadkit.benchmark)")
+    benchmark.add_argument("--out", required=True,
+                           help="results folder; run again to finish an interrupted grid")
+    benchmark.set_defaults(func=cmd_benchmark)
 
     demo = add_command("demo", "train, evaluate and report on the ELPV solar cells")
     demo.add_argument("--out", default="demo_out")

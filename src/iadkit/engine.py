@@ -199,6 +199,7 @@ def fit_detector(config: RunConfig, task: Task, checkpoint_dir: Path | None = No
     started = time.perf_counter()
     detector.fit(loader, show_progress=config.show_progress, checkpoint_dir=checkpoint_dir)
     detector.fit_info_["seconds_fit"] = round(time.perf_counter() - started, 2)
+    detector.fit_info_["n_train_images"] = len(train)
     detector.fit_info_["n_validation_images"] = len(validation)
     detector.calibration = None
     if len(validation):

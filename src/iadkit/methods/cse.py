@@ -97,6 +97,8 @@ class CSE(Detector):
         validation_fraction: share of the training normals held out to choose the epoch (paper
             0.3, code 0.2); 0 keeps the last epoch.
         epochs: training epochs (100).
+        min_steps: train at least this many optimisation steps: a small training set gets more
+            epochs than ``epochs`` (0 = exactly ``epochs``).
         batch_size: pairs per step (8).
         lr: Adam base learning rate (4e-4).
         max_lr_factor: the one-cycle peak rate is ``lr`` times this (10 in the official code;
@@ -121,8 +123,9 @@ class CSE(Detector):
     summary = "contrastively trained embedding of deep features, k-means bank (surfaces)"
     presets = {
         # Lite0's two deepest stages (112 @ 1/16, 320 @ 1/32) stand in for EfficientNet-b3's.
+        # 15 epochs is about 1000 steps on 500 images; smaller sets train for 1000 steps.
         "cpu": dict(backbone="tf_efficientnet_lite0", layers=(3, 4), image_size=256,
-                    crop_size=224, epochs=15),
+                    crop_size=224, epochs=15, min_steps=1000),
         "paper": dict(backbone="efficientnet_b3", layers=(3, 4), image_size=256, crop_size=224,
                       epochs=100, batch_size=8, lr=4e-4),
     }
@@ -148,6 +151,7 @@ class CSE(Detector):
         texture_dir: str | None = None,
         validation_fraction: float = 0.3,
         epochs: int = 100,
+        min_steps: int = 0,
         batch_size: int = 8,
         lr: float = 4e-4,
         max_lr_factor: float = 10.0,
@@ -194,6 +198,7 @@ class CSE(Detector):
         self.texture_dir = texture_dir
         self.validation_fraction = validation_fraction
         self.epochs = epochs
+        self.min_steps = min_steps
         self.batch_size = batch_size
         self.lr = lr
         self.max_lr_factor = max_lr_factor
@@ -297,13 +302,14 @@ class CSE(Detector):
         checkpoint = TrainingCheckpoint(checkpoint_dir, self.checkpoint_every_s)
         history = checkpoint.restore(modules, optimizers) or {}
         normal_features = None
-        if len(history.get("embed", [])) < self.epochs:
+        steps_per_epoch = -(-len(train_data) // self.batch_size)
+        epochs = max(self.epochs, -(-self.min_steps // steps_per_epoch))
+        total_steps = epochs * steps_per_epoch
+        if len(history.get("embed", [])) < epochs:
             normal_features = cache_features(self.extractor, train_data, self.batch_size,
                                              self.torch_device, self.feature_cache_mb)
         synthesizer = CseDefectSynthesizer(TextureSource(self.texture_dir),
                                            self.defect_probability, kinds=self.defect_kinds)
-        steps_per_epoch = -(-len(train_data) // self.batch_size)
-        total_steps = self.epochs * steps_per_epoch
 
         def normal_batch(indices: torch.Tensor) -> list[torch.Tensor]:
             if normal_features is not None:
@@ -339,7 +345,7 @@ class CSE(Detector):
                 self.decoder_.requires_grad_(False)
                 return total / len(train_data)
 
-            run_stage("decoder", self.epochs, pretrain_epoch, history, self.seed, checkpoint,
+            run_stage("decoder", epochs, pretrain_epoch, history, self.seed, checkpoint,
                       modules, optimizers, show_progress)
 
         validation = self._validation_pairs(data.subset(validation_indices), synthesizer)
@@ -370,7 +376,7 @@ class CSE(Detector):
                     best.load_state_dict(self.network_.state_dict())
             return total / len(train_data)
 
-        run_stage("embed", self.epochs, run_epoch, history, self.seed, checkpoint, modules,
+        run_stage("embed", epochs, run_epoch, history, self.seed, checkpoint, modules,
                   optimizers, show_progress)
         if validation is not None:
             self.network_.load_state_dict(best.state_dict())
@@ -381,9 +387,10 @@ class CSE(Detector):
         validation_losses = history.get("validation", [])
         return {
             "n_train_images": len(data),
-            "n_validation_images": len(validation_indices),
+            "n_epoch_selection_images": len(validation_indices),
             "chosen_epoch": (validation_losses.index(min(validation_losses)) + 1
-                             if validation_losses else self.epochs),
+                             if validation_losses else epochs),
+            "epochs": epochs,
             "feature_channels": list(self.extractor.channels),
             "bank_shape": list(self.centres_.shape),
             "backbone_weights": vars(self.extractor.resolved_weights),
