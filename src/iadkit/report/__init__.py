@@ -83,7 +83,9 @@ def _curves(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, ...]:
     return fpr, tpr, tp / positives, precision
 
 
-def _group_figures(name: str, predictions: Any, threshold: float | None) -> list[str]:
+def _group_figures(name: str, predictions: Any, threshold: float | None
+                   ) -> list[tuple[str, str]]:
+    """(alt text, base64 PNG) of the group's score histogram and its ROC/PR curves."""
     labels, scores = predictions.labels, predictions.scores
     figures = []
     figure, axis = plt.subplots(figsize=(4.6, 3.2))
@@ -94,7 +96,9 @@ def _group_figures(name: str, predictions: Any, threshold: float | None) -> list
         axis.axvline(threshold, color="black", linestyle="--", label="threshold")
     axis.set(title=f"{name}: image scores", xlabel="score", ylabel="images")
     axis.legend(fontsize=8)
-    figures.append(_figure_png(figure))
+    figures.append((f"{name}: histogram of image scores, normal against anomalous"
+                    + (", with the decision threshold" if threshold is not None else ""),
+                    _figure_png(figure)))
     if 0 < labels.sum() < labels.size:
         fpr, tpr, recall, precision = _curves(labels, scores)
         figure, axes = plt.subplots(1, 2, figsize=(7.4, 3.2))
@@ -103,7 +107,8 @@ def _group_figures(name: str, predictions: Any, threshold: float | None) -> list
         axes[0].set(title="ROC", xlabel="false positive rate", ylabel="true positive rate")
         axes[1].plot(recall, precision, color="tab:purple")
         axes[1].set(title="precision-recall", xlabel="recall", ylabel="precision", ylim=(0, 1.02))
-        figures.append(_figure_png(figure))
+        figures.append((f"{name}: ROC and precision-recall curves of the image scores",
+                        _figure_png(figure)))
     return figures
 
 
@@ -154,8 +159,9 @@ def _gallery(predictions: Any, calibration: dict[str, Any] | None) -> str:
                                       predictions.masks[index])
             caption = html.escape(f"{sample.defect_type} · {Path(sample.image_path).name} · "
                                   f"score {scores[index]:.4g}")
-            cells.append(f"<figure><img src='data:image/png;base64,{_array_png(image)}'>"
-                         f"<img src='data:image/png;base64,{_array_png(overlay)}'>"
+            cells.append(f"<figure><img alt='test image' src='data:image/png;base64,"
+                         f"{_array_png(image)}'><img alt='anomaly map over the image, ground "
+                         f"truth outlined' src='data:image/png;base64,{_array_png(overlay)}'>"
                          f"<figcaption>{caption}</figcaption></figure>")
         cells.append("</div>")
     return "".join(cells)
@@ -213,8 +219,8 @@ def write_report(results: dict[str, Any], evaluations: Sequence[Any], folder: st
         threshold = calibration["image_threshold"] if calibration else None
         for name, predictions in evaluation.predictions.items():
             parts.append(f"<h3>{html.escape(name)}</h3>")
-            parts += [f"<img src='data:image/png;base64,{png}'>"
-                      for png in _group_figures(name, predictions, threshold)]
+            parts += [f"<img alt='{html.escape(alt, quote=True)}' src='data:image/png;base64,{png}'>"
+                      for alt, png in _group_figures(name, predictions, threshold)]
             parts.append(_gallery(predictions, calibration))
     return _write_page(folder, title, parts)
 
