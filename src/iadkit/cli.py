@@ -7,6 +7,7 @@ Stable commands (scripts and CI rely on them)::
     iadkit predict RUN_DIR IMAGES... --out DIR
     iadkit demo --out DIR
     iadkit benchmark GRID.yaml --out DIR
+    iadkit serve RUN_DIR [--port 8000]
     iadkit data prepare elpv DEST | iadkit data generate DEST
     iadkit synth preview --data ROOT --kind draem --out grid.png
     iadkit synth pseudo-val --data ROOT --kind fragments --out DIR
@@ -155,19 +156,11 @@ def _collect_images(inputs: list[str]) -> list[Path]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .engine import iter_predictions, normalised_scores, read_run
+    from .engine import iter_predictions, normalised_scores, resolve_model_dir
     from .methods import Detector
     from .report import save_overlay
 
-    run_dir = Path(args.run_dir)
-    if (run_dir / "detector.json").is_file():
-        model_dir = run_dir
-    else:
-        _, tasks = read_run(run_dir)
-        if args.model is None and len(tasks) > 1:
-            raise IadkitError(f"{run_dir} holds several models {tasks}; choose one with --model")
-        model_dir = run_dir / "models" / (args.model or tasks[0])
-    detector = Detector.load(model_dir, device=args.device)
+    detector = Detector.load(resolve_model_dir(args.run_dir, args.model), device=args.device)
     calibration = detector.calibration
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -248,6 +241,23 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         if record.get("status") != "ok":
             print(f"failed: {record['id']}: {record.get('error')}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+    except ImportError:
+        raise IadkitError("iadkit serve needs FastAPI and uvicorn: pip install 'iadkit[serve]'"
+                          ) from None
+    from .deploy.service import create_app
+    from .engine import resolve_model_dir
+
+    app = create_app(resolve_model_dir(args.model_dir, args.model), device=args.device,
+                     max_upload_bytes=int(args.max_upload_mb * 2**20),
+                     max_pixels=args.max_pixels)
+    uvicorn.run(app, host=args.host, port=args.port,
+                log_level="info" if args.verbose else "warning")
+    return 0
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -332,6 +342,17 @@ def build_parser() -> argparse.ArgumentParser:
     benchmark.add_argument("--out", required=True,
                            help="results folder; run again to finish an interrupted grid")
     benchmark.set_defaults(func=cmd_benchmark)
+
+    serve = add_command("serve", "serve a trained detector over HTTP (POST /predict)")
+    serve.add_argument("model_dir", help="run folder or model folder")
+    serve.add_argument("--model", help="which model of a multi-model run folder")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-upload-mb", type=float, default=20.0,
+                       help="larger request bodies get 413 (default 20)")
+    serve.add_argument("--max-pixels", type=int, default=40_000_000,
+                       help="larger images get 413 before decoding (default 40 million)")
+    serve.set_defaults(func=cmd_serve)
 
     demo = add_command("demo", "train, evaluate and report on the ELPV solar cells")
     demo.add_argument("--out", default="demo_out")

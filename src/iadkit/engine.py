@@ -340,6 +340,21 @@ def read_run(run_dir: str | Path) -> tuple[RunConfig, list[str]]:
     return RunConfig.from_dict(record["config"]), record["tasks"]
 
 
+def resolve_model_dir(path: str | Path, model: str | None = None) -> Path:
+    """A saved detector's folder from a model folder, or from a run folder (``model`` picks one
+    of several models; a run with one model needs none)."""
+    path = Path(path)
+    if (path / "detector.json").is_file():
+        return path
+    _, tasks = read_run(path)
+    if model is None and len(tasks) > 1:
+        raise IadkitError(f"{path} holds several models {tasks}; choose one with --model")
+    chosen = model or tasks[0]
+    if chosen not in tasks:
+        raise IadkitError(f"{path} has no model {chosen!r}; models: {tasks}")
+    return path / "models" / chosen
+
+
 def test_run(run_dir: str | Path, data: str | None = None, categories: list[str] | None = None,
              device: str | None = None, show_progress: bool = False
              ) -> tuple[dict[str, Any], list[TaskEvaluation]]:

@@ -11,6 +11,10 @@ class ImageReadError(IadkitError):
     """An image or mask file could not be decoded (missing, corrupt, truncated, odd format)."""
 
 
+class ImageTooLargeError(ImageReadError):
+    """An image has more pixels than allowed (a decompression bomb, or simply too big)."""
+
+
 class DatasetError(IadkitError):
     """A dataset folder is missing, empty, inconsistent or of an unknown layout."""
 

@@ -6,13 +6,14 @@ all become 8-bit RGB; masks become boolean arrays.
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import ImageReadError
+from ..errors import ImageReadError, ImageTooLargeError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -21,27 +22,33 @@ def is_image_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def _open_decoded(path: Path) -> Image.Image:
-    """Open and fully decode a file, turning every failure into an ImageReadError."""
-    if not path.exists():
-        raise ImageReadError(f"{path}: file not found")
+def _open_decoded(source: Path | io.BytesIO, name: str, max_pixels: int | None = None
+                  ) -> Image.Image:
+    """Open and fully decode a file or in-memory bytes, turning every failure into an
+    ImageReadError that names ``name``; more than ``max_pixels`` pixels are refused before
+    decoding (the header gives the size)."""
+    if isinstance(source, Path) and not source.exists():
+        raise ImageReadError(f"{name}: file not found")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(path)
+            image = Image.open(source)
+            if max_pixels is not None and image.width * image.height > max_pixels:
+                raise ImageTooLargeError(f"{name}: {image.width}x{image.height} pixels is more "
+                                         f"than the {max_pixels} allowed")
             image.load()  # decoding happens here: truncated files fail now, not later
     except UnidentifiedImageError:
-        raise ImageReadError(f"{path}: not a readable image (unknown or corrupt format)") from None
+        raise ImageReadError(f"{name}: not a readable image (unknown or corrupt format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ImageReadError(f"{path}: image too large ({error})") from None
+        raise ImageTooLargeError(f"{name}: image too large ({error})") from None
     except (OSError, SyntaxError, ValueError) as error:
-        raise ImageReadError(f"{path}: corrupt or truncated image ({error})") from None
+        raise ImageReadError(f"{name}: corrupt or truncated image ({error})") from None
     if image.width == 0 or image.height == 0:
-        raise ImageReadError(f"{path}: image has zero size")
+        raise ImageReadError(f"{name}: image has zero size")
     return image
 
 
-def _to_uint8(array: np.ndarray, path: Path) -> np.ndarray:
+def _to_uint8(array: np.ndarray, path: Path | str) -> np.ndarray:
     """Scale an integer or float array to 0..255 by its type's full range (not per image)."""
     if array.dtype == np.uint8:
         return array
@@ -67,7 +74,23 @@ def read_image(path: str | Path) -> np.ndarray:
         ImageReadError: the file is missing, corrupt, truncated or of an unsupported kind.
     """
     path = Path(path)
-    image = _open_decoded(path)
+    return _to_rgb(_open_decoded(path, str(path)), path)
+
+
+def decode_image(data: bytes, name: str = "upload", max_pixels: int | None = None) -> np.ndarray:
+    """Decode image bytes (e.g. an upload) as an ``(H, W, 3)`` uint8 RGB array, with the same
+    conversions as :func:`read_image`.
+
+    Raises:
+        ImageTooLargeError: more than ``max_pixels`` pixels (checked before decoding).
+        ImageReadError: not an image, corrupt, truncated or of an unsupported kind.
+    """
+    if not data:
+        raise ImageReadError(f"{name}: empty")
+    return _to_rgb(_open_decoded(io.BytesIO(data), name, max_pixels), name)
+
+
+def _to_rgb(image: Image.Image, path: Path | str) -> np.ndarray:
     if image.mode in ("RGB",):
         return np.asarray(image)
     if image.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "1"):
@@ -95,7 +118,7 @@ def read_mask(path: str | Path) -> np.ndarray:
     Masks saved as 0/255 are split at half range; masks saved as 0/1 are taken as they are.
     """
     path = Path(path)
-    image = _open_decoded(path)
+    image = _open_decoded(path, str(path))
     if image.mode not in ("L", "1", "I", "I;16", "F"):
         image = image.convert("L")
     array = np.asarray(image)

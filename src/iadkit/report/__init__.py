@@ -59,6 +59,16 @@ def save_overlay(path: Path, anomaly_map: np.ndarray, preprocess: Preprocess,
                     ).save(destination)
 
 
+def overlay_png(image: np.ndarray, anomaly_map: np.ndarray,
+                calibration: dict[str, Any] | None) -> bytes:
+    """PNG bytes of the anomaly map over the (preprocessed, uint8 RGB) image, scaled like
+    :func:`save_overlay`."""
+    buffer = io.BytesIO()
+    Image.fromarray(heatmap_overlay(image, anomaly_map, _map_scale(calibration, anomaly_map))
+                    ).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def _figure_png(figure: plt.Figure) -> str:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")

@@ -1,0 +1,204 @@
+"""An HTTP service around one saved detector (FastAPI; run it with ``iadkit serve MODEL``).
+
+Endpoints:
+
+- ``POST /predict``: an image, as a multipart form field ``file`` or as the raw body with an
+  ``image/*`` content type. Returns JSON with the image score, the normalised score and the
+  decision (when the model was calibrated), the threshold and where it came from; with
+  ``?heatmap=base64`` also the anomaly-map overlay as a base64 PNG, with ``?heatmap=png`` the
+  overlay itself (``image/png``, score and decision in ``X-Anomaly-*`` headers).
+- ``GET /health``: ``{"status": "ok"}`` once the model is loaded.
+- ``GET /model``: method, preset, hyperparameters, input size, threshold and its origin, and a
+  summary of the training data.
+
+Bad requests get a 4xx with a message, never a 500: a body over ``max_upload_bytes`` gets 413
+(checked while it streams in, so it is never held in memory), an image over ``max_pixels``
+pixels gets 413 before it is decoded (decompression bombs), a wrong content type 415, a corrupt,
+truncated or non-image upload 400. The model is loaded once; requests are decoded concurrently
+and predicted one batch at a time behind a lock.
+
+Example:
+    >>> app = create_app("runs/patchcore/models/tiles")
+    >>> import uvicorn; uvicorn.run(app, port=8000)
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+
+from ..data.dataset import to_uint8_image
+from ..data.image_io import decode_image
+from ..engine import normalised_scores
+from ..errors import ImageReadError, ImageTooLargeError
+from ..methods import Detector
+
+HEATMAP_MODES = ("none", "base64", "png")
+
+
+class ImageScorer:
+    """A detector loaded once, scoring decoded images; safe to call from several threads.
+
+    Args:
+        model_dir: a saved detector's folder.
+        device: overrides the saved device ("cpu", "cuda", ...).
+        max_pixels: larger images are refused before decoding.
+    """
+
+    def __init__(self, model_dir: str | Path, device: str | None = None,
+                 max_pixels: int = 40_000_000) -> None:
+        self.model_dir = Path(model_dir)
+        self.detector = Detector.load(self.model_dir, device=device)
+        self.max_pixels = max_pixels
+        self._lock = threading.Lock()
+
+    def score(self, data: bytes, name: str, heatmap: str = "none") -> dict[str, Any]:
+        """Decode ``data`` and score it; raises ImageReadError (ImageTooLargeError) for bad
+        images."""
+        image = decode_image(data, name, self.max_pixels)
+        tensor = self.detector.preprocess.image(image).unsqueeze(0)
+        with self._lock, torch.no_grad():
+            prediction = self.detector.predict(tensor)
+        score = float(prediction.scores[0])
+        calibration = self.detector.calibration
+        result: dict[str, Any] = {"score": score, "normalised_score": None, "anomalous": None,
+                                  "threshold": None, "threshold_source": None,
+                                  "image_size": [int(image.shape[1]), int(image.shape[0])]}
+        if calibration:
+            result.update(
+                normalised_score=float(normalised_scores(np.float64(score), calibration)),
+                anomalous=bool(score >= calibration["image_threshold"]),
+                threshold=calibration["image_threshold"],
+                threshold_source=calibration["source"])
+        if heatmap != "none":
+            from ..report import overlay_png
+
+            png = overlay_png(to_uint8_image(tensor[0]), prediction.anomaly_maps[0].numpy(),
+                              calibration)
+            result["heatmap_png"] = png
+        return result
+
+    def describe(self) -> dict[str, Any]:
+        detector = self.detector
+        fit_info = detector.fit_info_ or {}
+        calibration = detector.calibration or {}
+        return {
+            "method": detector.name,
+            "preset": getattr(detector, "preset", None),
+            "params": detector.get_params(),
+            "input_size": detector.preprocess.output_size,
+            "threshold": calibration.get("image_threshold"),
+            "threshold_source": calibration.get("source"),
+            "training_data": {key: fit_info[key] for key in
+                              ("n_train_images", "n_validation_images", "backbone_weights",
+                               "seconds_fit") if key in fit_info},
+            "model_dir": str(self.model_dir),
+        }
+
+
+class BodyLimit:
+    """ASGI middleware: answer 413 as soon as a request body passes ``max_bytes`` (by its
+    Content-Length, or while it streams in), so an oversized upload is never buffered."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(send)
+            return
+        received = 0
+        started = False
+
+        async def limited_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _BodyTooLarge
+            return message
+
+        async def tracking_send(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _BodyTooLarge:
+            if not started:
+                await self._refuse(send)
+
+    async def _refuse(self, send: Any) -> None:
+        response = JSONResponse({"detail": f"request body larger than {self.max_bytes} bytes"},
+                                status_code=413)
+        await response({"type": "http"}, None, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def create_app(model_dir: str | Path, device: str | None = None,
+               max_upload_bytes: int = 20 * 2**20, max_pixels: int = 40_000_000) -> FastAPI:
+    """The FastAPI application serving the detector saved in ``model_dir``."""
+    scorer = ImageScorer(model_dir, device, max_pixels)
+    app = FastAPI(title="iadkit", summary=f"{scorer.detector.name} anomaly detector")
+    app.add_middleware(BodyLimit, max_bytes=max_upload_bytes)
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/model")
+    def model() -> dict[str, Any]:
+        return scorer.describe()
+
+    @app.post("/predict")
+    async def predict(request: Request, heatmap: str = "none") -> Any:
+        if heatmap not in HEATMAP_MODES:
+            raise HTTPException(400, f"heatmap must be one of {list(HEATMAP_MODES)}")
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type == "multipart/form-data":
+            form = await request.form(max_files=1, max_fields=4)
+            upload = form.get("file")
+            if upload is None or isinstance(upload, str):
+                raise HTTPException(400, "send the image as a form field named 'file'")
+            data, name = await upload.read(), upload.filename or "upload"
+        elif content_type.startswith("image/") or content_type == "application/octet-stream":
+            data, name = await request.body(), "upload"
+        else:
+            raise HTTPException(415, f"content type {content_type or 'missing'!r}: send an "
+                                "image/* body or a multipart form with a 'file' field")
+        try:
+            result = await run_in_threadpool(scorer.score, data, name, heatmap)
+        except ImageTooLargeError as error:
+            raise HTTPException(413, str(error)) from None
+        except ImageReadError as error:
+            raise HTTPException(400, str(error)) from None
+        png = result.pop("heatmap_png", None)
+        if heatmap == "png":
+            headers = {"X-Anomaly-Score": f"{result['score']:.6g}"}
+            if result["anomalous"] is not None:
+                headers["X-Anomalous"] = str(result["anomalous"]).lower()
+                headers["X-Anomaly-Threshold"] = f"{result['threshold']:.6g}"
+            return Response(png, media_type="image/png", headers=headers)
+        if png is not None:
+            result["heatmap_png_base64"] = base64.b64encode(png).decode()
+        return JSONResponse(result)
+
+    return app

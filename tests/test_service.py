@@ -1,0 +1,180 @@
+"""The HTTP service, started for real (``iadkit serve``) on a loopback port."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from iadkit.cli import main  # noqa: E402
+from iadkit.data.image_io import read_image  # noqa: E402
+from iadkit.methods import Detector  # noqa: E402
+
+MAX_UPLOAD_MB = 1.0
+MAX_PIXELS = 1_000_000
+
+
+@pytest.fixture(scope="module")
+def served(toy_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """(base URL, model folder) of a PatchCore served by ``iadkit serve`` in a child process."""
+    run = tmp_path_factory.mktemp("serve") / "run"
+    assert main(["fit", "--method", "patchcore", "--data", str(toy_root), "--category", "alpha",
+                 "--out", str(run), "--param", "image_size=64", "--device", "cpu",
+                 "--quiet"]) == 0
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "iadkit.cli", "serve", str(run), "--port", str(port),
+         "--device", "cpu", "--max-upload-mb", str(MAX_UPLOAD_MB),
+         "--max-pixels", str(MAX_PIXELS)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"iadkit serve exited: {process.stdout.read().decode()}")
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.3)
+    try:
+        yield url, run / "models" / "alpha"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _post(url: str, body: bytes, content_type: str) -> tuple[int, dict | bytes, dict]:
+    request = urllib.request.Request(url, data=body, method="POST",
+                                     headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            status, raw, headers = response.status, response.read(), dict(response.headers)
+    except urllib.error.HTTPError as error:
+        status, raw, headers = error.code, error.read(), dict(error.headers)
+    if headers.get("content-type", "").startswith("application/json"):
+        return status, json.loads(raw), headers
+    return status, raw, headers
+
+
+def _multipart(data: bytes, filename: str = "part.png", field: str = "file") -> tuple[bytes, str]:
+    boundary = "iadkit-test-boundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; "
+            f"filename=\"{filename}\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+            ).encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _test_image(toy_root: Path) -> Path:
+    return sorted((toy_root / "alpha" / "test").glob("*/*.png"))[-1]
+
+
+def test_health_and_model_description(served) -> None:
+    url, _ = served
+    with urllib.request.urlopen(f"{url}/health") as response:
+        assert json.loads(response.read()) == {"status": "ok"}
+    with urllib.request.urlopen(f"{url}/model") as response:
+        model = json.loads(response.read())
+    assert model["method"] == "patchcore"
+    assert model["input_size"] == 56  # 64 px, centre-cropped like the preset's 256 -> 224
+    assert model["threshold"] is not None and "held out" in model["threshold_source"]
+    assert model["training_data"]["n_train_images"] > 0
+
+
+def test_predict_matches_the_detector_in_process(served, toy_root: Path) -> None:
+    url, model_dir = served
+    path = _test_image(toy_root)
+    body, content_type = _multipart(path.read_bytes(), path.name)
+    status, result, _ = _post(f"{url}/predict?heatmap=base64", body, content_type)
+    assert status == 200, result
+    detector = Detector.load(model_dir, device="cpu")
+    expected = float(detector.predict(detector.preprocess.image(read_image(path))[None]).scores[0])
+    assert result["score"] == pytest.approx(expected, rel=1e-5)
+    assert result["anomalous"] == (expected >= detector.calibration["image_threshold"])
+    heatmap = Image.open(io.BytesIO(base64.b64decode(result["heatmap_png_base64"])))
+    side = detector.preprocess.output_size
+    assert heatmap.size == (side, side)
+
+    # The raw body form and the PNG heatmap form give the same score.
+    status, png, headers = _post(f"{url}/predict?heatmap=png", path.read_bytes(), "image/png")
+    assert status == 200 and png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert float(headers["x-anomaly-score"]) == pytest.approx(result["score"], rel=1e-5)
+
+
+@pytest.mark.parametrize(("body", "content_type", "status", "message"), [
+    (b"this is not an image", "image/png", 400, "not a readable image"),
+    (_png(np.zeros((32, 32, 3), np.uint8))[:60], "image/png", 400, "corrupt or truncated"),
+    (b"", "image/png", 400, "empty"),
+    (b"{}", "application/json", 415, "content type"),
+    (_png(np.zeros((1200, 1000), np.uint8)), "image/png", 413, "pixels"),  # a tiny bomb
+    (b"\0" * int(MAX_UPLOAD_MB * 2**20 + 10), "image/png", 413, "larger than"),
+])
+def test_bad_requests_get_clear_4xx_answers(served, body: bytes, content_type: str,
+                                            status: int, message: str) -> None:
+    url, _ = served
+    got, result, _ = _post(f"{url}/predict", body, content_type)
+    assert got == status
+    assert message in result["detail"]
+
+
+def test_multipart_without_the_file_field_and_a_bad_heatmap_mode(served, toy_root: Path) -> None:
+    url, _ = served
+    body, content_type = _multipart(_test_image(toy_root).read_bytes(), field="image")
+    status, result, _ = _post(f"{url}/predict", body, content_type)
+    assert status == 400 and "'file'" in result["detail"]
+    status, result, _ = _post(f"{url}/predict?heatmap=svg", b"x", "image/png")
+    assert status == 400 and "heatmap" in result["detail"]
+
+
+def test_concurrent_requests_all_succeed_with_the_same_score(served, toy_root: Path) -> None:
+    url, _ = served
+    data = _test_image(toy_root).read_bytes()
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(lambda _: _post(f"{url}/predict", data, "image/png"), range(16)))
+    assert all(status == 200 for status, _, _ in answers)
+    assert len({result["score"] for _, result, _ in answers}) == 1
+    with urllib.request.urlopen(f"{url}/health") as response:  # still up after everything
+        assert response.status == 200
+
+
+def test_an_oversized_chunked_upload_is_refused_while_streaming(served) -> None:
+    """No Content-Length: the limit is enforced on the bytes as they arrive."""
+    import http.client
+
+    url, _ = served
+    host, port = url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    chunks = (b"\0" * 65536 for _ in range(int(MAX_UPLOAD_MB * 16) + 4))
+    try:
+        connection.request("POST", "/predict", body=chunks, encode_chunked=True,
+                           headers={"Content-Type": "image/png"})
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server answered and closed before the client finished sending
+    response = connection.getresponse()
+    assert response.status == 413
+    assert "larger than" in json.loads(response.read())["detail"]
+    connection.close()
