@@ -155,3 +155,25 @@ def test_interrupted_fit_resumes_keeping_finished_models(toy_root: Path, tmp_pat
     assert (run / "models" / "beta" / "detector.json").is_file()
     assert not list((run / "models").glob("*.partial"))
     assert main([*args, "--resume", "--seed", "7"]) == 2  # other settings: refuse to mix
+
+
+def test_batch_prediction_resumes_after_a_crash_mid_write(fitted_patchcore, tmp_path: Path,
+                                                          toy_root: Path, capsys) -> None:
+    detector, _ = fitted_patchcore
+    model = detector.save(tmp_path / "model")
+    images = str(toy_root / "alpha" / "test")
+    out = tmp_path / "batch"
+    assert main(["predict", str(model), images, "--out", str(out), "--format", "jsonl",
+                 "-q"]) == 0
+    complete = (out / "scores.jsonl").read_text().splitlines(keepends=True)
+    assert len(complete) == 12
+    # A crash after five rows, in the middle of writing the sixth.
+    (out / "scores.jsonl").write_text("".join(complete[:5]) + complete[5][:20])
+    capsys.readouterr()
+    assert main(["predict", str(model), images, "--out", str(out), "--format", "jsonl",
+                 "--resume", "-q"]) == 0
+    assert "7 images scored, 0 unreadable, 5 already done" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert [r["path"] for r in rows] == [json.loads(line)["path"] for line in complete]
+    assert rows == [json.loads(line) for line in complete]  # same scores as the full run
+    assert len(list((out / "heatmaps").glob("*.png"))) == 12

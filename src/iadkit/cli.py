@@ -4,7 +4,7 @@ Stable commands (scripts and CI rely on them)::
 
     iadkit fit --method NAME --preset cpu|paper --data ROOT --category NAME --out RUN_DIR
     iadkit test RUN_DIR [--data ROOT --category NAME] --json FILE [--report DIR]
-    iadkit predict RUN_DIR IMAGES... --out DIR
+    iadkit predict RUN_DIR IMAGES... --out DIR [--format csv|jsonl] [--resume]
     iadkit demo --out DIR
     iadkit benchmark GRID.yaml --out DIR
     iadkit serve RUN_DIR [--port 8000]
@@ -21,7 +21,6 @@ hyperparameter (the value is read as YAML: ``--param coreset_ratio=0.02``).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import sys
@@ -156,40 +155,19 @@ def _collect_images(inputs: list[str]) -> list[Path]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .engine import iter_predictions, normalised_scores, resolve_model_dir
+    from .deploy.batch import predict_files
+    from .engine import resolve_model_dir
     from .methods import Detector
-    from .report import save_overlay
 
     detector = Detector.load(resolve_model_dir(args.run_dir, args.model), device=args.device)
-    calibration = detector.calibration
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = _collect_images(args.inputs)
-    failures = 0
-    with (out / "scores.csv").open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "score", "normalised_score", "threshold", "anomalous", "heatmap",
-                         "error"])
-        predictions = iter_predictions(detector, paths, args.batch_size)
-        for number, item in enumerate(predictions):
-            if item.error is not None:
-                failures += 1
-                print(f"iadkit: skipped {item.error}", file=sys.stderr)
-                writer.writerow([item.path, "", "", "", "", "", item.error])
-                continue
-            # Numbered names: files of the same name in different folders must not collide.
-            heatmap = "" if args.no_heatmaps else f"heatmaps/{number:06d}_{item.path.stem}.png"
-            if heatmap:
-                save_overlay(item.path, item.anomaly_map, detector.preprocess, calibration,
-                             out / heatmap)
-            row = [item.path, f"{item.score:.6g}", "", "", ""]
-            if calibration:
-                threshold = calibration["image_threshold"]
-                row[2:] = [f"{float(normalised_scores(item.score, calibration)):.4f}",
-                           f"{threshold:.6g}", int(item.score >= threshold)]
-            writer.writerow([*row, heatmap, ""])
-    print(f"{len(paths) - failures} images scored, {failures} unreadable: {out / 'scores.csv'}")
-    return 0 if failures == 0 else 1
+    summary = predict_files(detector, _collect_images(args.inputs), Path(args.out),
+                            output_format=args.format, resume=args.resume,
+                            heatmaps=not args.no_heatmaps, batch_size=args.batch_size,
+                            show_progress=not args.quiet)
+    resumed = f", {summary.skipped} already done" if summary.skipped else ""
+    print(f"{summary.scored} images scored, {summary.failed} unreadable{resumed}: "
+          f"{summary.output}")
+    return 0 if summary.failed == 0 else 1
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -334,6 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", help="which model of a multi-model run folder")
     predict.add_argument("--batch-size", type=int, default=16)
     predict.add_argument("--no-heatmaps", action="store_true")
+    predict.add_argument("--format", choices=("csv", "jsonl"), default="csv",
+                         help="scores.csv (default) or scores.jsonl")
+    predict.add_argument("--resume", action="store_true",
+                         help="skip the files already in the output and append the rest")
     predict.set_defaults(func=cmd_predict)
 
     benchmark = add_command("benchmark", "run a grid of methods x datasets x settings "
