@@ -8,6 +8,7 @@ Stable commands (scripts and CI rely on them)::
     iadkit demo --out DIR
     iadkit benchmark GRID.yaml --out DIR
     iadkit serve RUN_DIR [--port 8000]
+    iadkit export RUN_DIR --format onnx --out DIR
     iadkit data prepare elpv DEST | iadkit data generate DEST
     iadkit synth preview --data ROOT --kind draem --out grid.png
     iadkit synth pseudo-val --data ROOT --kind fragments --out DIR
@@ -221,6 +222,24 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise IadkitError("iadkit export needs onnx and onnxruntime: pip install 'iadkit[onnx]'"
+                          ) from None
+    from .deploy.export import export_onnx
+    from .engine import resolve_model_dir
+    from .methods import Detector
+
+    detector = Detector.load(resolve_model_dir(args.run_dir, args.model), device="cpu")
+    record = export_onnx(detector, args.out, opset=args.opset)
+    parity = record["parity"]
+    print(f"{detector.name} exported to {Path(args.out) / 'model.onnx'}; largest difference to "
+          f"PyTorch: maps {parity['maps_max_abs']:.3g}, scores {parity['scores_max_abs']:.3g}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
@@ -324,6 +343,14 @@ def build_parser() -> argparse.ArgumentParser:
     benchmark.add_argument("--out", required=True,
                            help="results folder; run again to finish an interrupted grid")
     benchmark.set_defaults(func=cmd_benchmark)
+
+    export = add_command("export", "export a trained detector's inference as ONNX")
+    export.add_argument("run_dir", help="run folder or model folder")
+    export.add_argument("--model", help="which model of a multi-model run folder")
+    export.add_argument("--format", choices=("onnx",), default="onnx")
+    export.add_argument("--out", required=True, help="folder for model.onnx + inference.json")
+    export.add_argument("--opset", type=int, default=17)
+    export.set_defaults(func=cmd_export)
 
     serve = add_command("serve", "serve a trained detector over HTTP (POST /predict)")
     serve.add_argument("model_dir", help="run folder or model folder")

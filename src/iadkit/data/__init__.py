@@ -1,14 +1,27 @@
-"""Datasets: layout readers, samples, evaluation settings, loaders and generated test data."""
+"""Datasets: layout readers, samples, evaluation settings, loaders and generated test data.
 
-from .dataset import Batch, ImageDataset, Preprocess, make_loader
-from .generate import generate_dataset
-from .image_io import read_image, read_mask
-from .layouts import LAYOUTS, detect_layout, load_dataset, read_folder
-from .samples import ANOMALOUS, NORMAL, Sample, SampleSet
-from .settings import SETTINGS, Task, make_tasks
+The names below load their module on first use, so that ``iadkit.data.image_io`` (Pillow and
+NumPy only) can be imported without torch, as the ONNX inferencer does.
+"""
 
-__all__ = [
-    "ANOMALOUS", "Batch", "ImageDataset", "LAYOUTS", "NORMAL", "Preprocess", "SETTINGS", "Sample",
-    "SampleSet", "Task", "detect_layout", "generate_dataset", "load_dataset", "make_loader",
-    "make_tasks", "read_folder", "read_image", "read_mask",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Batch": "dataset", "ImageDataset": "dataset", "Preprocess": "dataset",
+    "make_loader": "dataset", "generate_dataset": "generate", "read_image": "image_io",
+    "read_mask": "image_io", "LAYOUTS": "layouts", "detect_layout": "layouts",
+    "load_dataset": "layouts", "read_folder": "layouts", "ANOMALOUS": "samples",
+    "NORMAL": "samples", "Sample": "samples", "SampleSet": "samples", "SETTINGS": "settings",
+    "Task": "settings", "make_tasks": "settings",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

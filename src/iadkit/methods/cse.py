@@ -454,7 +454,9 @@ class CSE(Detector):
         distances = cluster_distances(pooled, self.centres_)
         per_cluster = distances.mean(dim=(2, 3))
         scores, nearest = per_cluster.min(dim=1)
-        positions = distances[torch.arange(len(nearest), device=nearest.device), nearest]
+        height, width = distances.shape[-2:]
+        positions = distances.gather(
+            1, nearest.view(-1, 1, 1, 1).expand(-1, 1, height, width)).squeeze(1)
         return positions, scores, pooled
 
     def raw_maps_and_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

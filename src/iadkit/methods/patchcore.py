@@ -175,9 +175,10 @@ class PatchCore(Detector):
         best_score, best_patch = patch_scores.max(dim=1)
         if not self.reweight or self.memory_bank_.shape[0] < 2:
             return best_score
-        rows = torch.arange(queries.shape[0], device=queries.device)
-        test_feature = queries[rows, best_patch]  # (B, D)
-        memory_feature = self.memory_bank_[nearest[rows, best_patch]]  # (B, D): m*
+        # gather, not arange indexing: an exported graph keeps its batch dimension free
+        test_feature = queries.gather(
+            1, best_patch.view(-1, 1, 1).expand(-1, 1, queries.shape[2])).squeeze(1)  # (B, D)
+        memory_feature = self.memory_bank_[nearest.gather(1, best_patch.view(-1, 1)).squeeze(1)]
         k = min(self.num_neighbors, self.memory_bank_.shape[0])
         _, support = self._index.search(memory_feature, k)  # N_b(m*), m* itself first
         support_distances = torch.linalg.vector_norm(

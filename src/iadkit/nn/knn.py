@@ -56,7 +56,7 @@ class FlatIndex:
     def search(self, queries: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """(M, k) Euclidean distances (ascending) and (M, k) int64 bank indices."""
         k = min(k, self.bank.shape[0])
-        if self._faiss_index is not None:
+        if self._faiss_index is not None and not torch.onnx.is_in_onnx_export():
             squared, indices = self._faiss_index.search(
                 queries.detach().float().contiguous().numpy(), k)
             distances = torch.from_numpy(squared).clamp_(min=0.0).sqrt_()
@@ -93,6 +93,8 @@ def nearest_neighbours(
     if bank_sq_norms is None:
         bank_sq_norms = bank.pow(2).sum(1)
     chunk = max(1, max_elements // max(1, bank.shape[0]))
+    if torch.onnx.is_in_onnx_export():  # an exported graph has no loop: one distance matrix
+        chunk = queries.shape[0]
     all_distances, all_indices = [], []
     for start in range(0, queries.shape[0], chunk):
         distances = squared_distances(queries[start:start + chunk], bank, bank_sq_norms)

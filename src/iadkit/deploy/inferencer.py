@@ -1,0 +1,104 @@
+"""Scoring with an exported ONNX model and onnxruntime, without torch.
+
+Only NumPy, Pillow and onnxruntime are imported (not torch, not iadkit's training code), so a
+production image can ship without PyTorch. Preprocessing repeats iadkit's exactly (bilinear
+resize to a square, centre crop, scale to [0, 1]), and the decision uses the calibration saved
+at export (the threshold from held-out normal images).
+
+Example:
+    >>> inferencer = OnnxInferencer("exported/tiles")
+    >>> result = inferencer.predict_file("part_0042.png")
+    >>> result.score, result.anomalous
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ..data.image_io import read_image
+from ..errors import CheckpointError
+
+INFERENCE_FORMAT = "iadkit-onnx"
+
+
+@dataclass
+class InferenceResult:
+    """One image's prediction.
+
+    Attributes:
+        score: the image anomaly score.
+        anomaly_map: (S, S) float32 map at the model's input size.
+        anomalous: score >= threshold, or None when the model has no calibration.
+        normalised_score: (score - normal median) / (threshold - normal median), or None.
+    """
+
+    score: float
+    anomaly_map: np.ndarray
+    anomalous: bool | None
+    normalised_score: float | None
+
+
+class OnnxInferencer:
+    """An exported detector (``model.onnx`` + ``inference.json``) run by onnxruntime.
+
+    Args:
+        folder: what :func:`iadkit.deploy.export.export_onnx` wrote.
+        threads: intra-op threads for onnxruntime (None: its default, all cores).
+    """
+
+    def __init__(self, folder: str | Path, threads: int | None = None) -> None:
+        import onnxruntime
+
+        folder = Path(folder)
+        config_path, model_path = folder / "inference.json", folder / "model.onnx"
+        for needed in (config_path, model_path):
+            if not needed.is_file():
+                raise CheckpointError(f"{needed}: missing; {folder} is not an exported model")
+        self.config: dict[str, Any] = json.loads(config_path.read_text())
+        if self.config.get("format") != INFERENCE_FORMAT:
+            raise CheckpointError(f"{config_path}: not an iadkit ONNX export")
+        options = onnxruntime.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        self.session = onnxruntime.InferenceSession(str(model_path), options,
+                                                    providers=["CPUExecutionProvider"])
+        self.image_size = int(self.config["preprocess"]["image_size"])
+        crop = self.config["preprocess"]["crop_size"]
+        self.crop_size = int(crop) if crop else None
+        self.calibration = self.config.get("calibration")
+
+    def preprocess(self, image: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 -> (3, S, S) float32 in [0, 1], as iadkit's ``Preprocess``."""
+        resized = Image.fromarray(image).resize((self.image_size, self.image_size),
+                                                Image.BILINEAR)
+        if self.crop_size is not None and self.crop_size < self.image_size:
+            offset = (self.image_size - self.crop_size) // 2
+            resized = resized.crop((offset, offset, offset + self.crop_size,
+                                    offset + self.crop_size))
+        array = np.asarray(resized, dtype=np.uint8).transpose(2, 0, 1)
+        return array.astype(np.float32) / np.float32(255.0)
+
+    def predict(self, images: list[np.ndarray]) -> list[InferenceResult]:
+        """Score a batch of (H, W, 3) uint8 RGB images."""
+        batch = np.stack([self.preprocess(image) for image in images])
+        maps, scores = self.session.run(None, {"images": batch})
+        return [self._result(float(score), anomaly_map) for score, anomaly_map in zip(scores, maps)]
+
+    def predict_file(self, path: str | Path) -> InferenceResult:
+        """Read (with iadkit's conversions and errors) and score one image file."""
+        return self.predict([read_image(path)])[0]
+
+    def _result(self, score: float, anomaly_map: np.ndarray) -> InferenceResult:
+        if not self.calibration:
+            return InferenceResult(score, anomaly_map, None, None)
+        threshold = self.calibration["image_threshold"]
+        median = self.calibration["normal_median"]
+        span = threshold - median
+        return InferenceResult(score, anomaly_map, score >= threshold,
+                               (score - median) / (span if span > 0 else 1.0))

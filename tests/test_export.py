@@ -1,0 +1,93 @@
+"""ONNX export: parity with PyTorch per method, the torch-free inferencer, refusals."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+
+from iadkit.cli import main  # noqa: E402
+from iadkit.data import load_dataset, make_loader  # noqa: E402
+from iadkit.deploy.export import export_onnx  # noqa: E402
+from iadkit.errors import IadkitError  # noqa: E402
+from iadkit.methods import Detector, create_detector  # noqa: E402
+
+#: Largest absolute differences accepted between onnxruntime and PyTorch (float32 graphs).
+MAP_TOLERANCE, SCORE_TOLERANCE = 1e-3, 1e-3
+QUICK = {
+    "patchcore": {"coreset_ratio": 0.25},
+    "rd": {"epochs": 1},
+    "cse": {"epochs": 1, "min_steps": 0},
+    "uniad": {"epochs": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def toy_alpha(toy_root: Path):
+    samples = load_dataset(toy_root, ["alpha"])
+    return samples.where(split="train"), samples.where(split="test")
+
+
+@pytest.mark.parametrize("method", sorted(QUICK))
+def test_exported_graph_matches_pytorch(method: str, toy_alpha, tmp_path: Path) -> None:
+    train, test = toy_alpha
+    # CSE's deepest level and UniAD's attention window need a grid of a few positions.
+    image_size = 128 if method in ("cse", "uniad") else 64
+    detector = create_detector(method, "cpu", device="cpu", image_size=image_size,
+                               **QUICK[method])
+    detector.fit(make_loader(train, detector.preprocess, batch_size=8))
+    record = export_onnx(detector, tmp_path / "export")
+    assert record["parity"]["maps_relative"] <= 1e-4
+
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(tmp_path / "export" / "model.onnx"))
+    images = torch.cat([b["image"] for b in make_loader(test, detector.preprocess, 16)])[:5]
+    maps, scores = session.run(None, {"images": images.numpy()})
+    expected = detector.predict(images)
+    assert np.abs(maps - expected.anomaly_maps.numpy()).max() <= MAP_TOLERANCE
+    assert np.abs(scores - expected.scores.numpy()).max() <= SCORE_TOLERANCE
+
+
+def test_cli_export_and_torch_free_inferencer(toy_root: Path, tmp_path: Path) -> None:
+    run, out = tmp_path / "run", tmp_path / "onnx"
+    assert main(["fit", "--method", "patchcore", "--data", str(toy_root), "--category", "alpha",
+                 "--out", str(run), "--param", "image_size=64", "--device", "cpu",
+                 "--quiet"]) == 0
+    assert main(["export", str(run), "--format", "onnx", "--out", str(out), "--quiet"]) == 0
+    config = json.loads((out / "inference.json").read_text())
+    assert config["calibration"]["image_threshold"] > 0
+
+    image = sorted((toy_root / "alpha" / "test").glob("*/*.png"))[-1]
+    detector = Detector.load(run / "models" / "alpha", device="cpu")
+    expected = float(detector.predict(detector.preprocess.load(image)[None]).scores[0])
+    # In a fresh interpreter: the inferencer scores the file without importing torch.
+    script = (
+        "import json, sys\n"
+        "from iadkit.deploy.inferencer import OnnxInferencer\n"
+        f"result = OnnxInferencer({str(out)!r}).predict_file({str(image)!r})\n"
+        "print(json.dumps({'score': result.score, 'anomalous': result.anomalous,\n"
+        "                  'torch': 'torch' in sys.modules, 'shape': list(result.anomaly_map.shape)}))\n")
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                               check=True)
+    answer = json.loads(completed.stdout)
+    assert answer["torch"] is False
+    assert answer["score"] == pytest.approx(expected, rel=1e-4)
+    assert answer["anomalous"] == (expected >= config["calibration"]["image_threshold"])
+    assert answer["shape"] == [detector.preprocess.output_size] * 2
+
+
+def test_export_refuses_an_unfitted_or_class_aware_detector(tmp_path: Path) -> None:
+    with pytest.raises(IadkitError, match="fit or load"):
+        export_onnx(create_detector("patchcore", "cpu", device="cpu"), tmp_path / "x")
+    with pytest.raises(IadkitError, match="category"):
+        detector = create_detector("cada", "cpu", device="cpu", alignment="class")
+        detector.fit_info_ = {}
+        export_onnx(detector, tmp_path / "y")
