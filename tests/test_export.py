@@ -26,6 +26,7 @@ QUICK = {
     "rd": {"epochs": 1},
     "cse": {"epochs": 1, "min_steps": 0},
     "uniad": {"epochs": 1},
+    "cada": {"base": "rd", "base_params": {"epochs": 1}, "iterations": 20},  # wraps a detector
 }
 
 

@@ -43,8 +43,7 @@ class _PredictGraph(nn.Module):
     def __init__(self, detector: Detector) -> None:
         super().__init__()
         self.detector = detector
-        self.networks = nn.ModuleDict({name: value for name, value in vars(detector).items()
-                                       if isinstance(value, nn.Module)})
+        self.networks = nn.ModuleDict(_networks(detector))
         self.networks.requires_grad_(False)
         # The whole module in eval mode: the exporter restores the root's mode afterwards,
         # which would otherwise put every BatchNorm back into training.
@@ -53,6 +52,17 @@ class _PredictGraph(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         prediction = self.detector._predict(images)
         return prediction.anomaly_maps, prediction.scores
+
+
+def _networks(detector: Detector, prefix: str = "") -> dict[str, nn.Module]:
+    """Every module a detector holds, including those of a detector it wraps (CADA's base)."""
+    found: dict[str, nn.Module] = {}
+    for name, value in vars(detector).items():
+        if isinstance(value, nn.Module):
+            found[prefix + name] = value
+        elif isinstance(value, Detector):
+            found.update(_networks(value, f"{prefix}{name}__"))
+    return found
 
 
 def export_onnx(detector: Detector, folder: str | Path, opset: int = 17,
@@ -77,6 +87,8 @@ def export_onnx(detector: Detector, folder: str | Path, opset: int = 17,
     graph = _PredictGraph(cpu_detector)
     side = cpu_detector.preprocess.output_size
     example = torch.rand(check_batch, 3, side, side, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # builds lazy caches (pooling weights, map operators) as constants
+        graph(example)
     started = time.perf_counter()
     try:
         with warnings.catch_warnings(), torch.no_grad():
