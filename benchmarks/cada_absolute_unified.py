@@ -22,33 +22,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import resource
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
-
-
-def subsampled_category(source: Path, destination: Path, n_train: int, seed: int) -> None:
-    """Link a category's test and mask folders, and a seeded subsample of its training normals."""
-    destination.mkdir(parents=True)
-    for folder in ("test", "ground_truth"):
-        if (source / folder).is_dir():
-            (destination / folder).symlink_to((source / folder).resolve())
-    if (source / "subclasses.csv").is_file():
-        (destination / "subclasses.csv").symlink_to((source / "subclasses.csv").resolve())
-    images = sorted((source / "train" / "good").iterdir())
-    random.Random(seed).shuffle(images)
-    train = destination / "train" / "good"
-    train.mkdir(parents=True)
-    for image in images[:n_train]:
-        (train / image.name).symlink_to(image.resolve())
 
 
 def main() -> None:
+    from multi_category_data import SHARED, subsampled_category
+
     from iadkit.data import generate_dataset
     from iadkit.data.elpv import prepare_elpv
     from iadkit.engine import RunConfig, fit_run, test_run

@@ -46,7 +46,8 @@ def main() -> None:
         run = Path(scratch) / "run"
         iadkit(["fit", "--method", "patchcore", "--data", str(data.parent), "--out", str(run),
                 "--device", "cpu", "--quiet"])
-        images = sorted((Path(args.data) / "test").glob("*/*.png"))[:50]
+        images = sorted(p for p in (Path(args.data) / "test").glob("*/*")
+                        if p.suffix.lower() in (".png", ".jpg", ".bmp"))[:50]
         bodies = [path.read_bytes() for path in images]
 
         detector = Detector.load(run / "models" / "tiles", device="cpu")

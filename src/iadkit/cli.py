@@ -57,6 +57,7 @@ def _run_config(args: argparse.Namespace) -> Any:
         "batch_size": args.batch_size, "workers": args.workers,
         "validation_fraction": args.validation_fraction,
         "seen_subclasses": args.seen, "unseen_subclasses": args.unseen,
+        "search": args.search if args.search in (None, "default") else yaml.safe_load(args.search),
     }
     values.update({k: v for k, v in flags.items() if v is not None})
     if args.category:
@@ -294,6 +295,9 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int)
     parser.add_argument("--validation-fraction", type=float,
                         help="share of training normals held out for calibration (default 0.1)")
+    parser.add_argument("--search", help="choose inference parameters on a pseudo-validation "
+                        "set of the held-out normals: 'default' (the method's own search) or "
+                        "a YAML list of stages, e.g. '[{param: tau, values: [100, 300]}]'")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,6 +19,7 @@ import json
 import logging
 import random
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -36,6 +37,7 @@ from .data.settings import Task, make_tasks
 from .errors import IadkitError, ImageReadError
 from .methods import Detector, create_detector
 from .progress import progress
+from .synthesis.pseudo_validation import build_pseudo_validation
 
 log = logging.getLogger("iadkit")
 
@@ -43,7 +45,7 @@ RUN_FILE = "run.json"
 #: Run settings that change what a model learns (a resumed run must match them).
 MODEL_SETTINGS = ("method", "data", "preset", "params", "categories", "layout", "setting",
                   "seen_subclasses", "unseen_subclasses", "validation_fraction",
-                  "threshold_quantile", "seed")
+                  "threshold_quantile", "search", "search_synthesis", "search_metric", "seed")
 METRIC_KEYS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_aupro")
 PIXEL_KEYS = ("pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_aupro")
 
@@ -67,6 +69,13 @@ class RunConfig:
             layout has no validation split; 0 trains on all of them and leaves the detector
             uncalibrated (scores only, no decision threshold).
         threshold_quantile: the image threshold is this quantile of held-out normal scores.
+        search: inference parameters to choose after fitting, on a pseudo-validation set made
+            from the held-out normals: "default" (the method's :attr:`Detector.default_search`)
+            or a list of stages ``{"param": name, "values": [...], "fixed": {...}}``; None
+            keeps the hyperparameters as given. See :func:`search_inference_params`.
+        search_synthesis: the synthetic anomalies of the pseudo-validation set
+            (:data:`iadkit.synthesis.pseudo_validation.KINDS`; "fragments" as in LafitE).
+        search_metric: the metric the search maximises (mean over categories).
         device: "auto" (CUDA when present), "cpu", "cuda", ...
         seed: seeds the validation split and the detectors.
         show_progress: show progress bars.
@@ -85,6 +94,9 @@ class RunConfig:
     workers: int = 0
     validation_fraction: float = 0.1
     threshold_quantile: float = 0.99
+    search: str | list[dict[str, Any]] | None = None
+    search_synthesis: str = "fragments"
+    search_metric: str = "image_auroc"
     device: str = "auto"
     seed: int = 0
     show_progress: bool = True
@@ -105,18 +117,36 @@ class RunConfig:
         return create_detector(self.method, self.preset, device=self.device, seed=self.seed,
                                **self.params)
 
+    def search_stages(self, detector: Detector) -> list[dict[str, Any]]:
+        """The search stages for ``detector`` ([] when there is no search)."""
+        if self.search is None:
+            return []
+        if self.search == "default":
+            if not detector.default_search:
+                raise IadkitError(f"{detector.name} has no default search; give the stages "
+                                  f"(inference parameters: {list(detector.inference_params)})")
+            return [dict(stage) for stage in detector.default_search]
+        if isinstance(self.search, str) or not isinstance(self.search, list):
+            raise IadkitError(f"search must be 'default' or a list of stages, got {self.search!r}")
+        return self.search
+
 
 # -- calibration ---------------------------------------------------------------------------------
 def holdout_split(train: SampleSet, fraction: float, seed: int) -> tuple[SampleSet, SampleSet]:
-    """Split normal training samples into (fit, validation) by a seeded shuffle."""
+    """Split normal training samples into (fit, validation) by a seeded shuffle, holding out
+    ``fraction`` of every category (at least one image each)."""
     if fraction <= 0:
         return train, SampleSet([])
     order = list(range(len(train)))
     random.Random(seed).shuffle(order)
-    n_validation = max(1, int(round(fraction * len(train))))
-    if n_validation >= len(train):
-        raise IadkitError(f"validation_fraction {fraction} leaves no training images")
-    held = set(order[:n_validation])
+    held: set[int] = set()
+    for category in train.categories:
+        members = [i for i in order if train[i].category == category]
+        n_validation = max(1, int(round(fraction * len(members))))
+        if n_validation >= len(members):
+            raise IadkitError(f"validation_fraction {fraction} leaves no training images of "
+                              f"{category!r}")
+        held.update(members[:n_validation])
     return (SampleSet(s for i, s in enumerate(train) if i not in held),
             SampleSet(s for i, s in enumerate(train) if i in held))
 
@@ -201,6 +231,21 @@ def fit_detector(config: RunConfig, task: Task, checkpoint_dir: Path | None = No
     detector.fit_info_["seconds_fit"] = round(time.perf_counter() - started, 2)
     detector.fit_info_["n_train_images"] = len(train)
     detector.fit_info_["n_validation_images"] = len(validation)
+    stages = config.search_stages(detector)
+    if stages:
+        if len(validation) < 2:
+            raise IadkitError("an inference-parameter search needs held-out normal images: "
+                              "set validation_fraction > 0")
+        with tempfile.TemporaryDirectory(prefix="iadkit-pseudo-") as folder:
+            pseudo = build_pseudo_validation(validation, folder, config.search_synthesis,
+                                             detector.preprocess.output_size, seed=config.seed)
+            search = search_inference_params(detector, pseudo, stages, config.search_metric,
+                                             config.batch_size, config.workers,
+                                             config.show_progress)
+        search["source"] = (f"{config.search_synthesis} pseudo-validation set made from "
+                            f"{len(validation)} normal images held out from training")
+        detector.fit_info_["search"] = search
+        log.info("search chose %s", search["chosen"])
     detector.calibration = None
     if len(validation):
         held = predict_samples(detector, validation, config.batch_size, config.workers,
@@ -209,6 +254,74 @@ def fit_detector(config: RunConfig, task: Task, checkpoint_dir: Path | None = No
                   "validation images held out from training")
         detector.calibration = calibrate(held.scores, held.maps, config.threshold_quantile, source)
     return detector
+
+
+# -- inference-parameter search ------------------------------------------------------------------
+def search_inference_params(detector: Detector, validation: SampleSet,
+                            stages: Sequence[dict[str, Any]], metric: str = "image_auroc",
+                            batch_size: int = 16, workers: int = 0, show_progress: bool = False
+                            ) -> dict[str, Any]:
+    """Choose inference parameters of a fitted detector by a staged grid search.
+
+    Each stage tries every value of one parameter (with the stage's ``fixed`` parameters set
+    for the stage only), scores ``validation`` (a labelled set made without test data, e.g. by
+    :func:`iadkit.synthesis.build_pseudo_validation`), and keeps the value with the best
+    ``metric`` (mean over categories; the first on ties) for the following stages. The
+    detector is left with the chosen values.
+
+    Args:
+        detector: a fitted detector.
+        validation: labelled samples; pixel metrics are recorded where they have masks.
+        stages: ``{"param": name, "values": [...], "fixed": {name: value}}`` each, names from
+            ``detector.inference_params``.
+        metric: a key of :func:`score_predictions`' result (higher is better).
+
+    Returns:
+        ``{"metric", "chosen": {param: value}, "stages": [{"param", "fixed", "chosen",
+        "curve": [{"value", "image_auroc", "pixel_auroc", ...}]}]}`` (JSON-friendly).
+
+    Example:
+        >>> search_inference_params(detector, pseudo, [{"param": "tau", "values": [100, 300]}])
+    """
+    if metric not in METRIC_KEYS:
+        raise IadkitError(f"unknown search metric {metric!r}; choose from {METRIC_KEYS}")
+    for stage in stages:
+        unknown = sorted(set(stage) - {"param", "values", "fixed"})
+        if unknown or "param" not in stage or not stage.get("values"):
+            raise IadkitError(f"a search stage needs 'param' and a non-empty 'values' list "
+                              f"(and optionally 'fixed'), got {stage}")
+        names = [stage["param"], *stage.get("fixed", {})]
+        wrong = [n for n in names if n not in detector.inference_params]
+        if wrong:
+            raise IadkitError(f"{detector.name} cannot search {wrong}: only inference "
+                              f"parameters can, {list(detector.inference_params)}")
+    groups = {c: validation.where(category=c) for c in validation.categories}
+    result: dict[str, Any] = {"metric": metric, "n_images": len(validation), "stages": [],
+                              "chosen": {}}
+    for stage in stages:
+        param, fixed = stage["param"], dict(stage.get("fixed", {}))
+        restore = {name: getattr(detector, name) for name in fixed}
+        detector.set_inference_params(**fixed)
+        curve = []
+        for value in stage["values"]:
+            detector.set_inference_params(**{param: value})
+            point: dict[str, Any] = {"value": value}
+            per_group = [score_predictions(
+                predict_samples(detector, group, batch_size, workers, show_progress,
+                                f"search {param}={value}"), group.has_masks)
+                for group in groups.values()]
+            for key in ("image_auroc", "image_ap", "pixel_auroc"):
+                values = [g[key] for g in per_group if g.get(key) is not None]
+                point[key] = round(float(np.mean(values)), 5) if values else None
+            if point.get(metric) is None:
+                point[metric] = round(float(np.mean([g[metric] for g in per_group])), 5)
+            curve.append(point)
+        best = max(curve, key=lambda p: p[metric])  # max keeps the first of equal values
+        detector.set_inference_params(**restore, **{param: best["value"]})
+        result["stages"].append({"param": param, "fixed": fixed, "chosen": best["value"],
+                                 "curve": curve})
+        result["chosen"][param] = best["value"]
+    return result
 
 
 # -- evaluation ----------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from . import (  # noqa: E402,F401
     adapted_moe,
     cada,
     cse,
+    lafite,
     patchcore,
     recontrast,
     reverse_distillation,

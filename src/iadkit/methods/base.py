@@ -97,6 +97,12 @@ class Detector(ABC):
     feature_location: str = ""
     #: Whether :meth:`predict` needs each image's category (class-aware references only).
     needs_categories: bool = False
+    #: Hyperparameters that only change inference: :meth:`set_inference_params` may change them
+    #: on a fitted detector, and :func:`iadkit.engine.search_inference_params` searches them.
+    inference_params: ClassVar[tuple[str, ...]] = ()
+    #: The method's own search procedure, used by ``RunConfig(search="default")``: stages of
+    #: ``{"param": name, "values": [...], "fixed": {other: value}}`` (see the engine).
+    default_search: ClassVar[tuple[dict[str, Any], ...]] = ()
     _extractor: FeatureExtractor | None = None
 
     # -- construction --------------------------------------------------------------------
@@ -137,6 +143,30 @@ class Detector(ABC):
     def get_params(self) -> dict[str, Any]:
         """The constructor arguments (JSON-friendly), as in scikit-learn."""
         return {name: _jsonable(getattr(self, name)) for name in self.param_names()}
+
+    def set_inference_params(self, **values: Any) -> Detector:
+        """Change inference-only hyperparameters (:attr:`inference_params`), also after fit.
+
+        Example:
+            >>> detector.set_inference_params(tau=300, k_neighbours=5)
+        """
+        unknown = sorted(set(values) - set(self.inference_params))
+        if unknown:
+            raise IadkitError(f"{self.name}: {unknown} cannot change after fit; inference "
+                              f"parameters: {list(self.inference_params) or 'none'}")
+        before = {name: getattr(self, name) for name in values}
+        for name, value in values.items():
+            setattr(self, name, value)
+        try:
+            self._check_inference_params()
+        except ValueError as error:
+            for name, value in before.items():
+                setattr(self, name, value)
+            raise IadkitError(f"{self.name}: {error}") from None
+        return self
+
+    def _check_inference_params(self) -> None:
+        """Raise ValueError when the inference parameters are inconsistent (override)."""
 
     @property
     def preprocess(self) -> Preprocess:
