@@ -90,7 +90,7 @@ def main() -> None:
 
         lafite_params = {} if args.epochs is None else {"epochs": args.epochs}
         lafite_dir, lafite_seconds = fit("lafite", "lafite", lafite_params, search="default")
-        result, (evaluation,) = test_run(lafite_dir.parents[1])
+        result, _ = test_run(lafite_dir.parents[1])
         detector = Detector.load(lafite_dir)
         search = detector.fit_info_["search"]
         chosen = search["chosen"]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from iadkit import engine
 from iadkit.cli import main
@@ -55,6 +56,20 @@ def test_threshold_comes_from_held_out_normals_not_test(toy_root: Path) -> None:
     expected = float(np.quantile(held_scores, config.threshold_quantile))
     assert detector.calibration["image_threshold"] == pytest.approx(expected)
     assert "held out" in detector.calibration["source"]
+
+
+def test_holdout_takes_its_share_of_every_category_and_batches_never_hold_one_image(
+        toy_root: Path) -> None:
+    from iadkit.methods.training import TrainingImages
+
+    train = load_dataset(toy_root).where(split="train")  # 16 alpha + 16 beta
+    fit_part, held = engine.holdout_split(train, 0.1, seed=0)
+    assert [len(held.where(category=c)) for c in ("alpha", "beta")] == [2, 2]
+    assert len(fit_part) == 28
+    images = TrainingImages(torch.zeros(17, 3, 2, 2, dtype=torch.uint8), ["a"] * 17, [""] * 17)
+    batches = images.epoch_batches(8, seed=0, epoch=0)
+    assert [len(b) for b in batches] == [8, 9]
+    assert sorted(torch.cat(batches).tolist()) == list(range(17))
 
 
 def test_absolute_unified_pools_where_averaging_would_not(toy_root: Path) -> None:

@@ -19,7 +19,8 @@ from iadkit.deploy.export import export_onnx  # noqa: E402
 from iadkit.errors import IadkitError  # noqa: E402
 from iadkit.methods import Detector, create_detector  # noqa: E402
 
-#: Largest absolute differences accepted between onnxruntime and PyTorch (float32 graphs).
+#: Largest differences accepted between onnxruntime and PyTorch (float32 graphs), relative to
+#: the largest value (or absolute below 1).
 MAP_TOLERANCE, SCORE_TOLERANCE = 1e-3, 1e-3
 QUICK = {
     "patchcore": {"coreset_ratio": 0.25},
@@ -27,6 +28,9 @@ QUICK = {
     "cse": {"epochs": 1, "min_steps": 0},
     "uniad": {"epochs": 1},
     "cada": {"base": "rd", "base_params": {"epochs": 1}, "iterations": 20},  # wraps a detector
+    # the DDIM loop unrolls into the graph; the corruption noise is a constant of it
+    "lafite": {"epochs": 1, "grid": 8, "base_channels": 16, "channel_mults": (1, 2),
+               "attention_levels": (1,), "tau": 100, "ddim_steps": 4},
 }
 
 
@@ -53,8 +57,9 @@ def test_exported_graph_matches_pytorch(method: str, toy_alpha, tmp_path: Path) 
     images = torch.cat([b["image"] for b in make_loader(test, detector.preprocess, 16)])[:5]
     maps, scores = session.run(None, {"images": images.numpy()})
     expected = detector.predict(images)
-    assert np.abs(maps - expected.anomaly_maps.numpy()).max() <= MAP_TOLERANCE
-    assert np.abs(scores - expected.scores.numpy()).max() <= SCORE_TOLERANCE
+    for got, want, tolerance in ((maps, expected.anomaly_maps.numpy(), MAP_TOLERANCE),
+                                 (scores, expected.scores.numpy(), SCORE_TOLERANCE)):
+        assert np.abs(got - want).max() <= tolerance * max(1.0, np.abs(want).max())
 
 
 def test_cli_export_and_torch_free_inferencer(toy_root: Path, tmp_path: Path) -> None:

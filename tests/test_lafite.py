@@ -138,7 +138,7 @@ def test_lafite_separates_generated_defects_in_both_categories(fitted_lafite) ->
     detector, samples = fitted_lafite
     losses = detector.fit_info_["loss_history"]["diffusion"]
     assert losses[-1] < losses[0]
-    assert detector.memory_bank_.shape[1] == detector.fit_info_["feature_channels"]
+    assert detector.bank_.vectors.shape[1] == detector.fit_info_["feature_channels"]
     for category in ("alpha", "beta"):
         scores, maps, masks, labels = _scores(
             detector, samples.where(split="test", category=category))
@@ -175,6 +175,26 @@ def test_inference_params_change_after_fit_and_others_are_refused(fitted_lafite)
     with pytest.raises(IadkitError, match="tau"):
         detector.set_inference_params(tau=5000)
     assert detector.tau == SMALL_LAFITE["tau"]  # a refused value is not kept
+
+
+def test_interrupted_lafite_training_resumes_to_the_same_model(
+        toy_root: Path, tmp_path: Path, interrupt_training) -> None:
+    train = load_dataset(toy_root, ["alpha"]).where(split="train")
+    settings = dict(SMALL_LAFITE, epochs=3, checkpoint_every_s=0)
+    reference = create_detector("lafite", "cpu", **settings)
+    reference.fit(make_loader(train, reference.preprocess, 8))
+    detector = create_detector("lafite", "cpu", **settings)
+    folder = tmp_path / "checkpoint"
+    undo = interrupt_training(2)
+    with pytest.raises(KeyboardInterrupt):
+        detector.fit(make_loader(train, detector.preprocess, 8), checkpoint_dir=folder)
+    undo()
+    resumed = create_detector("lafite", "cpu", **settings)
+    undo = interrupt_training(1)  # only the missing epoch may run
+    resumed.fit(make_loader(train, resumed.preprocess, 8), checkpoint_dir=folder)
+    undo()
+    images = torch.rand(2, 3, 64, 64)
+    assert torch.equal(resumed.predict(images).scores, reference.predict(images).scores)
 
 
 # -- inference-parameter search --------------------------------------------------------------
@@ -220,3 +240,26 @@ def test_cli_fit_with_the_default_search_records_its_curve(toy_root: Path, tmp_p
     assert saved["params"]["k_neighbours"] == search_record["chosen"]["k_neighbours"]
     assert "held out from training" in search_record["source"]
     assert saved["calibration"] is not None
+
+
+def test_feature_editing_in_front_of_uniad(toy_root: Path, tmp_path: Path) -> None:
+    """The paper's "UniAD w/ F.E." ablation: the same editing bank in front of another
+    reconstructor, saved with it, switchable at inference."""
+    samples = load_dataset(toy_root, ["alpha"])
+    small = dict(image_size=64, feature_stride=8, neighbourhood=3, hidden_dim=32, ffn_dim=64,
+                 num_heads=4, lr=1e-3, batch_size=8, epochs=2, device="cpu")
+    detector = create_detector("uniad", "cpu", **small, feature_editing=True,
+                               coreset_ratio=0.5, k_neighbours=1)
+    detector.fit(make_loader(samples.where(split="train"), detector.preprocess, 8))
+    assert detector.fit_info_["editing_bank_size"] == detector.bank_.vectors.shape[0] > 0
+    images = torch.rand(2, 3, 64, 64)
+    edited = detector.predict(images).scores
+    loaded = Detector.load(detector.save(tmp_path / "uniad_fe"))
+    assert torch.equal(loaded.predict(images).scores, edited)
+    loaded.set_inference_params(feature_editing=False)
+    assert not torch.equal(loaded.predict(images).scores, edited)
+
+    plain = create_detector("uniad", "cpu", **small)
+    plain.fit(make_loader(samples.where(split="train"), plain.preprocess, 8))
+    with pytest.raises(IadkitError, match="bank"):
+        plain.set_inference_params(feature_editing=True)

@@ -142,7 +142,7 @@ def holdout_split(train: SampleSet, fraction: float, seed: int) -> tuple[SampleS
     held: set[int] = set()
     for category in train.categories:
         members = [i for i in order if train[i].category == category]
-        n_validation = max(1, int(round(fraction * len(members))))
+        n_validation = max(1, round(fraction * len(members)))
         if n_validation >= len(members):
             raise IadkitError(f"validation_fraction {fraction} leaves no training images of "
                               f"{category!r}")

@@ -23,10 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn.coreset import greedy_coreset
 from ..nn.diffusion import CosineSchedule, NoisePredictionUNet
-from ..nn.feature_editing import WEIGHT_NORMS, edit_features
-from ..nn.knn import FlatIndex
+from ..nn.feature_editing import WEIGHT_NORMS, EditingBank
 from ..nn.smoothing import gaussian_blur
 from ..nn.uniad import align_features
 from ..progress import progress
@@ -234,10 +232,6 @@ class LafitE(Detector):
     def _trained_modules(self) -> dict[str, nn.Module]:
         return {"unet": self.unet_}
 
-    def _set_bank(self, bank: torch.Tensor) -> None:
-        self.memory_bank_ = bank
-        self._index = FlatIndex(bank, self.knn_backend)
-
     # -- training -----------------------------------------------------------------------------
     def _fit(self, train: Iterable[Any] | torch.Tensor, show_progress: bool,
              checkpoint_dir: str | Path | None) -> dict[str, Any]:
@@ -259,11 +253,8 @@ class LafitE(Detector):
         features = (aligned - self.feature_mean_) / self.feature_std_
         del aligned
         extracted = time.perf_counter()
-        vectors = features.permute(0, 2, 3, 1).reshape(-1, channels)
-        chosen = greedy_coreset(vectors, self.coreset_ratio, self.projection_dim, seed=self.seed,
-                                show_progress=show_progress)
-        self._set_bank(vectors[chosen].contiguous())
-        del vectors
+        self.bank_ = EditingBank.build(features, self.coreset_ratio, self.projection_dim,
+                                       self.seed, self.knn_backend, show_progress)
         bank_built = time.perf_counter()
 
         self._build_networks(channels)
@@ -304,7 +295,7 @@ class LafitE(Detector):
             "steps": total_steps,
             "feature_grid": [self.grid, self.grid],
             "feature_channels": channels,
-            "memory_bank_size": int(self.memory_bank_.shape[0]),
+            "memory_bank_size": int(self.bank_.vectors.shape[0]),
             "unet_parameters": sum(p.numel() for p in self.unet_.parameters()),
             "backbone_weights": vars(self.extractor.resolved_weights),
             "loss_history": history,
@@ -329,7 +320,7 @@ class LafitE(Detector):
         reconstruction, averaged over ``noise_samples`` corruptions."""
         self._check_inference_params()
         self.unet_.eval()
-        start = (edit_features(features, self._index, self.k_neighbours, self.weight_norm)
+        start = (self.bank_.edit(features, self.k_neighbours, self.weight_norm)
                  if self.feature_editing else features)
         generator = torch.Generator(device=features.device).manual_seed(self.seed)
         noise = self.corruption_noise(tuple(features.shape[1:]))
@@ -360,11 +351,11 @@ class LafitE(Detector):
     def _state_tensors(self) -> dict[str, torch.Tensor]:
         return {**module_state_tensors(self._trained_modules()),
                 "feature_mean": self.feature_mean_, "feature_std": self.feature_std_,
-                "memory_bank": self.memory_bank_}
+                "memory_bank": self.bank_.vectors}
 
     def _load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self.feature_mean_ = tensors.pop("feature_mean")
         self.feature_std_ = tensors.pop("feature_std")
-        self._set_bank(tensors.pop("memory_bank"))
+        self.bank_ = EditingBank(tensors.pop("memory_bank"), self.knn_backend)
         self._build_networks(self.feature_mean_.shape[1])
         load_module_states(self._trained_modules(), tensors)

@@ -73,10 +73,17 @@ class TrainingImages:
         return self.images[indices].to(device).float().div_(255.0)
 
     def epoch_batches(self, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
-        """Shuffled index batches of one epoch, drawn from ``(seed, epoch)``."""
+        """Shuffled index batches of one epoch, drawn from ``(seed, epoch)``.
+
+        A last batch of a single image joins the one before it: batch normalisation cannot
+        train on one sample, and no image is left out.
+        """
         generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
         order = torch.randperm(len(self), generator=generator)
-        return list(order.split(batch_size))
+        batches = list(order.split(batch_size))
+        if len(batches) > 1 and len(batches[-1]) == 1:
+            batches[-2:] = [torch.cat(batches[-2:])]
+        return batches
 
     def in_order(self, batch_size: int) -> Iterator[torch.Tensor]:
         yield from torch.arange(len(self)).split(batch_size)
@@ -167,6 +174,8 @@ def step_schedule(n_images: int, batch_size: int, epochs: int, max_steps: int | 
     """(epochs, steps per epoch, total steps) of a schedule given in epochs or, when
     ``max_steps`` is set, in optimisation steps (the last epoch then stops early)."""
     steps_per_epoch = math.ceil(n_images / batch_size)
+    if steps_per_epoch > 1 and n_images % batch_size == 1:  # see TrainingImages.epoch_batches
+        steps_per_epoch -= 1
     if max_steps:
         return math.ceil(max_steps / steps_per_epoch), steps_per_epoch, max_steps
     return epochs, steps_per_epoch, epochs * steps_per_epoch

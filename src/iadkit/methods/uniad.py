@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..nn.feature_editing import WEIGHT_NORMS, EditingBank
 from ..nn.smoothing import gaussian_blur
 from ..nn.uniad import UniADTransformer, align_features, feature_jitter
 from . import register
@@ -67,6 +68,15 @@ class UniAD(Detector):
         grad_clip: clip the gradients' global norm to this (0 = off).
         score_pool: side of the average pooling before the image score's maximum (16).
         smoothing_sigma: Gaussian smoothing of the map (0: none, as in the official evaluation).
+        feature_editing: LafitE's feature editing in front of the transformer ("UniAD w/ F.E.",
+            LafitE's Table 4): a coreset bank of training features is built at fit, and every
+            test feature is replaced by a combination of its nearest bank features before
+            reconstruction (the error is still measured against the original features).
+        k_neighbours: K of feature editing.
+        weight_norm: editing weights, "sum_to_one" or "paper" (see :mod:`iadkit.nn.feature_editing`).
+        coreset_ratio: share of training feature vectors kept in the editing bank.
+        projection_dim: random-projection dimension of the coreset's distances.
+        knn_backend: "auto", "torch" or "faiss".
         feature_cache_mb: keep the frozen training features in memory when they fit.
         checkpoint_every_s: seconds between training checkpoints (when fit gets a folder).
         device: "auto", "cpu", "cuda", ...
@@ -79,6 +89,8 @@ class UniAD(Detector):
 
     name = "uniad"
     summary = "transformer with neighbour-masked attention rebuilds frozen features (unified)"
+    inference_params = ("feature_editing", "k_neighbours", "weight_norm", "score_pool",
+                        "smoothing_sigma")
     presets = {
         # Lite0's four first stages (16+24+40+112 channels) stand in for EfficientNet-b4's
         # (24+32+56+160); a 2+2-layer, 128-wide transformer keeps a CPU epoch short (the
@@ -119,6 +131,12 @@ class UniAD(Detector):
         grad_clip: float = 0.1,
         score_pool: int = 16,
         smoothing_sigma: float = 0.0,
+        feature_editing: bool = False,
+        k_neighbours: int = 3,
+        weight_norm: str = "sum_to_one",
+        coreset_ratio: float = 0.1,
+        projection_dim: int | None = 128,
+        knn_backend: str = "auto",
         feature_cache_mb: float = 4096,
         checkpoint_every_s: float = 60.0,
         device: str = "auto",
@@ -152,10 +170,26 @@ class UniAD(Detector):
         self.grad_clip = grad_clip
         self.score_pool = score_pool
         self.smoothing_sigma = smoothing_sigma
+        self.feature_editing = feature_editing
+        self.k_neighbours = k_neighbours
+        self.weight_norm = weight_norm
+        self.coreset_ratio = coreset_ratio
+        self.projection_dim = projection_dim
+        self.knn_backend = knn_backend
         self.feature_cache_mb = feature_cache_mb
         self.checkpoint_every_s = checkpoint_every_s
         self.device = device
         self.seed = seed
+        self._check_inference_params()
+
+    def _check_inference_params(self) -> None:
+        if self.k_neighbours < 1:
+            raise ValueError(f"k_neighbours must be >= 1, got {self.k_neighbours}")
+        if self.weight_norm not in WEIGHT_NORMS:
+            raise ValueError(f"weight_norm must be one of {WEIGHT_NORMS}, got {self.weight_norm!r}")
+        if self.feature_editing and self.is_fitted and getattr(self, "bank_", None) is None:
+            raise ValueError("feature_editing needs the bank built by a fit with "
+                             "feature_editing=True")
 
     # -- features -----------------------------------------------------------------------------
     @property
@@ -242,6 +276,13 @@ class UniAD(Detector):
                   self._trained_modules(), optimizers, show_progress)
         self.transformer_.eval()
         checkpoint.clear()
+        self.bank_ = None
+        if self.feature_editing:
+            features = cached[0] if cached is not None else torch.cat(
+                [self.aligned_features(data.get(indices, device))
+                 for indices in data.in_order(self.batch_size)])
+            self.bank_ = EditingBank.build(features, self.coreset_ratio, self.projection_dim,
+                                           self.seed, self.knn_backend, show_progress)
         return {
             "n_train_images": len(data),
             "steps": total_steps,
@@ -249,6 +290,7 @@ class UniAD(Detector):
             "feature_channels": sum(self.extractor.channels),
             "backbone_weights": vars(self.extractor.resolved_weights),
             "features_cached": cached is not None,
+            "editing_bank_size": None if self.bank_ is None else int(self.bank_.vectors.shape[0]),
             "loss_history": history,
             "seconds_training": round(time.perf_counter() - started, 2),
         }
@@ -258,7 +300,9 @@ class UniAD(Detector):
         """Unsmoothed (B, S, S) maps and the encoder's (B, hidden_dim, H, W) output tokens."""
         self.transformer_.eval()
         aligned = self.aligned_features(images)
-        rebuilt, memory = self.reconstruct(aligned)
+        start = (self.bank_.edit(aligned, self.k_neighbours, self.weight_norm)
+                 if self.feature_editing else aligned)
+        rebuilt, memory = self.reconstruct(start)
         errors = (rebuilt - aligned).pow(2).sum(dim=1, keepdim=True).sqrt()
         maps = F.interpolate(errors, size=images.shape[-2:], mode="bilinear", align_corners=True)
         return maps.squeeze(1), memory
@@ -272,8 +316,13 @@ class UniAD(Detector):
 
     # -- persistence --------------------------------------------------------------------------
     def _state_tensors(self) -> dict[str, torch.Tensor]:
-        return module_state_tensors(self._trained_modules())
+        tensors = module_state_tensors(self._trained_modules())
+        if self.bank_ is not None:
+            tensors["editing_bank"] = self.bank_.vectors
+        return tensors
 
     def _load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        bank = tensors.pop("editing_bank", None)
+        self.bank_ = None if bank is None else EditingBank(bank, self.knn_backend)
         self._build_networks()
         load_module_states(self._trained_modules(), tensors)

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -96,7 +97,7 @@ class CosineSchedule(nn.Module):
             noise = torch.randn(start.shape, generator=generator, device=start.device)
         batch = start.shape[0]
         x = self.corrupt(start, torch.full((batch,), tau, device=start.device), noise)
-        for t, t_next in zip(timesteps[:-1], timesteps[1:]):
+        for t, t_next in itertools.pairwise(timesteps):
             alpha_bar, alpha_bar_next = self.alpha_bar[t], self.alpha_bar[t_next]
             predicted_noise = model(x, torch.full((batch,), t, device=start.device))
             clean = (x - (1 - alpha_bar).sqrt() * predicted_noise) / alpha_bar.sqrt()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .coreset import greedy_coreset
 from .knn import FlatIndex
 
 WEIGHT_NORMS = ("sum_to_one", "paper")
@@ -41,3 +42,30 @@ def edit_features(features: torch.Tensor, index: FlatIndex, k: int,
     neighbours = index.bank[indices.reshape(-1)].view(indices.shape[0], indices.shape[1], channels)
     edited = torch.einsum("mk,mkc->mc", weights, neighbours)
     return edited.view(batch, height, width, channels).permute(0, 3, 1, 2)
+
+
+class EditingBank:
+    """A coreset of normal feature vectors and its search index, for :func:`edit_features`.
+
+    Example:
+        >>> bank = EditingBank.build(train_features, coreset_ratio=0.1)
+        >>> edited = bank.edit(test_features, k=3)
+    """
+
+    def __init__(self, vectors: torch.Tensor, knn_backend: str = "auto") -> None:
+        self.vectors = vectors
+        self.index = FlatIndex(vectors, knn_backend)
+
+    @classmethod
+    def build(cls, features: torch.Tensor, coreset_ratio: float = 0.1,
+              projection_dim: int | None = 128, seed: int = 0, knn_backend: str = "auto",
+              show_progress: bool = False) -> EditingBank:
+        """Keep a greedy coreset of every position of (N, C, H, W) training features."""
+        vectors = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+        chosen = greedy_coreset(vectors, coreset_ratio, projection_dim, seed=seed,
+                                show_progress=show_progress)
+        return cls(vectors[chosen].contiguous(), knn_backend)
+
+    def edit(self, features: torch.Tensor, k: int, weight_norm: str = "sum_to_one"
+             ) -> torch.Tensor:
+        return edit_features(features, self.index, k, weight_norm)
