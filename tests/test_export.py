@@ -25,6 +25,7 @@ MAP_TOLERANCE, SCORE_TOLERANCE = 1e-3, 1e-3
 QUICK = {
     "patchcore": {"coreset_ratio": 0.25},
     "rd": {"epochs": 1},
+    "simplenet": {"epochs": 1},
     "cse": {"epochs": 1, "min_steps": 0},
     "uniad": {"epochs": 1},
     "cada": {"base": "rd", "base_params": {"epochs": 1}, "iterations": 20},  # wraps a detector

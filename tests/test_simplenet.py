@@ -145,6 +145,21 @@ def test_simplenet_separates_generated_defects_and_round_trips(toy_root: Path,
     np.testing.assert_array_equal(reloaded, scores)
 
 
+def test_adapted_moe_exports_routing_tta_and_experts_to_onnx(
+        fitted_moe: tuple[Detector, SampleSet], tmp_path: Path) -> None:
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from iadkit.deploy.export import export_onnx
+
+    detector, samples = fitted_moe
+    record = export_onnx(detector, tmp_path / "onnx")
+    assert record["parity"]["scores_relative"] <= 1e-4
+    session = onnxruntime.InferenceSession(str(tmp_path / "onnx" / "model.onnx"))
+    images = next(iter(make_loader(samples.where(split="test"), detector.preprocess, 5)))["image"]
+    _, scores = session.run(None, {"images": images.numpy()})
+    np.testing.assert_allclose(scores, detector.predict(images).scores.numpy(), rtol=1e-4,
+                               atol=1e-5)
+
+
 def test_adapted_moe_without_moe_and_tta_equals_simplenet(three_styles: Path) -> None:
     samples = _as_subclasses(load_dataset(three_styles))
     train, test = samples.where(split="train"), samples.where(split="test")

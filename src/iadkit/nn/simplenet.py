@@ -67,7 +67,9 @@ class UnfoldPatchFeatures(nn.Module):
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         grid = tuple(features[0].shape[-2:])
-        weights = self.level_weights([f.shape[1] for f in features], features[0].device,
+        # int(): while tracing for ONNX export a shape is a traced value, which would miss the
+        # cache and put the pooling matrices' construction into the graph
+        weights = self.level_weights([int(f.shape[1]) for f in features], features[0].device,
                                      features[0].dtype)
         merged = None
         for level, weight in zip(features, weights):
