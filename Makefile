@@ -2,17 +2,17 @@
 .PHONY: demo test test-slow bench
 
 demo:
-	scripts/bootstrap.sh test,demo,faiss,serve,onnx
+	scripts/bootstrap.sh test,demo,faiss,serve,onnx,openvino
 	.venv/bin/iadkit demo --out demo_out
 
 test:
-	scripts/bootstrap.sh test,demo,faiss,serve,onnx
+	scripts/bootstrap.sh test,demo,faiss,serve,onnx,openvino
 	.venv/bin/python -m pytest -q tests
 
 test-slow:
-	scripts/bootstrap.sh test,demo,faiss,serve,onnx
+	scripts/bootstrap.sh test,demo,faiss,serve,onnx,openvino
 	.venv/bin/python -m pytest -q -m slow tests
 
 bench:
-	scripts/bootstrap.sh test,demo,faiss,serve,onnx
+	scripts/bootstrap.sh test,demo,faiss,serve,onnx,openvino
 	.venv/bin/python benchmarks/patchcore_magnetic_tile.py

@@ -1,4 +1,5 @@
-"""Inference speed: PyTorch ``Detector.predict`` against the exported ONNX graph on onnxruntime.
+"""Inference speed: PyTorch ``Detector.predict`` against the exported ONNX graph on onnxruntime
+(and on OpenVINO when it is installed).
 
 Prints one JSON line per method. Quality is not the point here: each detector is fitted briefly
 on Magnetic Tile normals (``--train`` images, one epoch), exported, and both runtimes score the
@@ -10,6 +11,7 @@ same preprocessed test images (decoding excluded) in batches of ``--batch-size``
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import tempfile
@@ -17,16 +19,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime
 import torch
 
 from iadkit.data import SampleSet, load_dataset, make_loader
 from iadkit.deploy.export import export_onnx
+from iadkit.deploy.inferencer import OnnxInferencer
 from iadkit.methods import create_detector
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = {"patchcore": {}, "rd": {"epochs": 1}, "cse": {"epochs": 1, "min_steps": 0},
-         "uniad": {"epochs": 1}}
+         "uniad": {"epochs": 1}, "simplenet": {"epochs": 1}, "lafite": {"epochs": 1}}
 
 
 def rate(function, batches: list, repeats: int = 2) -> float:
@@ -37,6 +39,9 @@ def rate(function, batches: list, repeats: int = 2) -> float:
         for batch in batches:
             function(batch)
     return repeats * sum(len(b) for b in batches) / (time.perf_counter() - started)
+
+
+RUNTIMES = ["onnxruntime"] + (["openvino"] if importlib.util.find_spec("openvino") else [])
 
 
 def main() -> None:
@@ -58,28 +63,25 @@ def main() -> None:
             SampleSet(spread), detector.preprocess, args.batch_size)])
         with tempfile.TemporaryDirectory() as folder:
             record = export_onnx(detector, folder)
-            session = onnxruntime.InferenceSession(f"{folder}/model.onnx",
-                                                   providers=["CPUExecutionProvider"])
             batched = list(images.split(args.batch_size))
             singles = list(images.split(1))[:16]
-            run_onnx = lambda x: session.run(None, {"images": x.numpy()})  # noqa: E731
-            torch_rate = rate(detector.predict, batched)
-            onnx_rate = rate(run_onnx, batched)
-            torch_single = rate(detector.predict, singles)
-            onnx_single = rate(run_onnx, singles)
-            _, onnx_scores = run_onnx(images)
-        print(json.dumps({
-            "benchmark": "onnx_vs_torch", "method": method, "input_size": images.shape[-1],
-            "batch_size": args.batch_size,
-            "torch_images_per_second": round(torch_rate, 2),
-            "onnxruntime_images_per_second": round(onnx_rate, 2),
-            "torch_ms_single_image": round(1000 / torch_single, 2),
-            "onnxruntime_ms_single_image": round(1000 / onnx_single, 2),
-            "max_abs_score_difference": float(np.abs(
-                onnx_scores - detector.predict(images).scores.numpy()).max()),
-            "export_seconds": record["export_seconds"],
-            "torch_threads": torch.get_num_threads(),
-        }))
+            line = {"benchmark": "onnx_vs_torch", "method": method,
+                    "input_size": images.shape[-1], "batch_size": args.batch_size,
+                    "torch_images_per_second": round(rate(detector.predict, batched), 2),
+                    "torch_ms_single_image": round(1000 / rate(detector.predict, singles), 2)}
+            expected = detector.predict(images).scores.numpy()
+            for runtime in RUNTIMES:
+                inferencer = OnnxInferencer(folder, runtime=runtime)
+
+                def run(x: torch.Tensor, inferencer: OnnxInferencer = inferencer) -> tuple:
+                    return inferencer.run(x.numpy())
+
+                line[f"{runtime}_images_per_second"] = round(rate(run, batched), 2)
+                line[f"{runtime}_ms_single_image"] = round(1000 / rate(run, singles), 2)
+                line[f"{runtime}_max_abs_score_difference"] = float(
+                    np.abs(run(images)[1] - expected).max())
+        print(json.dumps({**line, "export_seconds": record["export_seconds"],
+                          "torch_threads": torch.get_num_threads()}))
         sys.stdout.flush()
 
 

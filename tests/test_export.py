@@ -90,6 +90,12 @@ def test_cli_export_and_torch_free_inferencer(toy_root: Path, tmp_path: Path) ->
     assert answer["anomalous"] == (expected >= config["calibration"]["image_threshold"])
     assert answer["shape"] == [detector.preprocess.output_size] * 2
 
+    pytest.importorskip("openvino")
+    from iadkit.deploy.inferencer import OnnxInferencer
+
+    compiled = OnnxInferencer(out, runtime="openvino").predict_file(image)
+    assert compiled.score == pytest.approx(expected, rel=1e-4)
+
 
 def test_export_refuses_an_unfitted_or_class_aware_detector(tmp_path: Path) -> None:
     with pytest.raises(IadkitError, match="fit or load"):

@@ -48,6 +48,26 @@ def test_checkpoint_round_trip_gives_identical_scores(fitted_patchcore, tmp_path
     assert torch.equal(first.anomaly_maps, second.anomaly_maps)
 
 
+def test_default_search_chooses_the_smoothing_by_pixel_auroc(fitted_patchcore,
+                                                             tmp_path: Path) -> None:
+    from iadkit import engine
+    from iadkit.synthesis import build_pseudo_validation
+
+    detector, samples = fitted_patchcore
+    pseudo = build_pseudo_validation(samples.where(split="train"), tmp_path, "fragments", 64)
+    before = detector.smoothing_sigma
+    try:
+        result = engine.search_inference_params(detector, pseudo, detector.default_search)
+        (stage,) = result["stages"]
+        assert stage["metric"] == "pixel_auroc"
+        best = max(stage["curve"], key=lambda point: point["pixel_auroc"])
+        assert detector.smoothing_sigma == stage["chosen"] == best["value"]
+        # the smoothing never changes PatchCore's image score
+        assert len({point["image_auroc"] for point in stage["curve"]}) == 1
+    finally:
+        detector.set_inference_params(smoothing_sigma=before)
+
+
 def test_fit_is_deterministic_under_a_seed(toy_root: Path) -> None:
     from iadkit.data import load_dataset
 

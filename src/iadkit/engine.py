@@ -266,14 +266,14 @@ def search_inference_params(detector: Detector, validation: SampleSet,
     Each stage tries every value of one parameter (with the stage's ``fixed`` parameters set
     for the stage only), scores ``validation`` (a labelled set made without test data, e.g. by
     :func:`iadkit.synthesis.build_pseudo_validation`), and keeps the value with the best
-    ``metric`` (mean over categories; the first on ties) for the following stages. The
-    detector is left with the chosen values.
+    ``metric`` (mean over categories; the first on ties; a stage's own ``"metric"`` overrides
+    it) for the following stages. The detector is left with the chosen values.
 
     Args:
         detector: a fitted detector.
         validation: labelled samples; pixel metrics are recorded where they have masks.
-        stages: ``{"param": name, "values": [...], "fixed": {name: value}}`` each, names from
-            ``detector.inference_params``.
+        stages: ``{"param": name, "values": [...], "fixed": {name: value}, "metric": key}``
+            each (``fixed`` and ``metric`` optional), names from ``detector.inference_params``.
         metric: a key of :func:`score_predictions`' result (higher is better).
 
     Returns:
@@ -283,13 +283,14 @@ def search_inference_params(detector: Detector, validation: SampleSet,
     Example:
         >>> search_inference_params(detector, pseudo, [{"param": "tau", "values": [100, 300]}])
     """
-    if metric not in METRIC_KEYS:
-        raise IadkitError(f"unknown search metric {metric!r}; choose from {METRIC_KEYS}")
     for stage in stages:
-        unknown = sorted(set(stage) - {"param", "values", "fixed"})
+        unknown = sorted(set(stage) - {"param", "values", "fixed", "metric"})
         if unknown or "param" not in stage or not stage.get("values"):
             raise IadkitError(f"a search stage needs 'param' and a non-empty 'values' list "
-                              f"(and optionally 'fixed'), got {stage}")
+                              f"(and optionally 'fixed' and 'metric'), got {stage}")
+        if stage.get("metric", metric) not in METRIC_KEYS:
+            raise IadkitError(f"unknown search metric {stage.get('metric', metric)!r}; "
+                              f"choose from {METRIC_KEYS}")
         names = [stage["param"], *stage.get("fixed", {})]
         wrong = [n for n in names if n not in detector.inference_params]
         if wrong:
@@ -300,6 +301,7 @@ def search_inference_params(detector: Detector, validation: SampleSet,
                               "chosen": {}}
     for stage in stages:
         param, fixed = stage["param"], dict(stage.get("fixed", {}))
+        stage_metric = stage.get("metric", metric)
         restore = {name: getattr(detector, name) for name in fixed}
         detector.set_inference_params(**fixed)
         curve = []
@@ -310,16 +312,17 @@ def search_inference_params(detector: Detector, validation: SampleSet,
                 predict_samples(detector, group, batch_size, workers, show_progress,
                                 f"search {param}={value}"), group.has_masks)
                 for group in groups.values()]
-            for key in ("image_auroc", "image_ap", "pixel_auroc"):
+            for key in dict.fromkeys(("image_auroc", "image_ap", "pixel_auroc", stage_metric)):
                 values = [g[key] for g in per_group if g.get(key) is not None]
                 point[key] = round(float(np.mean(values)), 5) if values else None
-            if point.get(metric) is None:
-                point[metric] = round(float(np.mean([g[metric] for g in per_group])), 5)
+            if point[stage_metric] is None:
+                raise IadkitError(f"the search metric {stage_metric} needs masks, and the "
+                                  "validation set has none")
             curve.append(point)
-        best = max(curve, key=lambda p: p[metric])  # max keeps the first of equal values
+        best = max(curve, key=lambda p: p[stage_metric])  # max keeps the first of equal values
         detector.set_inference_params(**restore, **{param: best["value"]})
-        result["stages"].append({"param": param, "fixed": fixed, "chosen": best["value"],
-                                 "curve": curve})
+        result["stages"].append({"param": param, "fixed": fixed, "metric": stage_metric,
+                                 "chosen": best["value"], "curve": curve})
         result["chosen"][param] = best["value"]
     return result
 

@@ -1,6 +1,6 @@
-"""Scoring with an exported ONNX model and onnxruntime, without torch.
+"""Scoring with an exported ONNX model and onnxruntime (or OpenVINO), without torch.
 
-Only NumPy, Pillow and onnxruntime are imported (not torch, not iadkit's training code), so a
+Only NumPy, Pillow and the runtime are imported (not torch, not iadkit's training code), so a
 production image can ship without PyTorch. Preprocessing repeats iadkit's exactly (bilinear
 resize to a square, centre crop, scale to [0, 1]), and the decision uses the calibration saved
 at export (the threshold from held-out normal images).
@@ -25,6 +25,7 @@ from ..data.image_io import read_image
 from ..errors import CheckpointError
 
 INFERENCE_FORMAT = "iadkit-onnx"
+RUNTIMES = ("onnxruntime", "openvino")
 
 
 @dataclass
@@ -45,16 +46,19 @@ class InferenceResult:
 
 
 class OnnxInferencer:
-    """An exported detector (``model.onnx`` + ``inference.json``) run by onnxruntime.
+    """An exported detector (``model.onnx`` + ``inference.json``) run by onnxruntime or OpenVINO.
 
     Args:
         folder: what :func:`iadkit.deploy.export.export_onnx` wrote.
-        threads: intra-op threads for onnxruntime (None: its default, all cores).
+        threads: intra-op threads of the runtime (None: its default, all cores).
+        runtime: "onnxruntime" (``pip install 'iadkit[onnx]'``) or "openvino"
+            (``pip install 'iadkit[openvino]'``; compiles the same ONNX file for Intel/AMD CPUs).
     """
 
-    def __init__(self, folder: str | Path, threads: int | None = None) -> None:
-        import onnxruntime
-
+    def __init__(self, folder: str | Path, threads: int | None = None,
+                 runtime: str = "onnxruntime") -> None:
+        if runtime not in RUNTIMES:
+            raise ValueError(f"unknown runtime {runtime!r}; choose from {RUNTIMES}")
         folder = Path(folder)
         config_path, model_path = folder / "inference.json", folder / "model.onnx"
         for needed in (config_path, model_path):
@@ -63,11 +67,9 @@ class OnnxInferencer:
         self.config: dict[str, Any] = json.loads(config_path.read_text())
         if self.config.get("format") != INFERENCE_FORMAT:
             raise CheckpointError(f"{config_path}: not an iadkit ONNX export")
-        options = onnxruntime.SessionOptions()
-        if threads is not None:
-            options.intra_op_num_threads = threads
-        self.session = onnxruntime.InferenceSession(str(model_path), options,
-                                                    providers=["CPUExecutionProvider"])
+        self.runtime = runtime
+        self._run = (_openvino_runner(model_path, threads) if runtime == "openvino"
+                     else _onnxruntime_runner(model_path, threads))
         self.image_size = int(self.config["preprocess"]["image_size"])
         crop = self.config["preprocess"]["crop_size"]
         self.crop_size = int(crop) if crop else None
@@ -86,9 +88,12 @@ class OnnxInferencer:
 
     def predict(self, images: list[np.ndarray]) -> list[InferenceResult]:
         """Score a batch of (H, W, 3) uint8 RGB images."""
-        batch = np.stack([self.preprocess(image) for image in images])
-        maps, scores = self.session.run(None, {"images": batch})
+        maps, scores = self.run(np.stack([self.preprocess(image) for image in images]))
         return [self._result(float(score), anomaly_map) for score, anomaly_map in zip(scores, maps)]
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(B, 3, S, S) float32 preprocessed images -> maps (B, S, S) and scores (B,)."""
+        return self._run(np.ascontiguousarray(batch, dtype=np.float32))
 
     def predict_file(self, path: str | Path) -> InferenceResult:
         """Read (with iadkit's conversions and errors) and score one image file."""
@@ -102,3 +107,35 @@ class OnnxInferencer:
         span = threshold - median
         return InferenceResult(score, anomaly_map, score >= threshold,
                                (score - median) / (span if span > 0 else 1.0))
+
+
+def _onnxruntime_runner(model_path: Path, threads: int | None) -> Any:
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    session = onnxruntime.InferenceSession(str(model_path), options,
+                                           providers=["CPUExecutionProvider"])
+
+    def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        maps, scores = session.run(None, {"images": batch})
+        return maps, scores
+
+    return run
+
+
+def _openvino_runner(model_path: Path, threads: int | None) -> Any:
+    try:
+        import openvino
+    except ImportError:
+        raise ImportError("runtime 'openvino' needs OpenVINO: pip install 'iadkit[openvino]'"
+                          ) from None
+    config = {} if threads is None else {"INFERENCE_NUM_THREADS": threads}
+    compiled = openvino.Core().compile_model(str(model_path), "CPU", config)
+
+    def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        outputs = compiled([batch])
+        return outputs[compiled.output(0)], outputs[compiled.output(1)]
+
+    return run
