@@ -41,7 +41,10 @@ def rate(function, batches: list, repeats: int = 2) -> float:
     return repeats * sum(len(b) for b in batches) / (time.perf_counter() - started)
 
 
-RUNTIMES = ["onnxruntime"] + (["openvino"] if importlib.util.find_spec("openvino") else [])
+#: (column prefix, runtime, precision): OpenVINO in f32 (the default) and in bfloat16.
+RUNTIMES = [("onnxruntime", "onnxruntime", "f32")] + (
+    [("openvino", "openvino", "f32"), ("openvino_bf16", "openvino", "bf16")]
+    if importlib.util.find_spec("openvino") else [])
 
 
 def main() -> None:
@@ -70,16 +73,16 @@ def main() -> None:
                     "torch_images_per_second": round(rate(detector.predict, batched), 2),
                     "torch_ms_single_image": round(1000 / rate(detector.predict, singles), 2)}
             expected = detector.predict(images).scores.numpy()
-            for runtime in RUNTIMES:
-                inferencer = OnnxInferencer(folder, runtime=runtime)
+            for column, runtime, precision in RUNTIMES:
+                inferencer = OnnxInferencer(folder, runtime=runtime, precision=precision)
 
                 def run(x: torch.Tensor, inferencer: OnnxInferencer = inferencer) -> tuple:
                     return inferencer.run(x.numpy())
 
-                line[f"{runtime}_images_per_second"] = round(rate(run, batched), 2)
-                line[f"{runtime}_ms_single_image"] = round(1000 / rate(run, singles), 2)
-                line[f"{runtime}_max_abs_score_difference"] = float(
-                    np.abs(run(images)[1] - expected).max())
+                line[f"{column}_images_per_second"] = round(rate(run, batched), 2)
+                line[f"{column}_ms_single_image"] = round(1000 / rate(run, singles), 2)
+                line[f"{column}_max_relative_score_difference"] = float(
+                    (np.abs(run(images)[1] - expected) / np.abs(expected).clip(1e-6)).max())
         print(json.dumps({**line, "export_seconds": record["export_seconds"],
                           "torch_threads": torch.get_num_threads()}))
         sys.stdout.flush()

@@ -1,4 +1,5 @@
-"""The HTTP service, started for real (``iadkit serve``) on a loopback port."""
+"""The HTTP service, started for real (``iadkit serve``) on a loopback port, serving a saved
+detector (PyTorch) and its ONNX export (OpenVINO)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -31,18 +31,39 @@ MAX_PIXELS = 1_000_000
 
 
 @pytest.fixture(scope="module")
-def served(toy_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    """(base URL, model folder) of a PatchCore served by ``iadkit serve`` in a child process."""
+def fitted_run(toy_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run folder of a small PatchCore."""
     run = tmp_path_factory.mktemp("serve") / "run"
     assert main(["fit", "--method", "patchcore", "--data", str(toy_root), "--category", "alpha",
                  "--out", str(run), "--param", "image_size=64", "--device", "cpu",
                  "--quiet"]) == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def exported_run(fitted_run: Path) -> Path:
+    """The ONNX export of :func:`fitted_run`."""
+    pytest.importorskip("onnxruntime")  # the export checks its graph with onnxruntime
+    pytest.importorskip("openvino")
+    exported = fitted_run.parent / "exported"
+    assert main(["export", str(fitted_run), "--out", str(exported), "--quiet"]) == 0
+    return exported
+
+
+@pytest.fixture(scope="module", params=["pytorch", "openvino"])
+def served(request: pytest.FixtureRequest, fitted_run: Path) -> Iterator[tuple[str, Path]]:
+    """(base URL, model folder) of a PatchCore served by ``iadkit serve`` in a child process:
+    the saved detector, or its ONNX export run by OpenVINO."""
+    served_folder, runtime_flags = fitted_run, ["--device", "cpu"]
+    if request.param == "openvino":
+        served_folder = request.getfixturevalue("exported_run")
+        runtime_flags = ["--runtime", "openvino"]
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     process = subprocess.Popen(
-        [sys.executable, "-m", "iadkit.cli", "serve", str(run), "--port", str(port),
-         "--device", "cpu", "--max-upload-mb", str(MAX_UPLOAD_MB),
+        [sys.executable, "-m", "iadkit.cli", "serve", str(served_folder), "--port", str(port),
+         *runtime_flags, "--max-upload-mb", str(MAX_UPLOAD_MB),
          "--max-pixels", str(MAX_PIXELS)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -56,20 +77,29 @@ def served(toy_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         except OSError:
             time.sleep(0.3)
     try:
-        yield url, run / "models" / "alpha"
+        yield url, fitted_run / "models" / "alpha"
     finally:
         process.terminate()
         process.wait(timeout=30)
 
 
 def _post(url: str, body: bytes, content_type: str) -> tuple[int, dict | bytes, dict]:
-    request = urllib.request.Request(url, data=body, method="POST",
-                                     headers={"Content-Type": content_type})
+    """POST and read the answer, also when the server answered (413) and closed before the
+    whole body was sent."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    target = parts.path + (f"?{parts.query}" if parts.query else "")
     try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            status, raw, headers = response.status, response.read(), dict(response.headers)
-    except urllib.error.HTTPError as error:
-        status, raw, headers = error.code, error.read(), dict(error.headers)
+        connection.request("POST", target, body=body, headers={"Content-Type": content_type})
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    response = connection.getresponse()
+    status, raw = response.status, response.read()
+    headers = {key.lower(): value for key, value in response.getheaders()}
+    connection.close()
     if headers.get("content-type", "").startswith("application/json"):
         return status, json.loads(raw), headers
     return status, raw, headers
@@ -178,3 +208,24 @@ def test_an_oversized_chunked_upload_is_refused_while_streaming(served) -> None:
     assert response.status == 413
     assert "larger than" in json.loads(response.read())["detail"]
     connection.close()
+
+
+def test_an_export_is_served_without_torch(exported_run: Path, fitted_run: Path,
+                                           toy_root: Path) -> None:
+    """The scorer of an export imports neither torch nor iadkit's training code, and a saved
+    detector cannot be given an ONNX runtime."""
+    script = (
+        "import sys; from iadkit.deploy.service import load_scorer; "
+        f"scorer = load_scorer({str(exported_run)!r}, runtime='openvino'); "
+        f"data = open({str(_test_image(toy_root))!r}, 'rb').read(); "
+        "result = scorer.score(data, 'part.png', heatmap='png'); "
+        "print(result['heatmap_png'][:4] == b'\\x89PNG', 'torch' in sys.modules, "
+        "'iadkit.methods' in sys.modules)")
+    answer = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            check=True).stdout.split()
+    assert answer == ["True", "False", "False"]
+    from iadkit.deploy.service import load_scorer
+    from iadkit.errors import IadkitError
+
+    with pytest.raises(IadkitError, match="needs an export"):
+        load_scorer(fitted_run / "models" / "alpha", runtime="openvino")

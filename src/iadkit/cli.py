@@ -7,7 +7,7 @@ Stable commands (scripts and CI rely on them)::
     iadkit predict RUN_DIR IMAGES... --out DIR [--format csv|jsonl] [--resume]
     iadkit demo --out DIR
     iadkit benchmark GRID.yaml --out DIR
-    iadkit serve RUN_DIR [--port 8000]
+    iadkit serve RUN_DIR|EXPORT_DIR [--port 8000] [--runtime onnxruntime|openvino]
     iadkit export RUN_DIR --format onnx --out DIR
     iadkit data prepare elpv DEST | iadkit data generate DEST
     iadkit synth preview --data ROOT --kind draem --out grid.png
@@ -247,10 +247,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError:
         raise IadkitError("iadkit serve needs FastAPI and uvicorn: pip install 'iadkit[serve]'"
                           ) from None
+    from .deploy.inferencer import CONFIG_FILE as EXPORT_CONFIG_FILE
     from .deploy.service import create_app
-    from .engine import resolve_model_dir
 
-    app = create_app(resolve_model_dir(args.model_dir, args.model), device=args.device,
+    model_dir = Path(args.model_dir)
+    if not (model_dir / EXPORT_CONFIG_FILE).is_file():  # an export needs (and imports) no torch
+        from .engine import resolve_model_dir
+
+        model_dir = resolve_model_dir(model_dir, args.model)
+    app = create_app(model_dir, device=args.device, runtime=args.runtime, threads=args.threads,
                      max_upload_bytes=int(args.max_upload_mb * 2**20),
                      max_pixels=args.max_pixels)
     uvicorn.run(app, host=args.host, port=args.port,
@@ -356,8 +361,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--opset", type=int, default=17)
     export.set_defaults(func=cmd_export)
 
-    serve = add_command("serve", "serve a trained detector over HTTP (POST /predict)")
-    serve.add_argument("model_dir", help="run folder or model folder")
+    serve = add_command("serve", "serve a trained detector or an ONNX export over HTTP "
+                        "(POST /predict)")
+    serve.add_argument("model_dir", help="run folder, model folder, or the folder of an "
+                       "export (iadkit export), which runs without torch")
+    serve.add_argument("--runtime", choices=("onnxruntime", "openvino"),
+                       help="runtime of an export (default onnxruntime; openvino was the "
+                       "fastest on CPUs, see docs/deployment.md)")
+    serve.add_argument("--threads", type=int, help="an export's runtime threads (default: all)")
     serve.add_argument("--model", help="which model of a multi-model run folder")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)

@@ -27,10 +27,8 @@ from torch import nn
 
 from ..errors import IadkitError
 from ..methods import Detector
+from .inferencer import CONFIG_FILE, INFERENCE_FORMAT, MODEL_FILE, TRAINING_SUMMARY_KEYS
 
-MODEL_FILE = "model.onnx"
-CONFIG_FILE = "inference.json"
-INFERENCE_FORMAT = "iadkit-onnx"
 #: Largest absolute difference allowed between onnxruntime and PyTorch, relative to the
 #: outputs' range (maps and scores separately).
 DEFAULT_TOLERANCE = 1e-4
@@ -113,6 +111,9 @@ def export_onnx(detector: Detector, folder: str | Path, opset: int = 17,
         "version": 1,
         "method": detector.name,
         "preset": getattr(detector, "preset", None),
+        "params": detector.get_params(),
+        "training_data": {key: value for key, value in (detector.fit_info_ or {}).items()
+                          if key in TRAINING_SUMMARY_KEYS},
         "preprocess": {"image_size": detector.image_size, "crop_size": detector.crop_size},
         "calibration": getattr(detector, "calibration", None),
         "parity": parity,

@@ -1,4 +1,9 @@
-"""An HTTP service around one saved detector (FastAPI; run it with ``iadkit serve MODEL``).
+"""An HTTP service around one saved detector or one ONNX export (FastAPI; run it with
+``iadkit serve MODEL``).
+
+A saved detector is run by PyTorch. An export (the folder ``iadkit export`` wrote) is run by
+onnxruntime or OpenVINO without importing torch, which is the faster and lighter choice on a
+production CPU (docs/deployment.md has the measured figures).
 
 Endpoints:
 
@@ -19,6 +24,7 @@ and predicted one batch at a time behind a lock.
 
 Example:
     >>> app = create_app("runs/patchcore/models/tiles")
+    >>> app = create_app("exported/tiles", runtime="openvino")
     >>> import uvicorn; uvicorn.run(app, port=8000)
 """
 
@@ -30,22 +36,34 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
-from ..data.dataset import to_uint8_image
 from ..data.image_io import decode_image
-from ..engine import normalised_scores
-from ..errors import ImageReadError, ImageTooLargeError
-from ..methods import Detector
+from ..errors import IadkitError, ImageReadError, ImageTooLargeError
+from ..overlay import overlay_png
+from .inferencer import CONFIG_FILE as EXPORT_CONFIG_FILE
+from .inferencer import TRAINING_SUMMARY_KEYS, OnnxInferencer
 
 HEATMAP_MODES = ("none", "base64", "png")
 
 
-class ImageScorer:
-    """A detector loaded once, scoring decoded images; safe to call from several threads.
+def _decision(score: float, normalised: float | None,
+              calibration: dict[str, Any] | None) -> dict[str, Any]:
+    """The answer's score fields; the decision and threshold when the model was calibrated."""
+    if not calibration:
+        return {"score": score, "normalised_score": None, "anomalous": None, "threshold": None,
+                "threshold_source": None}
+    return {"score": score, "normalised_score": normalised,
+            "anomalous": bool(score >= calibration["image_threshold"]),
+            "threshold": calibration["image_threshold"],
+            "threshold_source": calibration["source"]}
+
+
+class DetectorScorer:
+    """A saved detector loaded once and run by PyTorch, scoring decoded images; safe to call
+    from several threads.
 
     Args:
         model_dir: a saved detector's folder.
@@ -55,35 +73,35 @@ class ImageScorer:
 
     def __init__(self, model_dir: str | Path, device: str | None = None,
                  max_pixels: int = 40_000_000) -> None:
+        from ..methods import Detector
+
         self.model_dir = Path(model_dir)
         self.detector = Detector.load(self.model_dir, device=device)
+        self.name = self.detector.name
         self.max_pixels = max_pixels
         self._lock = threading.Lock()
 
     def score(self, data: bytes, name: str, heatmap: str = "none") -> dict[str, Any]:
         """Decode ``data`` and score it; raises ImageReadError (ImageTooLargeError) for bad
         images."""
+        import torch
+
+        from ..data.dataset import to_uint8_image
+        from ..engine import normalised_scores
+
         image = decode_image(data, name, self.max_pixels)
         tensor = self.detector.preprocess.image(image).unsqueeze(0)
         with self._lock, torch.no_grad():
             prediction = self.detector.predict(tensor)
         score = float(prediction.scores[0])
         calibration = self.detector.calibration
-        result: dict[str, Any] = {"score": score, "normalised_score": None, "anomalous": None,
-                                  "threshold": None, "threshold_source": None,
-                                  "image_size": [int(image.shape[1]), int(image.shape[0])]}
-        if calibration:
-            result.update(
-                normalised_score=float(normalised_scores(np.float64(score), calibration)),
-                anomalous=bool(score >= calibration["image_threshold"]),
-                threshold=calibration["image_threshold"],
-                threshold_source=calibration["source"])
+        normalised = (float(normalised_scores(np.float64(score), calibration)) if calibration
+                      else None)
+        result = {**_decision(score, normalised, calibration),
+                  "image_size": [int(image.shape[1]), int(image.shape[0])]}
         if heatmap != "none":
-            from ..report import overlay_png
-
-            png = overlay_png(to_uint8_image(tensor[0]), prediction.anomaly_maps[0].numpy(),
-                              calibration)
-            result["heatmap_png"] = png
+            result["heatmap_png"] = overlay_png(to_uint8_image(tensor[0]),
+                                                prediction.anomaly_maps[0].numpy(), calibration)
         return result
 
     def describe(self) -> dict[str, Any]:
@@ -97,11 +115,80 @@ class ImageScorer:
             "input_size": detector.preprocess.output_size,
             "threshold": calibration.get("image_threshold"),
             "threshold_source": calibration.get("source"),
-            "training_data": {key: fit_info[key] for key in
-                              ("n_train_images", "n_validation_images", "backbone_weights",
-                               "seconds_fit") if key in fit_info},
+            "training_data": {key: fit_info[key] for key in TRAINING_SUMMARY_KEYS
+                              if key in fit_info},
             "model_dir": str(self.model_dir),
+            "runtime": "pytorch",
         }
+
+
+class ExportedScorer:
+    """An ONNX export (``iadkit export``) run by onnxruntime or OpenVINO, scoring decoded images
+    without torch; safe to call from several threads.
+
+    Args:
+        export_dir: the folder holding ``model.onnx`` and ``inference.json``.
+        runtime: "onnxruntime" or "openvino" (see :class:`OnnxInferencer`).
+        threads: the runtime's intra-op threads (None: all cores).
+        max_pixels: larger images are refused before decoding.
+    """
+
+    def __init__(self, export_dir: str | Path, runtime: str = "onnxruntime",
+                 threads: int | None = None, max_pixels: int = 40_000_000) -> None:
+        self.model_dir = Path(export_dir)
+        self.inferencer = OnnxInferencer(self.model_dir, threads, runtime)
+        self.name = str(self.inferencer.config["method"])
+        self.max_pixels = max_pixels
+        self._lock = threading.Lock()
+
+    def score(self, data: bytes, name: str, heatmap: str = "none") -> dict[str, Any]:
+        """Decode ``data`` and score it; raises ImageReadError (ImageTooLargeError) for bad
+        images."""
+        image = decode_image(data, name, self.max_pixels)
+        preprocessed = self.inferencer.preprocess(image)
+        with self._lock:
+            maps, scores = self.inferencer.run(preprocessed[None])
+        score = float(scores[0])
+        calibration = self.inferencer.calibration
+        normalised = self.inferencer.normalised_score(score)
+        result = {**_decision(score, normalised, calibration),
+                  "image_size": [int(image.shape[1]), int(image.shape[0])]}
+        if heatmap != "none":
+            pixels = np.round(preprocessed.transpose(1, 2, 0) * 255).astype(np.uint8)
+            result["heatmap_png"] = overlay_png(pixels, maps[0], calibration)
+        return result
+
+    def describe(self) -> dict[str, Any]:
+        config = self.inferencer.config
+        calibration = config.get("calibration") or {}
+        return {
+            "method": config["method"],
+            "preset": config.get("preset"),
+            "params": config.get("params"),
+            "input_size": self.inferencer.crop_size or self.inferencer.image_size,
+            "threshold": calibration.get("image_threshold"),
+            "threshold_source": calibration.get("source"),
+            "training_data": config.get("training_data", {}),
+            "model_dir": str(self.model_dir),
+            "runtime": self.inferencer.runtime,
+        }
+
+
+def load_scorer(model_dir: str | Path, device: str | None = None, runtime: str | None = None,
+                threads: int | None = None, max_pixels: int = 40_000_000
+                ) -> DetectorScorer | ExportedScorer:
+    """The scorer for a saved detector's folder (PyTorch) or an export's folder (``runtime``,
+    default onnxruntime)."""
+    model_dir = Path(model_dir)
+    if (model_dir / EXPORT_CONFIG_FILE).is_file():
+        if device not in (None, "cpu"):
+            raise IadkitError(f"{model_dir} is an ONNX export, run on the CPU; --device "
+                              f"{device} applies to saved detectors only")
+        return ExportedScorer(model_dir, runtime or "onnxruntime", threads, max_pixels)
+    if runtime is not None:
+        raise IadkitError(f"{model_dir} is a saved detector, run by PyTorch; --runtime "
+                          f"{runtime} needs an export (iadkit export {model_dir} --out DIR)")
+    return DetectorScorer(model_dir, device, max_pixels)
 
 
 class BodyLimit:
@@ -154,10 +241,12 @@ class _BodyTooLarge(Exception):
 
 
 def create_app(model_dir: str | Path, device: str | None = None,
-               max_upload_bytes: int = 20 * 2**20, max_pixels: int = 40_000_000) -> FastAPI:
-    """The FastAPI application serving the detector saved in ``model_dir``."""
-    scorer = ImageScorer(model_dir, device, max_pixels)
-    app = FastAPI(title="iadkit", summary=f"{scorer.detector.name} anomaly detector")
+               max_upload_bytes: int = 20 * 2**20, max_pixels: int = 40_000_000,
+               runtime: str | None = None, threads: int | None = None) -> FastAPI:
+    """The FastAPI application serving the detector saved in ``model_dir``, or the ONNX export
+    there (run by ``runtime``)."""
+    scorer = load_scorer(model_dir, device, runtime, threads, max_pixels)
+    app = FastAPI(title="iadkit", summary=f"{scorer.name} anomaly detector")
     app.add_middleware(BodyLimit, max_bytes=max_upload_bytes)
 
     @app.get("/health")

@@ -23,6 +23,7 @@ distillation and AAND (bottleneck embedding), ReContrast (the frozen half's embe
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -333,7 +334,26 @@ class CADA(Detector):
         run_stage("regressor", epochs, run_epoch, history, self.seed, checkpoint,
                   {"network": self.network_}, optimizers, show_progress)
         self.network_.eval()
-        return {"steps": total_steps, "loss_beta": beta, "loss_history": history}
+        info: dict[str, Any] = {"steps": total_steps, "loss_beta": beta, "loss_history": history}
+        if not classify:
+            info["regressed_std"] = self._check_regressor(features)
+        return info
+
+    def _check_regressor(self, features: torch.Tensor) -> list[float]:
+        """The spread of the regressed statistics over the training images; a warning when it
+        is nil. A learning rate too large for the features can switch off every hidden ReLU
+        for good, leaving a regressor that predicts one constant: the alignment then does
+        nothing (seen with the paper's 0.05 on a few dozen images; 0.01 trained well)."""
+        with torch.no_grad():
+            outputs = torch.cat([self.network_(chunk.to(self.torch_device)).cpu()
+                                 for chunk in features.split(256)])
+        spread = outputs.std(dim=0) if len(outputs) > 1 else torch.zeros(2)
+        if len(outputs) > 1 and bool((spread <= 1e-6 * outputs.abs().mean(dim=0)).all()):
+            warnings.warn(f"CADA's regressor predicts the same statistics for every training "
+                          f"image (its hidden units are all inactive), so it aligns nothing; "
+                          f"train it with a smaller lr than {self.lr:g} (e.g. 0.01)",
+                          stacklevel=2)
+        return [round(float(v), 6) for v in spread]
 
     def _build_network(self, channels: int, outputs: int) -> None:
         torch.manual_seed(self.seed)

@@ -24,30 +24,10 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from ..data.dataset import Preprocess, to_uint8_image  # noqa: E402
+from ..overlay import heatmap_overlay, map_scale  # noqa: E402
 
 GALLERY_PER_KIND = 6
 ALIGNMENT_ALT = "image scores per category, on one axis"
-
-
-def heatmap_overlay(image: np.ndarray, anomaly_map: np.ndarray, scale: tuple[float, float],
-                    mask: np.ndarray | None = None) -> np.ndarray:
-    """Blend a jet-coloured anomaly map over an RGB uint8 image; draw mask contours in white."""
-    low, high = scale
-    normalised = np.clip((anomaly_map - low) / max(high - low, 1e-12), 0.0, 1.0)
-    colours = (plt.get_cmap("jet")(normalised)[:, :, :3] * 255).astype(np.float32)
-    blended = (0.55 * image.astype(np.float32) + 0.45 * colours).astype(np.uint8)
-    if mask is not None and mask.any():
-        edge = mask & ~(np.roll(mask, 1, 0) & np.roll(mask, -1, 0) & np.roll(mask, 1, 1)
-                        & np.roll(mask, -1, 1))
-        blended[edge] = 255
-    return blended
-
-
-def _map_scale(calibration: dict[str, Any] | None, maps: np.ndarray) -> tuple[float, float]:
-    if calibration:
-        threshold = calibration["pixel_threshold"]
-        return float(np.min(maps)) if maps.size else 0.0, 2.0 * threshold
-    return float(np.min(maps)), float(np.max(maps))
 
 
 def save_overlay(path: Path, anomaly_map: np.ndarray, preprocess: Preprocess,
@@ -55,18 +35,8 @@ def save_overlay(path: Path, anomaly_map: np.ndarray, preprocess: Preprocess,
     """Write image + anomaly map overlay as PNG (the map scaled by the calibration if any)."""
     image = to_uint8_image(preprocess.load(path))
     destination.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(heatmap_overlay(image, anomaly_map, _map_scale(calibration, anomaly_map))
+    Image.fromarray(heatmap_overlay(image, anomaly_map, map_scale(calibration, anomaly_map))
                     ).save(destination)
-
-
-def overlay_png(image: np.ndarray, anomaly_map: np.ndarray,
-                calibration: dict[str, Any] | None) -> bytes:
-    """PNG bytes of the anomaly map over the (preprocessed, uint8 RGB) image, scaled like
-    :func:`save_overlay`."""
-    buffer = io.BytesIO()
-    Image.fromarray(heatmap_overlay(image, anomaly_map, _map_scale(calibration, anomaly_map))
-                    ).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def _figure_png(figure: plt.Figure) -> str:
@@ -154,7 +124,7 @@ def _gallery(predictions: Any, calibration: dict[str, Any] | None) -> str:
     normal, anomalous = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
     worst_fp = normal[np.argsort(-scores[normal])][:GALLERY_PER_KIND]
     worst_fn = anomalous[np.argsort(scores[anomalous])][:GALLERY_PER_KIND]
-    scale = _map_scale(calibration, predictions.maps)
+    scale = map_scale(calibration, predictions.maps)
     preprocess = predictions.preprocess
     cells = []
     for kind, indices in (("highest-scored normal images (false-positive candidates)", worst_fp),
