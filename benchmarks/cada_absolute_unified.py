@@ -81,6 +81,7 @@ def main() -> None:
             result, (evaluation,) = test_run(run)
             results[name], evaluations[name] = result, evaluation
             pooled = result["pooled"]
+            fit_info = json.loads((model_dir / "detector.json").read_text())["fit_info"]
             print(json.dumps({
                 "benchmark": "cada_absolute_unified", "model": name, "params": params,
                 "train_per_category": args.train_per_category,
@@ -90,6 +91,8 @@ def main() -> None:
                 "per_category_image_auroc": {c: round(v["image_auroc"], 4)
                                              for c, v in result["per_category"].items()},
                 "n_test": pooled["n_images"],
+                # Nil when the regressor collapsed to one constant (see docs/unified.md).
+                "regressed_std": fit_info.get("regressed_std"),
                 "fit_seconds": round(fit_seconds, 1),
                 "ms_per_image": round(sum(v["ms_per_image"] * v["n_images"] for v in
                                           result["per_category"].values()) / pooled["n_images"], 2),

@@ -49,7 +49,7 @@ def main() -> None:
         per_kind = {}
         for kind in KINDS:
             synthesize = make_synthesizer(kind, source)
-            per_kind[kind] = round(rate(lambda: synthesize(image, donor, generator), 100), 1)
+            per_kind[kind] = round(rate(lambda synthesize=synthesize: synthesize(image, donor, generator), 100), 1)
         print(json.dumps({
             "benchmark": "synthesis_throughput", "size": size, "texture_source": name,
             "samples_per_second": per_kind, "perlin_masks_per_second": round(mask_rate, 1),

@@ -13,11 +13,11 @@ import torch
 
 pytest.importorskip("onnxruntime")
 
-from iadkit.cli import main  # noqa: E402
-from iadkit.data import load_dataset, make_loader  # noqa: E402
-from iadkit.deploy.export import export_onnx  # noqa: E402
-from iadkit.errors import IadkitError  # noqa: E402
-from iadkit.methods import Detector, create_detector  # noqa: E402
+from iadkit.cli import main
+from iadkit.data import load_dataset, make_loader
+from iadkit.deploy.export import export_onnx
+from iadkit.errors import IadkitError
+from iadkit.methods import Detector, create_detector
 
 #: Largest differences accepted between onnxruntime and PyTorch (float32 graphs), relative to
 #: the largest value (or absolute below 1).
@@ -72,7 +72,7 @@ def test_cli_export_and_torch_free_inferencer(toy_root: Path, tmp_path: Path) ->
     config = json.loads((out / "inference.json").read_text())
     assert config["calibration"]["image_threshold"] > 0
 
-    image = sorted((toy_root / "alpha" / "test").glob("*/*.png"))[-1]
+    image = max((toy_root / "alpha" / "test").glob("*/*.png"))
     detector = Detector.load(run / "models" / "alpha", device="cpu")
     expected = float(detector.predict(detector.preprocess.load(image)[None]).scores[0])
     # In a fresh interpreter: the inferencer scores the file without importing torch.

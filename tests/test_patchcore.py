@@ -115,4 +115,4 @@ def test_overriding_image_size_scales_the_preset_crop() -> None:
     assert (detector.image_size, detector.crop_size) == (64, 56)
     assert create_detector("patchcore", "cpu", image_size=64, crop_size=None).crop_size is None
     with pytest.raises(ValueError, match="crop_size 80 must be between"):
-        create_detector("patchcore", "cpu", image_size=64, crop_size=80).preprocess
+        _ = create_detector("patchcore", "cpu", image_size=64, crop_size=80).preprocess

@@ -22,9 +22,9 @@ from PIL import Image
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from iadkit.cli import main  # noqa: E402
-from iadkit.data.image_io import read_image  # noqa: E402
-from iadkit.methods import Detector  # noqa: E402
+from iadkit.cli import main
+from iadkit.data.image_io import read_image
+from iadkit.methods import Detector
 
 MAX_UPLOAD_MB = 1.0
 MAX_PIXELS = 1_000_000
@@ -120,7 +120,7 @@ def _png(array: np.ndarray) -> bytes:
 
 
 def _test_image(toy_root: Path) -> Path:
-    return sorted((toy_root / "alpha" / "test").glob("*/*.png"))[-1]
+    return max((toy_root / "alpha" / "test").glob("*/*.png"))
 
 
 def test_health_and_model_description(served) -> None:

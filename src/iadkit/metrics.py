@@ -101,7 +101,7 @@ class RankedScores:
         """The best F1 over all thresholds, and the threshold reaching it (score >= threshold)."""
         if not self._defined("F1-max"):
             return float("nan"), float("nan")
-        counts, tp, fp = self._curve_at_positive_thresholds()
+        _, tp, fp = self._curve_at_positive_thresholds()
         f1 = 2.0 * tp / (tp + fp + self.positives.size)
         best = int(np.argmax(f1))
         thresholds = np.unique(self.positives)[::-1]

@@ -63,7 +63,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # any decoding failure is the file's fault
+    except Exception as error:  # noqa: BLE001 (any decoding failure is the file's fault)
         raise WeightsNotFoundError(f"{path}: not a readable weight file ({error})") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -164,6 +164,6 @@ def build_with_weights(
         raise WeightsNotFoundError(missing_weights_message(name, "offline mode, no local weights"))
     try:
         model = timm.create_model(name, pretrained=True, **timm_kwargs)
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 (download, hub and file errors alike)
         raise WeightsNotFoundError(missing_weights_message(name, str(error)[:200])) from None
     return model, ResolvedWeights("timm", name)

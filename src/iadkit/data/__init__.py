@@ -18,7 +18,7 @@ _EXPORTS = {
     "Task": "settings", "make_tasks": "settings",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(_EXPORTS)  # noqa: PLE0605 (names resolved lazily)
 
 
 def __getattr__(name: str) -> Any:

@@ -58,7 +58,7 @@ def prepare_elpv(destination: str | Path, test_fraction: float = 0.25, seed: int
     anomalous = [r for r in rows if r[1] == 1.0]
     rng = random.Random(seed)
     rng.shuffle(normal)
-    n_test = int(round(test_fraction * len(normal)))
+    n_test = round(test_fraction * len(normal))
     test_normal, train = normal[:n_test], normal[n_test:]
     if max_train is not None:
         train = train[:max_train]

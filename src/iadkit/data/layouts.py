@@ -201,7 +201,7 @@ def read_folder(
         raise DatasetError(f"{normal_dir}: no normal images found")
     order = list(range(len(normals)))
     random.Random(seed).shuffle(order)
-    n_test = int(round(test_fraction * len(normals))) if abnormal_dir else 0
+    n_test = round(test_fraction * len(normals)) if abnormal_dir else 0
     test_ids = set(order[:n_test])
     samples = [
         Sample(p, NORMAL, category, "good", "test" if i in test_ids else "train")

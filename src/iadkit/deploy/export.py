@@ -135,7 +135,7 @@ def _check_parity(graph: _PredictGraph, model_path: Path, side: int, batch: int,
         maps, scores = graph(images)
     try:
         onnx_maps, onnx_scores = session.run(None, {"images": images.numpy()})
-    except Exception as error:  # onnxruntime's own error types; the graph does not run
+    except Exception as error:  # noqa: BLE001 (onnxruntime's own error types)
         raise IadkitError(f"the exported graph fails on a batch of {batch} images: "
                           f"{str(error).splitlines()[0][:300]}") from None
     result = {}

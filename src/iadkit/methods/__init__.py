@@ -40,7 +40,7 @@ def create_detector(name: str, preset: str = "cpu", **overrides: Any) -> Detecto
 
 
 # Importing the method modules registers them.
-from . import (  # noqa: E402,F401
+from . import (  # noqa: F401
     aand,
     adapted_moe,
     cada,

@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -84,7 +85,7 @@ class ResidualBottleneck(nn.Module):
 def _check_pyramid(channels: Sequence[int], strides: Sequence[int] | None) -> None:
     if len(channels) < 1:
         raise ValueError("reverse distillation needs at least one feature level")
-    if strides is not None and any(b != 2 * a for a, b in zip(strides, strides[1:])):
+    if strides is not None and any(b != 2 * a for a, b in itertools.pairwise(strides)):
         raise ValueError(f"each feature level must have twice the stride of the previous one, "
                          f"got strides {list(strides)}; pick consecutive backbone stages")
 

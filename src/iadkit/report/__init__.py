@@ -19,12 +19,12 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from PIL import Image
 
-from ..data.dataset import Preprocess, to_uint8_image  # noqa: E402
-from ..overlay import heatmap_overlay, map_scale  # noqa: E402
+from ..data.dataset import Preprocess, to_uint8_image
+from ..overlay import heatmap_overlay, map_scale
 
 GALLERY_PER_KIND = 6
 ALIGNMENT_ALT = "image scores per category, on one axis"
@@ -220,8 +220,8 @@ def write_comparison_report(results: dict[str, dict[str, Any]], evaluations: dic
                   f"<p>setting: <b>{html.escape(str(result.get('setting')))}</b></p>",
                   _metrics_table(result)]
     parts += ["<h2>Score distributions</h2>",
-              f"<img alt='{ALIGNMENT_ALT}' src='data:image/png;base64,"
-              f"{score_alignment_figure(evaluations)}'>"]
+              (f"<img alt='{ALIGNMENT_ALT}' src='data:image/png;base64,"
+               f"{score_alignment_figure(evaluations)}'>")]
     return _write_page(Path(folder), title, parts)
 
 

@@ -22,6 +22,6 @@ def chance(generator: torch.Generator, probability: float) -> bool:
 def tv_functional() -> Any:
     """torchvision's tensor image functions (imported through the CPU-torch workaround)."""
     import_torchvision()
-    import torchvision.transforms.v2.functional as functional
+    from torchvision.transforms.v2 import functional
 
     return functional

@@ -100,8 +100,8 @@ def paste_fragment(target: torch.Tensor, source: torch.Tensor, fragment_mask: to
 
 def _random_box(height: int, width: int, area_fraction: float, aspect: float) -> tuple[int, int]:
     area = area_fraction * height * width
-    box_h = max(1, min(height, int(round(math.sqrt(area * aspect)))))
-    box_w = max(1, min(width, int(round(math.sqrt(area / aspect)))))
+    box_h = max(1, min(height, round(math.sqrt(area * aspect))))
+    box_w = max(1, min(width, round(math.sqrt(area / aspect))))
     return box_h, box_w
 
 
