@@ -13,6 +13,7 @@ in both).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import socket
@@ -47,8 +48,9 @@ def main() -> None:
             (data / "train" / "good" / path.name).symlink_to(path.resolve())
         (data / "test").symlink_to((Path(args.data) / "test").resolve())
         run = Path(scratch) / "run"
-        iadkit(["fit", "--method", "patchcore", "--data", str(data.parent), "--out", str(run),
-                "--device", "cpu", "--quiet"])
+        with contextlib.redirect_stdout(sys.stderr):  # stdout carries only JSON lines
+            iadkit(["fit", "--method", "patchcore", "--data", str(data.parent), "--out", str(run),
+                    "--device", "cpu", "--quiet"])
         images = sorted(p for p in (Path(args.data) / "test").glob("*/*")
                         if p.suffix.lower() in (".png", ".jpg", ".bmp"))[:50]
         bodies = [path.read_bytes() for path in images]
@@ -61,7 +63,8 @@ def main() -> None:
         in_process_ms = 1000 * (time.perf_counter() - started) / len(images)
 
         exported = Path(scratch) / "exported"
-        iadkit(["export", str(run), "--out", str(exported), "--quiet"])
+        with contextlib.redirect_stdout(sys.stderr):
+            iadkit(["export", str(run), "--out", str(exported), "--quiet"])
         served = [("pytorch", run, ["--device", "cpu"])] + [
             (runtime, exported, ["--runtime", runtime]) for runtime in ("onnxruntime", "openvino")
             if importlib.util.find_spec(runtime)]
