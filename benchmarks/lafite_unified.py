@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--train-per-category", type=int, default=200)
     parser.add_argument("--test-per-group", type=int, default=60)
     parser.add_argument("--epochs", type=int, default=None, help="LafitE epochs (preset: 60)")
-    parser.add_argument("--rd-epochs", type=int, default=None, help="RD epochs (preset: 5)")
+    parser.add_argument("--rd-epochs", type=int, default=None, help="RD epochs (preset: 30)")
     parser.add_argument("--skip-rd", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

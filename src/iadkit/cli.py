@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--runtime", choices=("onnxruntime", "openvino"),
                        help="runtime of an export (default onnxruntime; openvino was the "
                        "fastest on CPUs, see docs/deployment.md)")
-    serve.add_argument("--threads", type=int, help="an export's runtime threads (default: all)")
+    serve.add_argument("--threads", type=int, help="CPU threads of the runtime (default: all)")
     serve.add_argument("--model", help="which model of a multi-model run folder")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)

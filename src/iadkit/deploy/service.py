@@ -69,11 +69,17 @@ class DetectorScorer:
         model_dir: a saved detector's folder.
         device: overrides the saved device ("cpu", "cuda", ...).
         max_pixels: larger images are refused before decoding.
+        threads: torch's intra-op CPU threads (None: torch's default).
     """
 
     def __init__(self, model_dir: str | Path, device: str | None = None,
-                 max_pixels: int = 40_000_000) -> None:
+                 max_pixels: int = 40_000_000, threads: int | None = None) -> None:
+        import torch
+
         from ..methods import Detector
+
+        if threads is not None:
+            torch.set_num_threads(threads)
 
         self.model_dir = Path(model_dir)
         self.detector = Detector.load(self.model_dir, device=device)
@@ -188,7 +194,7 @@ def load_scorer(model_dir: str | Path, device: str | None = None, runtime: str |
     if runtime is not None:
         raise IadkitError(f"{model_dir} is a saved detector, run by PyTorch; --runtime "
                           f"{runtime} needs an export (iadkit export {model_dir} --out DIR)")
-    return DetectorScorer(model_dir, device, max_pixels)
+    return DetectorScorer(model_dir, device, max_pixels, threads)
 
 
 class BodyLimit:
