@@ -68,6 +68,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="LafitE epochs (preset: 60)")
     parser.add_argument("--rd-epochs", type=int, default=None, help="RD epochs (preset: 30)")
     parser.add_argument("--skip-rd", action="store_true")
+    parser.add_argument("--skip-lafite", action="store_true", help="only the RD line")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
@@ -88,46 +89,47 @@ def main() -> None:
             (model_dir,) = fit_run(config, Path(scratch) / "runs" / name)
             return model_dir, time.perf_counter() - started
 
-        lafite_params = {} if args.epochs is None else {"epochs": args.epochs}
-        lafite_dir, lafite_seconds = fit("lafite", "lafite", lafite_params, search="default")
-        result, _ = test_run(lafite_dir.parents[1])
-        detector = Detector.load(lafite_dir)
-        search = detector.fit_info_["search"]
-        chosen = search["chosen"]
-        losses = detector.fit_info_["loss_history"]["diffusion"]
-        print(json.dumps({**model_line("lafite", {**lafite_params, **chosen}, result,
-                                       lafite_seconds),
-                          "diffusion_loss_first_last_epoch": [losses[0], losses[-1]],
-                          "seconds_coreset": detector.fit_info_["seconds_coreset"]}), flush=True)
+        if not args.skip_lafite:
+            lafite_params = {} if args.epochs is None else {"epochs": args.epochs}
+            lafite_dir, lafite_seconds = fit("lafite", "lafite", lafite_params, search="default")
+            result, _ = test_run(lafite_dir.parents[1])
+            detector = Detector.load(lafite_dir)
+            search = detector.fit_info_["search"]
+            chosen = search["chosen"]
+            losses = detector.fit_info_["loss_history"]["diffusion"]
+            print(json.dumps({**model_line("lafite", {**lafite_params, **chosen}, result,
+                                           lafite_seconds),
+                              "diffusion_loss_first_last_epoch": [losses[0], losses[-1]],
+                              "seconds_coreset": detector.fit_info_["seconds_coreset"]}), flush=True)
 
-        config = RunConfig(method="lafite", data=str(root), setting="model-unified")
-        (task,) = config.tasks()
-        detector.set_inference_params(feature_editing=False)
-        without = summarise([evaluate_task(detector, task)], "model-unified")
-        print(json.dumps(model_line("lafite_without_editing", {"tau": chosen["tau"]},
-                                    without, None)), flush=True)
+            config = RunConfig(method="lafite", data=str(root), setting="model-unified")
+            (task,) = config.tasks()
+            detector.set_inference_params(feature_editing=False)
+            without = summarise([evaluate_task(detector, task)], "model-unified")
+            print(json.dumps(model_line("lafite_without_editing", {"tau": chosen["tau"]},
+                                        without, None)), flush=True)
 
-        # Figure 6: the searched grids on pseudo-validation and, for comparison only, on test.
-        test = SampleSet([s for group in task.test_groups.values() for s in group])
-        tau_stage, k_stage = search["stages"]
-        detector.set_inference_params(feature_editing=True)
-        on_test = []
-        for stage in (tau_stage, k_stage):
-            detector.set_inference_params(**chosen)  # the K curve at the pseudo-validation tau
-            on_test.append(search_inference_params(detector, test, [
-                {"param": stage["param"], "fixed": stage["fixed"],
-                 "values": [point["value"] for point in stage["curve"]]}])["stages"][0])
-        for stage, test_stage in zip((tau_stage, k_stage), on_test):
-            print(json.dumps({
-                "benchmark": "lafite_unified", "curve": stage["param"], "fixed": stage["fixed"],
-                "values": [p["value"] for p in stage["curve"]],
-                "pseudo_validation_image_auroc": [p["image_auroc"] for p in stage["curve"]],
-                "pseudo_validation_pixel_auroc": [p["pixel_auroc"] for p in stage["curve"]],
-                "test_image_auroc": [p["image_auroc"] for p in test_stage["curve"]],
-                "test_pixel_auroc": [p["pixel_auroc"] for p in test_stage["curve"]],
-                "pseudo_validation_pick": stage["chosen"], "test_optimum": test_stage["chosen"],
-                "n_pseudo_validation": search["n_images"], "n_test": len(test),
-            }), flush=True)
+            # Figure 6: the searched grids on pseudo-validation and, for comparison only, on test.
+            test = SampleSet([s for group in task.test_groups.values() for s in group])
+            tau_stage, k_stage = search["stages"]
+            detector.set_inference_params(feature_editing=True)
+            on_test = []
+            for stage in (tau_stage, k_stage):
+                detector.set_inference_params(**chosen)  # the K curve at the pseudo-validation tau
+                on_test.append(search_inference_params(detector, test, [
+                    {"param": stage["param"], "fixed": stage["fixed"],
+                     "values": [point["value"] for point in stage["curve"]]}])["stages"][0])
+            for stage, test_stage in zip((tau_stage, k_stage), on_test):
+                print(json.dumps({
+                    "benchmark": "lafite_unified", "curve": stage["param"], "fixed": stage["fixed"],
+                    "values": [p["value"] for p in stage["curve"]],
+                    "pseudo_validation_image_auroc": [p["image_auroc"] for p in stage["curve"]],
+                    "pseudo_validation_pixel_auroc": [p["pixel_auroc"] for p in stage["curve"]],
+                    "test_image_auroc": [p["image_auroc"] for p in test_stage["curve"]],
+                    "test_pixel_auroc": [p["pixel_auroc"] for p in test_stage["curve"]],
+                    "pseudo_validation_pick": stage["chosen"], "test_optimum": test_stage["chosen"],
+                    "n_pseudo_validation": search["n_images"], "n_test": len(test),
+                }), flush=True)
 
         if not args.skip_rd:
             rd_params = {} if args.rd_epochs is None else {"epochs": args.rd_epochs}
