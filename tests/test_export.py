@@ -94,7 +94,11 @@ def test_cli_export_and_torch_free_inferencer(toy_root: Path, tmp_path: Path) ->
     from iadkit.deploy.inferencer import OnnxInferencer
 
     compiled = OnnxInferencer(out, runtime="openvino").predict_file(image)
-    assert compiled.score == pytest.approx(expected, rel=1e-4)
+    assert compiled.score == pytest.approx(expected, rel=1e-4)  # f32, not OpenVINO's bf16
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        OnnxInferencer(out, runtime="openvino", precision="fp8")
+    with pytest.raises(ValueError, match="unknown runtime 'tensorrt'"):
+        OnnxInferencer(out, runtime="tensorrt")
 
 
 def test_export_refuses_an_unfitted_or_class_aware_detector(tmp_path: Path) -> None:

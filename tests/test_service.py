@@ -229,3 +229,5 @@ def test_an_export_is_served_without_torch(exported_run: Path, fitted_run: Path,
 
     with pytest.raises(IadkitError, match="needs an export"):
         load_scorer(fitted_run / "models" / "alpha", runtime="openvino")
+    with pytest.raises(IadkitError, match="is an ONNX export, run on the CPU"):
+        load_scorer(exported_run, device="cuda")

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from . import metrics
+from .calibration import calibrate
 from .data.dataset import Preprocess, make_loader
 from .data.layouts import load_dataset
 from .data.samples import SampleSet
@@ -149,30 +150,6 @@ def holdout_split(train: SampleSet, fraction: float, seed: int) -> tuple[SampleS
         held.update(members[:n_validation])
     return (SampleSet(s for i, s in enumerate(train) if i not in held),
             SampleSet(s for i, s in enumerate(train) if i in held))
-
-
-def calibrate(scores: np.ndarray, maps: np.ndarray, quantile: float, source: str) -> dict[str, Any]:
-    """Decision threshold and normalisation statistics from normal validation predictions.
-
-    The normalised score is ``(score - median) / (threshold - median)``: 0 for a typical normal
-    image, 1 at the threshold.
-    """
-    threshold = float(np.quantile(scores, quantile))
-    return {
-        "image_threshold": threshold,
-        "pixel_threshold": float(np.quantile(maps, quantile)),
-        "normal_median": float(np.median(scores)),
-        "normal_mean": float(scores.mean()),
-        "normal_std": float(scores.std()),
-        "n_images": int(scores.size),
-        "quantile": quantile,
-        "source": source,
-    }
-
-
-def normalised_scores(scores: np.ndarray, calibration: dict[str, Any]) -> np.ndarray:
-    span = calibration["image_threshold"] - calibration["normal_median"]
-    return (scores - calibration["normal_median"]) / (span if span > 0 else 1.0)
 
 
 # -- prediction ----------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..engine import iter_predictions, normalised_scores
+from ..calibration import is_anomalous, normalised_scores
+from ..engine import iter_predictions
 from ..methods import Detector
 from ..progress import progress
 
@@ -70,11 +71,10 @@ def predict_files(detector: Detector, paths: Sequence[Path], out_dir: Path,
                 scored += 1
                 row["score"] = f"{item.score:.6g}"
                 if calibration:
-                    threshold = calibration["image_threshold"]
                     row["normalised_score"] = \
                         f"{float(normalised_scores(item.score, calibration)):.4f}"
-                    row["threshold"] = f"{threshold:.6g}"
-                    row["anomalous"] = int(item.score >= threshold)
+                    row["threshold"] = f"{calibration['image_threshold']:.6g}"
+                    row["anomalous"] = int(is_anomalous(item.score, calibration))
                 if heatmaps:
                     name = f"heatmaps/{numbers[str(item.path)]:06d}_{item.path.stem}.png"
                     save_overlay(item.path, item.anomaly_map, detector.preprocess, calibration,

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..calibration import is_anomalous, normalised_scores
 from ..data.image_io import read_image
 from ..errors import CheckpointError
 
@@ -109,20 +110,11 @@ class OnnxInferencer:
         """Read (with iadkit's conversions and errors) and score one image file."""
         return self.predict([read_image(path)])[0]
 
-    def normalised_score(self, score: float) -> float | None:
-        """The score on the calibrated scale (normal median 0, threshold 1); None without a
-        calibration."""
-        if not self.calibration:
-            return None
-        median = self.calibration["normal_median"]
-        span = self.calibration["image_threshold"] - median
-        return (score - median) / (span if span > 0 else 1.0)
-
     def _result(self, score: float, anomaly_map: np.ndarray) -> InferenceResult:
         if not self.calibration:
             return InferenceResult(score, anomaly_map, None, None)
-        return InferenceResult(score, anomaly_map, score >= self.calibration["image_threshold"],
-                               self.normalised_score(score))
+        return InferenceResult(score, anomaly_map, is_anomalous(score, self.calibration),
+                               float(normalised_scores(score, self.calibration)))
 
 
 def _onnxruntime_runner(model_path: Path, threads: int | None) -> Any:

@@ -40,6 +40,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
+from ..calibration import is_anomalous, normalised_scores
 from ..data.image_io import decode_image
 from ..errors import IadkitError, ImageReadError, ImageTooLargeError
 from ..overlay import overlay_png
@@ -49,14 +50,13 @@ from .inferencer import TRAINING_SUMMARY_KEYS, OnnxInferencer
 HEATMAP_MODES = ("none", "base64", "png")
 
 
-def _decision(score: float, normalised: float | None,
-              calibration: dict[str, Any] | None) -> dict[str, Any]:
+def _decision(score: float, calibration: dict[str, Any] | None) -> dict[str, Any]:
     """The answer's score fields; the decision and threshold when the model was calibrated."""
     if not calibration:
         return {"score": score, "normalised_score": None, "anomalous": None, "threshold": None,
                 "threshold_source": None}
-    return {"score": score, "normalised_score": normalised,
-            "anomalous": bool(score >= calibration["image_threshold"]),
+    return {"score": score, "normalised_score": float(normalised_scores(score, calibration)),
+            "anomalous": is_anomalous(score, calibration),
             "threshold": calibration["image_threshold"],
             "threshold_source": calibration["source"]}
 
@@ -93,7 +93,6 @@ class DetectorScorer:
         import torch
 
         from ..data.dataset import to_uint8_image
-        from ..engine import normalised_scores
 
         image = decode_image(data, name, self.max_pixels)
         tensor = self.detector.preprocess.image(image).unsqueeze(0)
@@ -101,9 +100,7 @@ class DetectorScorer:
             prediction = self.detector.predict(tensor)
         score = float(prediction.scores[0])
         calibration = self.detector.calibration
-        normalised = (float(normalised_scores(np.float64(score), calibration)) if calibration
-                      else None)
-        result = {**_decision(score, normalised, calibration),
+        result = {**_decision(score, calibration),
                   "image_size": [int(image.shape[1]), int(image.shape[0])]}
         if heatmap != "none":
             result["heatmap_png"] = overlay_png(to_uint8_image(tensor[0]),
@@ -156,8 +153,7 @@ class ExportedScorer:
             maps, scores = self.inferencer.run(preprocessed[None])
         score = float(scores[0])
         calibration = self.inferencer.calibration
-        normalised = self.inferencer.normalised_score(score)
-        result = {**_decision(score, normalised, calibration),
+        result = {**_decision(score, calibration),
                   "image_size": [int(image.shape[1]), int(image.shape[0])]}
         if heatmap != "none":
             pixels = np.round(preprocessed.transpose(1, 2, 0) * 255).astype(np.uint8)

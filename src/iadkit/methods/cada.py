@@ -347,8 +347,10 @@ class CADA(Detector):
         with torch.no_grad():
             outputs = torch.cat([self.network_(chunk.to(self.torch_device)).cpu()
                                  for chunk in features.split(256)])
-        spread = outputs.std(dim=0) if len(outputs) > 1 else torch.zeros(2)
-        if len(outputs) > 1 and bool((spread <= 1e-6 * outputs.abs().mean(dim=0)).all()):
+        if len(outputs) < 2:  # one image has no spread to check
+            return [0.0, 0.0]
+        spread = outputs.std(dim=0)
+        if bool((spread <= 1e-6 * outputs.abs().mean(dim=0)).all()):
             warnings.warn(f"CADA's regressor predicts the same statistics for every training "
                           f"image (its hidden units are all inactive), so it aligns nothing; "
                           f"train it with a smaller lr than {self.lr:g} (e.g. 0.01)",
