@@ -231,13 +231,15 @@ def test_cli_fit_with_the_default_search_records_its_curve(toy_root: Path, tmp_p
     code = main(["fit", "--method", "lafite", "--data", str(toy_root), "--category", "alpha",
                  "--category", "beta", "--setting", "model-unified", "--param", "epochs=2",
                  *params, "--validation-fraction", "0.25", "--search", search,
-                 "--out", str(tmp_path / "run"), "--device", "cpu", "-q"])
+                 "--search-synthesis", "draem", "--out", str(tmp_path / "run"), "--device", "cpu",
+                 "-q"])
     assert code == 0
     saved = json.loads((tmp_path / "run" / "models" / "unified" / "detector.json").read_text())
     search_record = saved["fit_info"]["search"]
     assert [s["param"] for s in search_record["stages"]] == ["tau", "k_neighbours"]
     assert saved["params"]["tau"] == search_record["chosen"]["tau"]
     assert saved["params"]["k_neighbours"] == search_record["chosen"]["k_neighbours"]
+    assert search_record["source"].startswith("draem pseudo-validation set")
     assert "held out from training" in search_record["source"]
     assert saved["calibration"] is not None
 

@@ -179,6 +179,33 @@ def test_pseudo_validation_is_half_synthetic_and_patchcore_separates_it(
     assert result["image_auroc"] > 0.8 and result["pixel_auroc"] > 0.8
 
 
+def test_mixed_pseudo_validation_gives_every_generator_an_equal_share(
+        toy_root: Path, tmp_path: Path) -> None:
+    from collections import Counter
+
+    import numpy as np
+    from PIL import Image
+
+    from iadkit.data import load_dataset
+    from iadkit.synthesis import KINDS, build_pseudo_validation
+
+    normals = load_dataset(toy_root, ["alpha"]).where(split="train")  # 16 -> 8 anomalous
+    pseudo = build_pseudo_validation(normals, tmp_path / "pv", kind="mixed", size=48)
+    anomalous = [s for s in pseudo if s.label == 1]
+    counts = Counter(s.defect_type for s in anomalous)
+    assert len(anomalous) == 8 and set(counts) <= set(KINDS) and len(counts) == 5
+    assert max(counts.values()) - min(counts.values()) <= 1
+    for sample in anomalous:
+        assert sample.image_path.parent.name == sample.defect_type
+        assert np.asarray(Image.open(sample.mask_path)).any()
+    again = build_pseudo_validation(normals, tmp_path / "again", kind="mixed", size=48)
+    assert [s.defect_type for s in again] == [s.defect_type for s in pseudo]
+    assert np.array_equal(np.asarray(Image.open(again[1].image_path)),
+                          np.asarray(Image.open(pseudo[1].image_path)))
+    with pytest.raises(ValueError, match="mixed"):
+        build_pseudo_validation(normals, tmp_path / "bad", kind="perlin", size=48)
+
+
 def test_synth_cli_preview_and_errors(toy_root: Path, tmp_path: Path) -> None:
     from iadkit.cli import main
 

@@ -58,6 +58,7 @@ def _run_config(args: argparse.Namespace) -> Any:
         "validation_fraction": args.validation_fraction,
         "seen_subclasses": args.seen, "unseen_subclasses": args.unseen,
         "search": args.search if args.search in (None, "default") else yaml.safe_load(args.search),
+        "search_synthesis": args.search_synthesis, "search_textures": args.search_textures,
     }
     values.update({k: v for k, v in flags.items() if v is not None})
     if args.category:
@@ -303,6 +304,10 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--search", help="choose inference parameters on a pseudo-validation "
                         "set of the held-out normals: 'default' (the method's own search) or "
                         "a YAML list of stages, e.g. '[{param: tau, values: [100, 300]}]'")
+    parser.add_argument("--search-synthesis", help="anomalies of that pseudo-validation set: "
+                        "fragments, draem, cse, cutpaste, scar or mixed (default: the method's)")
+    parser.add_argument("--search-textures", help="texture folder (e.g. DTD images/) for it; "
+                        "procedural textures without it")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -396,7 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--category", action="append")
         command.add_argument("--layout", default="auto")
         command.add_argument("--kind", default="draem",
-                             help="fragments, draem, cse, cutpaste or scar")
+                             help="fragments, draem, cse, cutpaste or scar; pseudo-val also "
+                             "takes mixed (all of them in turn)")
         command.add_argument("--textures", help="texture folder (e.g. DTD images/); "
                              "procedural textures without it")
         command.add_argument("--out", required=True,

@@ -39,6 +39,7 @@ from .errors import IadkitError, ImageReadError
 from .methods import Detector, create_detector
 from .progress import progress
 from .synthesis.pseudo_validation import build_pseudo_validation
+from .synthesis.textures import TextureSource
 
 log = logging.getLogger("iadkit")
 
@@ -46,7 +47,8 @@ RUN_FILE = "run.json"
 #: Run settings that change what a model learns (a resumed run must match them).
 MODEL_SETTINGS = ("method", "data", "preset", "params", "categories", "layout", "setting",
                   "seen_subclasses", "unseen_subclasses", "validation_fraction",
-                  "threshold_quantile", "search", "search_synthesis", "search_metric", "seed")
+                  "threshold_quantile", "search", "search_synthesis", "search_textures",
+                  "search_metric", "seed")
 METRIC_KEYS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_aupro")
 PIXEL_KEYS = ("pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_aupro")
 
@@ -74,8 +76,11 @@ class RunConfig:
             from the held-out normals: "default" (the method's :attr:`Detector.default_search`)
             or a list of stages ``{"param": name, "values": [...], "fixed": {...}}``; None
             keeps the hyperparameters as given. See :func:`search_inference_params`.
-        search_synthesis: the synthetic anomalies of the pseudo-validation set
-            (:data:`iadkit.synthesis.pseudo_validation.KINDS`; "fragments" as in LafitE).
+        search_synthesis: the synthetic anomalies of the pseudo-validation set (a kind of
+            :func:`iadkit.synthesis.build_pseudo_validation`); None: the method's own
+            (:attr:`Detector.search_synthesis`: "fragments" as in LafitE, "mixed" for PatchCore).
+        search_textures: a texture folder (e.g. DTD ``images/``) for the pseudo-validation
+            anomalies that paste textures; procedural textures when None.
         search_metric: the metric the search maximises (mean over categories).
         device: "auto" (CUDA when present), "cpu", "cuda", ...
         seed: seeds the validation split and the detectors.
@@ -96,7 +101,8 @@ class RunConfig:
     validation_fraction: float = 0.1
     threshold_quantile: float = 0.99
     search: str | list[dict[str, Any]] | None = None
-    search_synthesis: str = "fragments"
+    search_synthesis: str | None = None
+    search_textures: str | None = None
     search_metric: str = "image_auroc"
     device: str = "auto"
     seed: int = 0
@@ -213,14 +219,10 @@ def fit_detector(config: RunConfig, task: Task, checkpoint_dir: Path | None = No
         if len(validation) < 2:
             raise IadkitError("an inference-parameter search needs held-out normal images: "
                               "set validation_fraction > 0")
-        with tempfile.TemporaryDirectory(prefix="iadkit-pseudo-") as folder:
-            pseudo = build_pseudo_validation(validation, folder, config.search_synthesis,
-                                             detector.preprocess.output_size, seed=config.seed)
-            search = search_inference_params(detector, pseudo, stages, config.search_metric,
-                                             config.batch_size, config.workers,
-                                             config.show_progress)
-        search["source"] = (f"{config.search_synthesis} pseudo-validation set made from "
-                            f"{len(validation)} normal images held out from training")
+        search = search_on_held_out_normals(
+            detector, validation, stages, config.search_metric,
+            config.search_synthesis, config.search_textures,
+            config.seed, config.batch_size, config.workers, config.show_progress)
         detector.fit_info_["search"] = search
         log.info("search chose %s", search["chosen"])
     detector.calibration = None
@@ -234,6 +236,35 @@ def fit_detector(config: RunConfig, task: Task, checkpoint_dir: Path | None = No
 
 
 # -- inference-parameter search ------------------------------------------------------------------
+def search_on_held_out_normals(detector: Detector, normals: SampleSet,
+                               stages: Sequence[dict[str, Any]], metric: str = "image_auroc",
+                               synthesis: str | None = None, textures: str | None = None,
+                               seed: int = 0, batch_size: int = 16, workers: int = 0,
+                               show_progress: bool = False) -> dict[str, Any]:
+    """:func:`search_inference_params` on a pseudo-validation set made from ``normals``.
+
+    ``normals`` must be images the detector was not fitted on. The set is written to a
+    temporary folder and removed afterwards.
+
+    Args:
+        synthesis: the pseudo-validation kind; None: the detector's ``search_synthesis``.
+        textures: a texture folder for the generators that paste textures (procedural if None).
+
+    Returns:
+        The search result, with ``"source"`` saying what the set was made of.
+    """
+    kind = synthesis or detector.search_synthesis
+    texture_source = TextureSource(textures) if textures else None
+    with tempfile.TemporaryDirectory(prefix="iadkit-pseudo-") as folder:
+        pseudo = build_pseudo_validation(normals, folder, kind, detector.preprocess.output_size,
+                                         texture_source, seed=seed)
+        search = search_inference_params(detector, pseudo, stages, metric, batch_size, workers,
+                                         show_progress)
+    search["source"] = (f"{kind} pseudo-validation set made from {len(normals)} normal images "
+                        "held out from training")
+    return search
+
+
 def search_inference_params(detector: Detector, validation: SampleSet,
                             stages: Sequence[dict[str, Any]], metric: str = "image_auroc",
                             batch_size: int = 16, workers: int = 0, show_progress: bool = False

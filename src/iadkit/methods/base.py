@@ -103,6 +103,9 @@ class Detector(ABC):
     #: The method's own search procedure, used by ``RunConfig(search="default")``: stages of
     #: ``{"param": name, "values": [...], "fixed": {other: value}}`` (see the engine).
     default_search: ClassVar[tuple[dict[str, Any], ...]] = ()
+    #: The synthetic anomalies of the pseudo-validation set that search runs on
+    #: (:func:`iadkit.synthesis.build_pseudo_validation`'s ``kind``).
+    search_synthesis: ClassVar[str] = "fragments"
     _extractor: FeatureExtractor | None = None
 
     # -- construction --------------------------------------------------------------------

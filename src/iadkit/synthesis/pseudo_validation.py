@@ -28,6 +28,8 @@ from .draem import DraemSynthesizer, SyntheticSample
 from .textures import TextureSource
 
 KINDS = ("fragments", "draem", "cse", "cutpaste", "scar")
+#: ``kind`` of :func:`build_pseudo_validation` that cycles through every generator of KINDS.
+MIXED = "mixed"
 
 #: synthesize(image, donor, generator) -> SyntheticSample; donor: another normal image.
 Synthesize = Callable[[torch.Tensor, torch.Tensor, torch.Generator], SyntheticSample]
@@ -61,16 +63,24 @@ def build_pseudo_validation(normals: SampleSet, folder: str | Path, kind: str = 
                             seed: int = 0, max_attempts: int = 10) -> SampleSet:
     """Write half of ``normals`` unchanged and half with a synthetic anomaly under ``folder``.
 
-    Each category gets ``<folder>/<category>/test/{good,synthetic}/`` and
-    ``ground_truth/synthetic/<stem>_mask.png``. Donor images for fragments come from the same
-    category. Images are stored at ``size`` x ``size``.
+    Each category gets ``<folder>/<category>/test/{good,<kind>}/`` and
+    ``ground_truth/<kind>/<stem>_mask.png``. ``kind="mixed"`` gives the anomalous images every
+    generator of :data:`KINDS` in turn (equal shares, each under its own defect type): the
+    choice when nothing is known of the real defects, since single generators can favour
+    opposite settings (Perlin-shaped texture patches a sharp anomaly map, faint CutPaste patches
+    a smooth one). Donor images for fragments come from the same category. Images are stored at
+    ``size`` x ``size``.
 
     Returns:
         The written samples (split "test"), anomalous ones with masks.
     """
+    if kind not in (*KINDS, MIXED):
+        raise ValueError(f"unknown pseudo-validation kind {kind!r}; choose from "
+                         f"{(*KINDS, MIXED)}")
     if len(normals) < 2:
         raise DatasetError("a pseudo-validation set needs at least two normal images")
-    synthesize = make_synthesizer(kind, textures)
+    kinds = KINDS if kind == MIXED else (kind,)
+    synthesizers = [make_synthesizer(k, textures) for k in kinds]
     preprocess = Preprocess(size)
     rng = random.Random(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -93,18 +103,20 @@ def build_pseudo_validation(normals: SampleSet, folder: str | Path, kind: str = 
                 continue
             donor_sample = pool[order[(rank + 1) % len(order)]]
             donor = preprocess.load(donor_sample.image_path)
+            which = (rank // 2) % len(kinds)
             for _ in range(max_attempts):
-                synthetic = synthesize(image, donor, generator)
+                synthetic = synthesizers[which](image, donor, generator)
                 if synthetic.mask.any():
                     break
             else:
-                raise DatasetError(f"{kind} synthesis produced no anomaly for {sample.image_path}")
-            path = base / "test" / "synthetic" / f"{name}.png"
-            mask_path = base / "ground_truth" / "synthetic" / f"{name}_mask.png"
+                raise DatasetError(f"{kinds[which]} synthesis produced no anomaly for "
+                                   f"{sample.image_path}")
+            path = base / "test" / kinds[which] / f"{name}.png"
+            mask_path = base / "ground_truth" / kinds[which] / f"{name}_mask.png"
             _save(synthetic.image, path)
             mask_path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray((synthetic.mask.numpy() * 255).astype(np.uint8)).save(mask_path)
-            written.append(Sample(path, ANOMALOUS, category, "synthetic", "test", mask_path))
+            written.append(Sample(path, ANOMALOUS, category, kinds[which], "test", mask_path))
     return SampleSet(written)
 
 
