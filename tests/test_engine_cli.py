@@ -115,6 +115,25 @@ def test_bad_input_gives_one_clear_error_and_exit_code_2(tmp_path: Path, capsys)
     assert "not a run folder" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--search", "default", "--search-synthesis", "perlin"], "unknown search_synthesis 'perlin'"),
+    (["--search", "default", "--search-textures", "no/such/folder"], "texture folder not found"),
+    (["--search", "[{param: coreset_ratio, values: [0.1]}]"], "cannot search ['coreset_ratio']"),
+])
+def test_a_search_that_cannot_run_is_refused_before_training(
+        toy_root: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch,
+        flags: list[str], message: str) -> None:
+    from iadkit.methods import Detector
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before checking the search")
+
+    monkeypatch.setattr(Detector, "fit", no_training)
+    code = main(["fit", "--method", "patchcore", "--data", str(toy_root), "--category", "alpha",
+                 *flags, "--out", str(tmp_path / "run"), "-q"])
+    assert code == 2 and message in capsys.readouterr().err
+
+
 def test_methods_command_lists_patchcore(capsys) -> None:
     assert main(["methods"]) == 0
     assert "patchcore" in capsys.readouterr().out

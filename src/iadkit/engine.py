@@ -38,7 +38,7 @@ from .data.settings import Task, make_tasks
 from .errors import IadkitError, ImageReadError
 from .methods import Detector, create_detector
 from .progress import progress
-from .synthesis.pseudo_validation import build_pseudo_validation
+from .synthesis.pseudo_validation import PSEUDO_VALIDATION_KINDS, build_pseudo_validation
 from .synthesis.textures import TextureSource
 
 log = logging.getLogger("iadkit")
@@ -136,6 +136,20 @@ class RunConfig:
         if isinstance(self.search, str) or not isinstance(self.search, list):
             raise IadkitError(f"search must be 'default' or a list of stages, got {self.search!r}")
         return self.search
+
+    def check_search(self, detector: Detector) -> None:
+        """Refuse a search that could not run, before any training: bad stages, an unknown
+        pseudo-validation kind, a missing texture folder."""
+        stages = self.search_stages(detector)
+        if not stages:
+            return
+        check_search_stages(detector, stages, self.search_metric)
+        kind = self.search_synthesis or detector.search_synthesis
+        if kind not in PSEUDO_VALIDATION_KINDS:
+            raise IadkitError(f"unknown search_synthesis {kind!r}; choose from "
+                              f"{PSEUDO_VALIDATION_KINDS}")
+        if self.search_textures:
+            TextureSource(self.search_textures)
 
 
 # -- calibration ---------------------------------------------------------------------------------
@@ -265,6 +279,24 @@ def search_on_held_out_normals(detector: Detector, normals: SampleSet,
     return search
 
 
+def check_search_stages(detector: Detector, stages: Sequence[dict[str, Any]],
+                        metric: str) -> None:
+    """Raise :class:`IadkitError` for a stage :func:`search_inference_params` cannot run."""
+    for stage in stages:
+        unknown = sorted(set(stage) - {"param", "values", "fixed", "metric"})
+        if unknown or "param" not in stage or not stage.get("values"):
+            raise IadkitError(f"a search stage needs 'param' and a non-empty 'values' list "
+                              f"(and optionally 'fixed' and 'metric'), got {stage}")
+        if stage.get("metric", metric) not in METRIC_KEYS:
+            raise IadkitError(f"unknown search metric {stage.get('metric', metric)!r}; "
+                              f"choose from {METRIC_KEYS}")
+        names = [stage["param"], *stage.get("fixed", {})]
+        wrong = [n for n in names if n not in detector.inference_params]
+        if wrong:
+            raise IadkitError(f"{detector.name} cannot search {wrong}: only inference "
+                              f"parameters can, {list(detector.inference_params)}")
+
+
 def search_inference_params(detector: Detector, validation: SampleSet,
                             stages: Sequence[dict[str, Any]], metric: str = "image_auroc",
                             batch_size: int = 16, workers: int = 0, show_progress: bool = False
@@ -291,19 +323,7 @@ def search_inference_params(detector: Detector, validation: SampleSet,
     Example:
         >>> search_inference_params(detector, pseudo, [{"param": "tau", "values": [100, 300]}])
     """
-    for stage in stages:
-        unknown = sorted(set(stage) - {"param", "values", "fixed", "metric"})
-        if unknown or "param" not in stage or not stage.get("values"):
-            raise IadkitError(f"a search stage needs 'param' and a non-empty 'values' list "
-                              f"(and optionally 'fixed' and 'metric'), got {stage}")
-        if stage.get("metric", metric) not in METRIC_KEYS:
-            raise IadkitError(f"unknown search metric {stage.get('metric', metric)!r}; "
-                              f"choose from {METRIC_KEYS}")
-        names = [stage["param"], *stage.get("fixed", {})]
-        wrong = [n for n in names if n not in detector.inference_params]
-        if wrong:
-            raise IadkitError(f"{detector.name} cannot search {wrong}: only inference "
-                              f"parameters can, {list(detector.inference_params)}")
+    check_search_stages(detector, stages, metric)
     groups = {c: validation.where(category=c) for c in validation.categories}
     result: dict[str, Any] = {"metric": metric, "n_images": len(validation), "stages": [],
                               "chosen": {}}
@@ -420,7 +440,8 @@ def fit_run(config: RunConfig, run_dir: str | Path, resume: bool = False) -> lis
     fitted.
     """
     run_dir = Path(run_dir)
-    config.new_detector()  # fail fast on a bad method, preset or hyperparameter
+    # Fail fast, before any training, on a bad method, preset, hyperparameter or search.
+    config.check_search(config.new_detector())
     tasks = config.tasks()
     run_dir.mkdir(parents=True, exist_ok=True)
     record = {"config": asdict(config), "tasks": [t.name for t in tasks],

@@ -30,6 +30,7 @@ from .textures import TextureSource
 KINDS = ("fragments", "draem", "cse", "cutpaste", "scar")
 #: ``kind`` of :func:`build_pseudo_validation` that cycles through every generator of KINDS.
 MIXED = "mixed"
+PSEUDO_VALIDATION_KINDS = (*KINDS, MIXED)
 
 #: synthesize(image, donor, generator) -> SyntheticSample; donor: another normal image.
 Synthesize = Callable[[torch.Tensor, torch.Tensor, torch.Generator], SyntheticSample]
@@ -74,9 +75,9 @@ def build_pseudo_validation(normals: SampleSet, folder: str | Path, kind: str = 
     Returns:
         The written samples (split "test"), anomalous ones with masks.
     """
-    if kind not in (*KINDS, MIXED):
+    if kind not in PSEUDO_VALIDATION_KINDS:
         raise ValueError(f"unknown pseudo-validation kind {kind!r}; choose from "
-                         f"{(*KINDS, MIXED)}")
+                         f"{PSEUDO_VALIDATION_KINDS}")
     if len(normals) < 2:
         raise DatasetError("a pseudo-validation set needs at least two normal images")
     kinds = KINDS if kind == MIXED else (kind,)
