@@ -7,6 +7,7 @@ demo:
 
 test:
 	scripts/bootstrap.sh test,demo,faiss,serve,onnx,openvino
+	.venv/bin/ruff check src tests benchmarks
 	.venv/bin/python -m pytest -q tests
 
 test-slow:

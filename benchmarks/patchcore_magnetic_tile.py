@@ -66,7 +66,7 @@ def main() -> None:
         fitted, held_out = engine.holdout_split(train, 0.1, seed=0)
         searched.fit(make_loader(fitted, searched.preprocess, args.batch_size))
         search = engine.search_on_held_out_normals(
-            searched, held_out, searched.default_search, textures=args.search_textures,
+            searched, held_out, engine.SearchSettings(textures=args.search_textures),
             batch_size=args.batch_size)
         params.update(search["chosen"])
         del searched

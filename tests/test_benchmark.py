@@ -38,7 +38,7 @@ def test_grid_crosses_methods_datasets_and_settings(tmp_path: Path, toy_root: Pa
     cells = load_grid(_grid_file(tmp_path, toy_root, methods=METHODS))
     assert len(cells) == 4
     assert len({cell.id for cell in cells}) == 4
-    assert {cell.setting for cell in cells} == {"one-class", "absolute-unified"}
+    assert {cell.config.setting for cell in cells} == {"one-class", "absolute-unified"}
 
 
 @pytest.mark.parametrize(("changes", "message"), [

@@ -12,15 +12,15 @@ from sklearn.metrics import roc_auc_score
 
 from iadkit.data import generate_dataset, load_dataset, make_loader
 from iadkit.methods import Detector, create_detector
-from iadkit.methods.training import TrainingImages, one_cycle
-from iadkit.nn.cse import (
+from iadkit.methods.cse.kmeans import kmeans
+from iadkit.methods.cse.networks import (
     FeatureDecoder,
     FusionEmbedder,
     cluster_distances,
     contrastive_cosine_loss,
     feature_reconstruction_loss,
 )
-from iadkit.nn.kmeans import kmeans
+from iadkit.methods.training import TrainingImages, one_cycle
 
 TINY = dict(device="cpu", image_size=64, crop_size=None, batch_size=4, min_steps=0)
 
@@ -119,7 +119,7 @@ def test_one_cycle_matches_torch_schedule() -> None:
     optimizer = torch.optim.Adam([parameter], lr=1.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=4e-3, total_steps=23)
     for step in range(23):
-        factor, momentum = one_cycle(step, 23)
+        factor, momentum = one_cycle()(step, 23)
         assert optimizer.param_groups[0]["lr"] == pytest.approx(4e-3 * factor, rel=1e-9)
         assert optimizer.param_groups[0]["betas"][0] == pytest.approx(momentum, rel=1e-9)
         optimizer.step()

@@ -54,8 +54,8 @@ def test_threshold_comes_from_held_out_normals_not_test(toy_root: Path) -> None:
     assert not {s.image_path for s in held} & {s.image_path for s in fit_part}
     held_scores = engine.predict_samples(detector, held).scores
     expected = float(np.quantile(held_scores, config.threshold_quantile))
-    assert detector.calibration["image_threshold"] == pytest.approx(expected)
-    assert "held out" in detector.calibration["source"]
+    assert detector.calibration.image_threshold == pytest.approx(expected)
+    assert "held out" in detector.calibration.source
 
 
 def test_holdout_takes_its_share_of_every_category_and_batches_never_hold_one_image(
@@ -80,11 +80,12 @@ def test_absolute_unified_pools_where_averaging_would_not(toy_root: Path) -> Non
     for offset, (name, group) in zip((0.0, 10.0), task.test_groups.items()):
         labels = np.array(group.labels)
         scores = labels + offset  # perfect within each group, shifted between groups
-        groups[name] = engine.Predictions(group, scores.astype(np.float32),
+        groups[name] = engine.ScoredSamples(group, scores.astype(np.float32),
                                           np.zeros((len(group), 2, 2), np.float32),
                                           np.zeros((len(group), 2, 2), bool), 0.0, None)
     per_group = {n: engine.score_predictions(p, pixel=False) for n, p in groups.items()}
-    pooled = engine.score_predictions(engine._concat(list(groups.values())), pixel=False)
+    pooled = engine.score_predictions(engine.ScoredSamples.concatenate(list(groups.values())),
+                                       pixel=False)
     assert all(v["image_auroc"] == 1.0 for v in per_group.values())
     assert pooled["image_auroc"] < 0.8
 
@@ -116,7 +117,7 @@ def test_bad_input_gives_one_clear_error_and_exit_code_2(tmp_path: Path, capsys)
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--search", "default", "--search-synthesis", "perlin"], "unknown search_synthesis 'perlin'"),
+    (["--search", "default", "--search-synthesis", "perlin"], "unknown search synthesis 'perlin'"),
     (["--search", "default", "--search-textures", "no/such/folder"], "texture folder not found"),
     (["--search", "[{param: coreset_ratio, values: [0.1]}]"], "cannot search ['coreset_ratio']"),
 ])

@@ -15,7 +15,7 @@ from iadkit.cli import main
 from iadkit.data import load_dataset, make_loader
 from iadkit.errors import IadkitError
 from iadkit.methods import Detector, create_detector
-from iadkit.nn.diffusion import CosineSchedule, NoisePredictionUNet, cosine_alpha_bar
+from iadkit.methods.lafite.diffusion import CosineSchedule, NoisePredictionUNet, cosine_alpha_bar
 from iadkit.nn.feature_editing import edit_features, neighbour_weights
 from iadkit.nn.knn import FlatIndex
 

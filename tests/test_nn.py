@@ -7,10 +7,10 @@ import pytest
 import torch
 from scipy import ndimage
 
+from iadkit.methods.patchcore.patch_features import LocalPatchFeatures
+from iadkit.nn.anomaly_maps import gaussian_blur, upsample_blur_operator
 from iadkit.nn.coreset import greedy_coreset
 from iadkit.nn.knn import nearest_neighbours
-from iadkit.nn.patch_features import LocalPatchFeatures
-from iadkit.nn.smoothing import gaussian_blur, upsample_blur_operator
 
 
 def plain_greedy_coreset(features: torch.Tensor, ratio: float, projection_dim: int = 128,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +10,8 @@ import torch
 
 from iadkit import metrics
 from iadkit.data import make_loader
-from iadkit.errors import CheckpointError, NotFittedError
-from iadkit.methods import Detector, available_methods, create_detector, get_method
+from iadkit.errors import CheckpointError, ConfigError, NotFittedError
+from iadkit.methods import Detector, create_detector
 
 
 def _predict_all(detector: Detector, samples) -> tuple[np.ndarray, ...]:
@@ -35,19 +34,6 @@ def test_patchcore_separates_synthetic_defects(fitted_patchcore) -> None:
     assert metrics.pixel_metrics(masks, maps)["pixel_auroc"] >= 0.85
 
 
-def test_checkpoint_round_trip_gives_identical_scores(fitted_patchcore, tmp_path: Path) -> None:
-    detector, samples = fitted_patchcore
-    folder = detector.save(tmp_path / "model")
-    config = json.loads((folder / "detector.json").read_text())
-    assert config["method"] == "patchcore" and config["params"]["image_size"] == 64
-    assert not list(folder.glob("*.pt*")) and (folder / "weights.safetensors").is_file()
-    loaded = Detector.load(folder)
-    images = next(iter(make_loader(samples.where(split="test"), detector.preprocess, 12)))["image"]
-    first, second = detector.predict(images), loaded.predict(images)
-    assert torch.equal(first.scores, second.scores)
-    assert torch.equal(first.anomaly_maps, second.anomaly_maps)
-
-
 def test_default_search_chooses_the_smoothing_by_pixel_auroc(fitted_patchcore) -> None:
     from iadkit import engine
 
@@ -55,7 +41,7 @@ def test_default_search_chooses_the_smoothing_by_pixel_auroc(fitted_patchcore) -
     before = detector.smoothing_sigma
     try:
         result = engine.search_on_held_out_normals(
-            detector, samples.where(split="train"), detector.default_search)
+            detector, samples.where(split="train"), engine.SearchSettings())
         assert result["source"].startswith("mixed pseudo-validation set")
         (stage,) = result["stages"]
         assert stage["metric"] == "pixel_auroc"
@@ -65,18 +51,6 @@ def test_default_search_chooses_the_smoothing_by_pixel_auroc(fitted_patchcore) -
         assert len({point["image_auroc"] for point in stage["curve"]}) == 1
     finally:
         detector.set_inference_params(smoothing_sigma=before)
-
-
-def test_fit_is_deterministic_under_a_seed(toy_root: Path) -> None:
-    from iadkit.data import load_dataset
-
-    train = load_dataset(toy_root, ["beta"]).where(split="train")
-    banks = []
-    for _ in range(2):
-        detector = create_detector("patchcore", image_size=32, coreset_ratio=0.1, seed=5)
-        detector.fit(make_loader(train, detector.preprocess, 8))
-        banks.append(detector.memory_bank_)
-    assert torch.equal(banks[0], banks[1])
 
 
 def test_errors_for_unfitted_detector_and_broken_checkpoints(tmp_path: Path) -> None:
@@ -89,15 +63,6 @@ def test_errors_for_unfitted_detector_and_broken_checkpoints(tmp_path: Path) -> 
     (tmp_path / "weights.safetensors").write_bytes(b"")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         Detector.load(tmp_path)
-
-
-def test_registry_presets_and_params() -> None:
-    assert "patchcore" in available_methods()
-    cls = get_method("patchcore")
-    assert {"cpu", "paper"} <= set(cls.presets)
-    paper = create_detector("patchcore", "paper", backbone_weights="random")
-    assert paper.get_params()["backbone"] == "wide_resnet50_2"
-    assert paper.preprocess.output_size == 224
 
 
 def test_paper_preset_runs_with_random_weights_on_tiny_input() -> None:
@@ -113,5 +78,5 @@ def test_overriding_image_size_scales_the_preset_crop() -> None:
     detector = create_detector("patchcore", "cpu", image_size=64)
     assert (detector.image_size, detector.crop_size) == (64, 56)
     assert create_detector("patchcore", "cpu", image_size=64, crop_size=None).crop_size is None
-    with pytest.raises(ValueError, match="crop_size 80 must be between"):
+    with pytest.raises(ConfigError, match="crop_size=80 is larger than image_size=64"):
         _ = create_detector("patchcore", "cpu", image_size=64, crop_size=80).preprocess

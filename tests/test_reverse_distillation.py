@@ -15,20 +15,16 @@ from iadkit.cli import main
 from iadkit.data import load_dataset, make_loader
 from iadkit.errors import CheckpointError, IadkitError
 from iadkit.methods import Detector, create_detector
-from iadkit.methods.reverse_distillation import ReverseStudent
-from iadkit.nn.amplification import (
+from iadkit.methods.reverse_distillation.amplification import (
     ResidualAmplifier,
     amplification_loss,
     downsample_mask,
     gate_focal_loss,
     position_encoding,
 )
-from iadkit.nn.reverse_distillation import (
-    fuse_maps,
-    hard_mined_cosine_loss,
-    hard_patch_loss,
-    image_scores,
-)
+from iadkit.methods.reverse_distillation.networks import hard_mined_cosine_loss, hard_patch_loss
+from iadkit.methods.reverse_distillation.rd import ReverseStudent
+from iadkit.nn.anomaly_maps import fuse_maps, image_scores
 
 BACKBONES = {"paper": ("wide_resnet50_2", ("layer1", "layer2", "layer3")),
              "cpu": ("tf_efficientnet_lite0", (1, 2, 3))}
@@ -239,7 +235,7 @@ def test_aand_ablations_change_what_is_scored(toy_alpha) -> None:
 
 
 def test_bad_settings_give_one_clear_error(toy_root: Path, tmp_path: Path, capsys) -> None:
-    with pytest.raises(IadkitError, match="foreground must be"):
+    with pytest.raises(IadkitError, match="foreground=.bogus. is not allowed"):
         create_detector("aand", "cpu", foreground="bogus")
     code = main(["fit", "--method", "aand", "--data", str(toy_root), "--category", "alpha",
                  "--out", str(tmp_path / "run"), "--param", "texture_dir=" + str(tmp_path / "none"),

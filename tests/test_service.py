@@ -144,7 +144,7 @@ def test_predict_matches_the_detector_in_process(served, toy_root: Path) -> None
     detector = Detector.load(model_dir, device="cpu")
     expected = float(detector.predict(detector.preprocess.image(read_image(path))[None]).scores[0])
     assert result["score"] == pytest.approx(expected, rel=1e-5)
-    assert result["anomalous"] == (expected >= detector.calibration["image_threshold"])
+    assert result["anomalous"] == (expected >= detector.calibration.image_threshold)
     heatmap = Image.open(io.BytesIO(base64.b64decode(result["heatmap_png_base64"])))
     side = detector.preprocess.output_size
     assert heatmap.size == (side, side)

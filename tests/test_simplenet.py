@@ -16,8 +16,8 @@ from iadkit.data import generate_dataset, load_dataset, make_loader
 from iadkit.data.samples import SampleSet
 from iadkit.errors import IadkitError
 from iadkit.methods import Detector, create_detector
-from iadkit.nn.mixture import RoutingNetwork, adapt_statistics, top_k_weights
-from iadkit.nn.simplenet import SimpleNetHead, UnfoldPatchFeatures
+from iadkit.methods.simplenet.mixture import RoutingNetwork, adapt_statistics, top_k_weights
+from iadkit.methods.simplenet.networks import SimpleNetHead, UnfoldPatchFeatures
 
 #: Small heads and few epochs: a fit takes seconds on 64 px images.
 #: SimpleNet's discriminator needs a few hundred steps: batches of 2 images give them.
@@ -143,21 +143,6 @@ def test_simplenet_separates_generated_defects_and_round_trips(toy_root: Path,
     loaded = Detector.load(detector.save(tmp_path / "model"))
     reloaded, _ = _predict(loaded, samples.where(split="test"))
     np.testing.assert_array_equal(reloaded, scores)
-
-
-def test_adapted_moe_exports_routing_tta_and_experts_to_onnx(
-        fitted_moe: tuple[Detector, SampleSet], tmp_path: Path) -> None:
-    onnxruntime = pytest.importorskip("onnxruntime")
-    from iadkit.deploy.export import export_onnx
-
-    detector, samples = fitted_moe
-    record = export_onnx(detector, tmp_path / "onnx")
-    assert record["parity"]["scores_relative"] <= 1e-4
-    session = onnxruntime.InferenceSession(str(tmp_path / "onnx" / "model.onnx"))
-    images = next(iter(make_loader(samples.where(split="test"), detector.preprocess, 5)))["image"]
-    _, scores = session.run(None, {"images": images.numpy()})
-    np.testing.assert_allclose(scores, detector.predict(images).scores.numpy(), rtol=1e-4,
-                               atol=1e-5)
 
 
 def test_adapted_moe_without_moe_and_tta_equals_simplenet(three_styles: Path) -> None:

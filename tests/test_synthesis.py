@@ -170,7 +170,7 @@ def test_pseudo_validation_is_half_synthetic_and_patchcore_separates_it(
 
     normals = list(load_dataset(toy_root, ["alpha"]).where(split="train"))
     fit_part, held = SampleSet(normals[:8]), SampleSet(normals[8:])  # disjoint normals
-    pseudo = build_pseudo_validation(held, tmp_path / "pv", kind="fragments", size=64)
+    pseudo = build_pseudo_validation(held, tmp_path / "pv", synthesis="fragments", size=64)
     assert len(pseudo) == len(held) and sum(pseudo.labels) == len(held) // 2
     assert pseudo.has_masks
     detector = create_detector("patchcore", image_size=64, crop_size=None, coreset_ratio=0.25)
@@ -187,23 +187,23 @@ def test_mixed_pseudo_validation_gives_every_generator_an_equal_share(
     from PIL import Image
 
     from iadkit.data import load_dataset
-    from iadkit.synthesis import KINDS, build_pseudo_validation
+    from iadkit.synthesis import SYNTHESES, build_pseudo_validation
 
     normals = load_dataset(toy_root, ["alpha"]).where(split="train")  # 16 -> 8 anomalous
-    pseudo = build_pseudo_validation(normals, tmp_path / "pv", kind="mixed", size=48)
+    pseudo = build_pseudo_validation(normals, tmp_path / "pv", synthesis="mixed", size=48)
     anomalous = [s for s in pseudo if s.label == 1]
     counts = Counter(s.defect_type for s in anomalous)
-    assert len(anomalous) == 8 and set(counts) <= set(KINDS) and len(counts) == 5
+    assert len(anomalous) == 8 and set(counts) <= set(SYNTHESES) and len(counts) == 5
     assert max(counts.values()) - min(counts.values()) <= 1
     for sample in anomalous:
         assert sample.image_path.parent.name == sample.defect_type
         assert np.asarray(Image.open(sample.mask_path)).any()
-    again = build_pseudo_validation(normals, tmp_path / "again", kind="mixed", size=48)
+    again = build_pseudo_validation(normals, tmp_path / "again", synthesis="mixed", size=48)
     assert [s.defect_type for s in again] == [s.defect_type for s in pseudo]
     assert np.array_equal(np.asarray(Image.open(again[1].image_path)),
                           np.asarray(Image.open(pseudo[1].image_path)))
     with pytest.raises(ValueError, match="mixed"):
-        build_pseudo_validation(normals, tmp_path / "bad", kind="perlin", size=48)
+        build_pseudo_validation(normals, tmp_path / "bad", synthesis="perlin", size=48)
 
 
 def test_synth_cli_preview_and_errors(toy_root: Path, tmp_path: Path) -> None:

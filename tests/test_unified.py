@@ -16,8 +16,9 @@ from iadkit.cli import main
 from iadkit.data import generate_dataset, load_dataset, make_loader
 from iadkit.errors import IadkitError
 from iadkit.methods import Detector, create_detector
-from iadkit.nn.cada import StatisticsRegressor, align_maps, map_statistics
-from iadkit.nn.uniad import UniADTransformer, align_features, feature_jitter, neighbour_mask
+from iadkit.methods.cada.networks import StatisticsRegressor, align_maps, map_statistics
+from iadkit.methods.uniad.networks import UniADTransformer, feature_jitter, neighbour_mask
+from iadkit.nn.multiscale import align_features
 from iadkit.report import ALIGNMENT_ALT, write_comparison_report
 
 #: UniAD small enough to learn the generated textures in seconds (8x8 tokens at 64 px).
@@ -254,9 +255,9 @@ def test_cada_over_uniad_uses_the_papers_loss_threshold(three_categories: Path) 
 
 
 def test_cada_refuses_bases_and_settings_it_cannot_use(tmp_path: Path, toy_root: Path) -> None:
-    with pytest.raises(IadkitError, match="alignment must be one of"):
+    with pytest.raises(IadkitError, match="alignment='oracle' is not allowed"):
         create_detector("cada", "cpu", alignment="oracle")
-    with pytest.raises(IadkitError, match="cannot be CADA"):
+    with pytest.raises(IadkitError, match="other than cada"):
         create_detector("cada", "cpu", base="cada")
     detector = create_detector("cada", "cpu", base_params={"epochs": 1},
                                alignment="class", image_size=32, device="cpu")

@@ -33,16 +33,17 @@ import resource
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .data.settings import SETTINGS
+from .engine.config import RunConfig
 from .errors import IadkitError
 from .progress import progress
 
-SETTINGS = ("one-class", "model-unified", "absolute-unified", "unseen-subclass")
 OPTION_KEYS = ("device", "batch_size", "seed", "validation_fraction", "workers")
 #: Columns of results.csv and results.md, in order.
 COLUMNS = ("method", "preset", "dataset", "setting", "status", "image_auroc", "image_ap",
@@ -54,38 +55,27 @@ RESULT_FILE = "result.json"
 @dataclass
 class Cell:
     """One run of the grid: a method with a preset and hyperparameters, on a dataset, in a
-    setting."""
+    setting; all of it is the cell's run configuration."""
 
-    method: str
-    preset: str
-    params: dict[str, Any]
     dataset: str
-    root: str
-    categories: list[str] | None
-    layout: str
-    setting: str
-    seen_subclasses: list[str] | None = None
-    unseen_subclasses: list[str] | None = None
-    options: dict[str, Any] = field(default_factory=dict)
+    config: RunConfig
 
     @property
     def id(self) -> str:
         """A folder-safe name; the hyperparameters are part of it, so two variants of one
         method are two cells."""
-        parts = [self.method, self.preset, self.dataset, self.setting]
-        if self.params:
-            parts.append("-".join(f"{k}={v}" for k, v in sorted(self.params.items())))
+        config = self.config
+        parts = [config.method, config.preset, self.dataset, config.setting]
+        if config.params:
+            parts.append("-".join(f"{k}={v}" for k, v in sorted(config.params.items())))
         return re.sub(r"[^A-Za-z0-9_.=-]+", "_", "__".join(parts))[:180]
 
-    def run_config(self) -> Any:
-        from .engine import RunConfig
+    def to_dict(self) -> dict[str, Any]:
+        return {"dataset": self.dataset, "config": self.config.to_dict()}
 
-        return RunConfig(method=self.method, data=self.root, preset=self.preset,
-                         params=dict(self.params), categories=self.categories,
-                         layout=self.layout, setting=self.setting,
-                         seen_subclasses=self.seen_subclasses,
-                         unseen_subclasses=self.unseen_subclasses, show_progress=False,
-                         **self.options)
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Cell:
+        return cls(values["dataset"], RunConfig.from_dict(values["config"]))
 
 
 def load_grid(path: str | Path) -> list[Cell]:
@@ -129,20 +119,19 @@ def load_grid(path: str | Path) -> list[Cell]:
             for preset in entry.get("presets", ["cpu"]):
                 for setting in settings:
                     unseen = setting == "unseen-subclass"
-                    cells.append(Cell(
+                    cells.append(Cell(str(dataset.get("name", root.name)), RunConfig(
                         method=entry["name"], preset=preset, params=entry.get("params") or {},
-                        dataset=str(dataset.get("name", root.name)), root=str(root.resolve()),
-                        categories=dataset.get("categories"),
+                        data=str(root.resolve()), categories=dataset.get("categories"),
                         layout=dataset.get("layout", "auto"), setting=setting,
                         seen_subclasses=subclasses.get("seen") if unseen else None,
                         unseen_subclasses=subclasses.get("unseen") if unseen else None,
-                        options=dict(options)))
+                        show_progress=False, **options)))
     ids = [cell.id for cell in cells]
     duplicated = sorted({i for i in ids if ids.count(i) > 1})
     if duplicated:
         raise IadkitError(f"{path}: cells repeat: {duplicated}")
     for cell in cells:  # a bad method, preset or hyperparameter fails now, not hours later
-        cell.run_config().new_detector()
+        cell.config.new_detector()
     return cells
 
 
@@ -161,7 +150,7 @@ def run_grid(cells: list[Cell], out_dir: str | Path, show_progress: bool = True
         if result is not None and result.get("status") == "ok":
             continue
         cell_dir.mkdir(parents=True, exist_ok=True)
-        (cell_dir / "cell.json").write_text(json.dumps(asdict(cell), indent=2))
+        (cell_dir / "cell.json").write_text(json.dumps(cell.to_dict(), indent=2))
         completed = subprocess.run([sys.executable, "-m", "iadkit.benchmark",
                                     str(cell_dir / "cell.json")],
                                    capture_output=True, text=True, check=False)
@@ -182,12 +171,11 @@ def run_cell(cell_file: str | Path) -> dict[str, Any]:
     from .engine import fit_run, test_run
 
     cell_dir = Path(cell_file).parent
-    cell = Cell(**json.loads(Path(cell_file).read_text()))
+    cell = Cell.from_dict(json.loads(Path(cell_file).read_text()))
     record: dict[str, Any] = _identity(cell)
     try:
-        config = cell.run_config()
         started = time.perf_counter()
-        models = fit_run(config, cell_dir / "run", resume=True)
+        models = fit_run(cell.config, cell_dir / "run", resume=True)
         record["fit_seconds"] = round(time.perf_counter() - started, 2)
         results, evaluations = test_run(cell_dir / "run")
         record.update({key: results.get(key) for key in COLUMNS if key in results})
@@ -230,8 +218,9 @@ def _cell_text(value: Any) -> str:
 
 
 def _identity(cell: Cell) -> dict[str, Any]:
-    return {"id": cell.id, "method": cell.method, "preset": cell.preset, "params": cell.params,
-            "dataset": cell.dataset, "setting": cell.setting}
+    config = cell.config
+    return {"id": cell.id, "method": config.method, "preset": config.preset,
+            "params": config.params, "dataset": cell.dataset, "setting": config.setting}
 
 
 def _backbone_rate(model_dir: Path, predictions: Any, count: int = 32) -> float | None:

@@ -10,13 +10,14 @@ Stable commands (scripts and CI rely on them)::
     iadkit serve RUN_DIR|EXPORT_DIR [--port 8000] [--runtime onnxruntime|openvino]
     iadkit export RUN_DIR --format onnx --out DIR
     iadkit data prepare elpv DEST | iadkit data generate DEST
-    iadkit synth preview --data ROOT --kind draem --out grid.png
-    iadkit synth pseudo-val --data ROOT --kind fragments --out DIR
+    iadkit synth preview --data ROOT --synthesis draem --out grid.png
+    iadkit synth pseudo-val --data ROOT --synthesis fragments --out DIR
     iadkit methods
 
 Settings come from ``--config FILE.yaml`` (keys of :class:`iadkit.engine.RunConfig`, with
 ``params:`` for hyperparameters), then flags override them; ``--param key=value`` overrides one
-hyperparameter (the value is read as YAML: ``--param coreset_ratio=0.02``).
+hyperparameter (the value is read as YAML: ``--param coreset_ratio=0.02``). Every bad setting
+or hyperparameter is refused with one line on stderr and exit code 2, before any work.
 """
 
 from __future__ import annotations
@@ -57,10 +58,16 @@ def _run_config(args: argparse.Namespace) -> Any:
         "batch_size": args.batch_size, "workers": args.workers,
         "validation_fraction": args.validation_fraction,
         "seen_subclasses": args.seen, "unseen_subclasses": args.unseen,
-        "search": args.search if args.search in (None, "default") else yaml.safe_load(args.search),
-        "search_synthesis": args.search_synthesis, "search_textures": args.search_textures,
     }
     values.update({k: v for k, v in flags.items() if v is not None})
+    search = {"stages": args.search if args.search in (None, "default")
+              else yaml.safe_load(args.search),
+              "synthesis": args.search_synthesis, "textures": args.search_textures}
+    search = {k: v for k, v in search.items() if v is not None}
+    if search:
+        given = values.get("search")
+        values["search"] = {**(given if isinstance(given, dict) else
+                               {"stages": given} if given is not None else {}), **search}
     if args.category:
         values["categories"] = None if args.category == ["all"] else args.category
     params = dict(values.get("params") or {})
@@ -101,6 +108,10 @@ def cmd_methods(args: argparse.Namespace) -> int:
         if args.verbose:
             for preset, params in sorted(method.presets.items()):
                 print(f"    {preset}: {params}")
+            for declared in method.hyperparameters.values():
+                flag = " (inference)" if declared.inference else ""
+                print(f"    {declared.name}={declared.default!r}{flag}: {declared.help}; "
+                      f"{declared.rule.describe()}")
     return 0
 
 
@@ -252,11 +263,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .deploy.service import create_app
 
     model_dir = Path(args.model_dir)
+    threads = args.threads
     if not (model_dir / EXPORT_CONFIG_FILE).is_file():  # an export needs (and imports) no torch
+        import torch
+
         from .engine import resolve_model_dir
 
         model_dir = resolve_model_dir(model_dir, args.model)
-    app = create_app(model_dir, device=args.device, runtime=args.runtime, threads=args.threads,
+        if threads is not None:  # this process is the server: its torch threads are ours
+            torch.set_num_threads(threads)
+            threads = None
+    app = create_app(model_dir, device=args.device, runtime=args.runtime, threads=threads,
                      max_upload_bytes=int(args.max_upload_mb * 2**20),
                      max_pixels=args.max_pixels)
     uvicorn.run(app, host=args.host, port=args.port,
@@ -271,12 +288,12 @@ def cmd_synth(args: argparse.Namespace) -> int:
     normals = load_dataset(args.data, args.category, args.layout).where(split="train")
     textures = TextureSource(args.textures) if args.textures else None
     if args.synth_command == "preview":
-        path = preview_grid(normals, args.out, args.kind, args.count, args.size, textures,
+        path = preview_grid(normals, args.out, args.synthesis, args.count, args.size, textures,
                             args.seed)
         print(f"preview (normal | synthetic | mask) written to {path}")
     else:
-        written = build_pseudo_validation(normals, args.out, args.kind, args.size, textures,
-                                          args.seed)
+        written = build_pseudo_validation(normals, args.out, args.synthesis, args.size,
+                                          textures, args.seed)
         print(f"pseudo-validation set of {len(written)} images "
               f"({sum(written.labels)} synthetic) written to {args.out}")
     return 0
@@ -373,7 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--runtime", choices=("onnxruntime", "openvino"),
                        help="runtime of an export (default onnxruntime; openvino was the "
                        "fastest on CPUs, see docs/deployment.md)")
-    serve.add_argument("--threads", type=int, help="CPU threads of the runtime (default: all)")
+    serve.add_argument("--threads", type=int, help="CPU threads of the runtime, or of torch for "
+                       "a saved detector (default: all)")
     serve.add_argument("--model", help="which model of a multi-model run folder")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
@@ -400,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--data", required=True, help="dataset root (its training normals)")
         command.add_argument("--category", action="append")
         command.add_argument("--layout", default="auto")
-        command.add_argument("--kind", default="draem",
+        command.add_argument("--synthesis", "--kind", default="draem",
                              help="fragments, draem, cse, cutpaste or scar; pseudo-val also "
                              "takes mixed (all of them in turn)")
         command.add_argument("--textures", help="texture folder (e.g. DTD images/); "

@@ -7,6 +7,11 @@ class IadkitError(Exception):
     """Base class of every error iadkit raises on purpose."""
 
 
+class ConfigError(IadkitError, ValueError):
+    """A hyperparameter or run setting has a value it may not take (named in the message with
+    the values it may take). Raised before any work starts."""
+
+
 class ImageReadError(IadkitError):
     """An image or mask file could not be decoded (missing, corrupt, truncated, odd format)."""
 

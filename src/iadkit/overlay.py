@@ -1,5 +1,6 @@
-"""Anomaly-map overlays as RGB arrays and PNG bytes, with NumPy, Pillow and a matplotlib colour
-map only (no torch), so that the report and a torch-free service draw them the same way.
+"""Anomaly-map overlays as RGB arrays, PNG bytes and PNG files, with NumPy, Pillow and a
+matplotlib colour map only (no torch), so that the report, batch prediction and a torch-free
+service draw them the same way.
 
 Example:
     >>> png = overlay_png(image_uint8_rgb, anomaly_map, calibration=None)
@@ -8,11 +9,15 @@ Example:
 from __future__ import annotations
 
 import io
-from typing import Any
+from pathlib import Path
 
 import numpy as np
 from matplotlib import colormaps
 from PIL import Image
+
+from .calibration import Calibration
+from .data.image_io import read_image
+from .data.preprocess import Preprocess, display_image
 
 
 def heatmap_overlay(image: np.ndarray, anomaly_map: np.ndarray, scale: tuple[float, float],
@@ -29,20 +34,27 @@ def heatmap_overlay(image: np.ndarray, anomaly_map: np.ndarray, scale: tuple[flo
     return blended
 
 
-def map_scale(calibration: dict[str, Any] | None, maps: np.ndarray) -> tuple[float, float]:
+def map_scale(calibration: Calibration | None, maps: np.ndarray) -> tuple[float, float]:
     """The (low, high) map values drawn as the colour map's ends: up to twice the calibrated
     pixel threshold when there is one (so colours mean the same in every image), else the
     maps' own range."""
-    if calibration:
-        threshold = calibration["pixel_threshold"]
-        return float(np.min(maps)) if maps.size else 0.0, 2.0 * threshold
+    if calibration is not None:
+        return float(np.min(maps)) if maps.size else 0.0, 2.0 * calibration.pixel_threshold
     return float(np.min(maps)), float(np.max(maps))
 
 
 def overlay_png(image: np.ndarray, anomaly_map: np.ndarray,
-                calibration: dict[str, Any] | None) -> bytes:
+                calibration: Calibration | None) -> bytes:
     """PNG bytes of the anomaly map over the (preprocessed, uint8 RGB) image."""
     buffer = io.BytesIO()
     Image.fromarray(heatmap_overlay(image, anomaly_map, map_scale(calibration, anomaly_map))
                     ).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def save_overlay(path: Path, anomaly_map: np.ndarray, preprocess: Preprocess,
+                 calibration: Calibration | None, destination: Path) -> None:
+    """Write the image file ``path``, preprocessed, with its anomaly map over it as a PNG."""
+    image = display_image(preprocess.image_array(read_image(path)))
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    destination.write_bytes(overlay_png(image, anomaly_map, calibration))

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from .fold import fold_batchnorm
 from .weights import ResolvedWeights, build_with_weights
 
@@ -32,6 +33,13 @@ def canonical_name(name: str) -> str:
     return ALIASES.get(name, name)
 
 
+def is_backbone_name(name: object) -> bool:
+    """Whether ``name`` is an alias or a model timm can build."""
+    from .._torchvision_compat import import_timm
+
+    return isinstance(name, str) and import_timm().is_model(canonical_name(name))
+
+
 def normalisation(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     if "efficientnet_lite" in name:
         return LITE_MEAN, LITE_STD
@@ -53,6 +61,10 @@ class FeatureExtractor(nn.Module):
             encoder copy); BatchNorm stays unfolded and in eval mode with its ImageNet
             statistics. Frozen (the default) is what every teacher and feature bank uses.
 
+    Building draws random numbers (timm initialises before loading weights) from a generator of
+    its own, seeded with 0: the caller's generators are untouched, and ``weights="random"``
+    gives the same network every time.
+
     Example:
         >>> extractor = FeatureExtractor("lite0", layers=(1, 2, 3))
         >>> [f.shape for f in extractor(torch.rand(1, 3, 256, 256))]
@@ -72,9 +84,18 @@ class FeatureExtractor(nn.Module):
         self.name = canonical_name(name)
         indices = self._layer_indices(self.name, layers)
         location = {"feature_location": feature_location} if feature_location else {}
-        self.model, self.weights = build_with_weights(
-            self.name, weights, features_only=True, out_indices=indices, **location
-        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            try:
+                self.model, self.weights = build_with_weights(
+                    self.name, weights, features_only=True, out_indices=indices, **location
+                )
+            except (IndexError, AssertionError, TypeError) as error:  # timm's answers
+                raise ConfigError(f"backbone {self.name} cannot give the features of stages "
+                                  f"{list(layers)}{' at ' + feature_location if feature_location else ''}"
+                                  f" ({type(error).__name__}: {error})") from None
+            if fold_bn and not trainable:
+                self.model = fold_batchnorm(self.model, torch.rand(1, 3, 64, 64))
         info = self.model.feature_info
         self.channels: list[int] = list(info.channels())
         self.strides: list[int] = list(info.reduction())
@@ -83,8 +104,6 @@ class FeatureExtractor(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.trainable = trainable
         self.requires_grad_(trainable)
-        if fold_bn and not trainable:
-            self.model = fold_batchnorm(self.model, torch.rand(1, 3, 64, 64))
         # Channels-last halves the CPU time of these convolutions (depthwise ones especially).
         self.model.to(memory_format=torch.channels_last)
         self.eval()
@@ -104,7 +123,7 @@ class FeatureExtractor(nn.Module):
             elif layer in names:
                 indices.append(names.index(layer))
             else:
-                raise ValueError(f"backbone {name} has no layer {layer!r}; layers: {names}")
+                raise ConfigError(f"backbone {name} has no layer {layer!r}; layers: {names}")
         return tuple(indices)
 
     def train(self, mode: bool = True) -> FeatureExtractor:

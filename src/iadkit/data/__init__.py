@@ -10,7 +10,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "Batch": "dataset", "ImageDataset": "dataset", "Preprocess": "dataset",
+    "Batch": "dataset", "ImageDataset": "dataset", "Preprocess": "preprocess",
     "make_loader": "dataset", "generate_dataset": "generate", "read_image": "image_io",
     "read_mask": "image_io", "LAYOUTS": "layouts", "detect_layout": "layouts",
     "load_dataset": "layouts", "read_folder": "layouts", "ANOMALOUS": "samples",

@@ -13,18 +13,55 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..calibration import is_anomalous, normalised_scores
-from ..engine import iter_predictions
+import numpy as np
+import torch
+
+from ..calibration import decide
+from ..errors import ConfigError, ImageReadError
 from ..methods import Detector
+from ..overlay import save_overlay
 from ..progress import progress
 
 FIELDS = ("path", "score", "normalised_score", "threshold", "anomalous", "heatmap", "error")
 FORMATS = ("csv", "jsonl")
+
+
+@dataclass
+class FilePrediction:
+    """The prediction for one image file, or why there is none."""
+
+    path: Path
+    score: float | None
+    anomaly_map: np.ndarray | None
+    error: str | None = None
+
+
+def iter_predictions(detector: Detector, paths: Sequence[Path], batch_size: int = 16
+                     ) -> Iterator[FilePrediction]:
+    """Predictions for image files, batch by batch, in bounded memory.
+
+    A file that cannot be read yields a prediction with ``error`` set (naming the file and the
+    problem); the other files are still scored.
+    """
+    preprocess = detector.preprocess
+    for start in range(0, len(paths), batch_size):
+        readable, images = [], []
+        for path in paths[start:start + batch_size]:
+            try:
+                images.append(preprocess.load(path))
+                readable.append(path)
+            except ImageReadError as error:
+                yield FilePrediction(Path(path), None, None, str(error))
+        if not images:
+            continue
+        prediction = detector.predict(torch.stack(images))
+        for path, score, anomaly_map in zip(readable, prediction.scores, prediction.anomaly_maps):
+            yield FilePrediction(Path(path), float(score), anomaly_map.numpy())
 
 
 @dataclass
@@ -45,10 +82,8 @@ def predict_files(detector: Detector, paths: Sequence[Path], out_dir: Path,
     Each row: path, score, normalised score, threshold, anomalous (0/1; empty without a
     calibration), heatmap file, error (why an unreadable file has no score).
     """
-    from ..report import save_overlay
-
     if output_format not in FORMATS:
-        raise ValueError(f"output format must be one of {FORMATS}, got {output_format!r}")
+        raise ConfigError(f"output format must be one of {FORMATS}, got {output_format!r}")
     out_dir.mkdir(parents=True, exist_ok=True)
     output = out_dir / f"scores.{output_format}"
     done = _completed_rows(output, output_format) if resume and output.is_file() else None
@@ -69,12 +104,12 @@ def predict_files(detector: Detector, paths: Sequence[Path], out_dir: Path,
                 row["error"] = item.error
             else:
                 scored += 1
-                row["score"] = f"{item.score:.6g}"
-                if calibration:
-                    row["normalised_score"] = \
-                        f"{float(normalised_scores(item.score, calibration)):.4f}"
-                    row["threshold"] = f"{calibration['image_threshold']:.6g}"
-                    row["anomalous"] = int(is_anomalous(item.score, calibration))
+                decision = decide(item.score, calibration)
+                row["score"] = f"{decision.score:.6g}"
+                if decision.anomalous is not None:
+                    row["normalised_score"] = f"{decision.normalised_score:.4f}"
+                    row["threshold"] = f"{decision.threshold:.6g}"
+                    row["anomalous"] = int(decision.anomalous)
                 if heatmaps:
                     name = f"heatmaps/{numbers[str(item.path)]:06d}_{item.path.stem}.png"
                     save_overlay(item.path, item.anomaly_map, detector.preprocess, calibration,

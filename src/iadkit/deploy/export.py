@@ -18,6 +18,7 @@ import json
 import tempfile
 import time
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -110,12 +111,12 @@ def export_onnx(detector: Detector, folder: str | Path, opset: int = 17,
         "format": INFERENCE_FORMAT,
         "version": 1,
         "method": detector.name,
-        "preset": getattr(detector, "preset", None),
+        "preset": detector.preset,
         "params": detector.get_params(),
         "training_data": {key: value for key, value in (detector.fit_info_ or {}).items()
                           if key in TRAINING_SUMMARY_KEYS},
-        "preprocess": {"image_size": detector.image_size, "crop_size": detector.crop_size},
-        "calibration": getattr(detector, "calibration", None),
+        "preprocess": asdict(detector.preprocess),
+        "calibration": detector.calibration.to_dict() if detector.calibration else None,
         "parity": parity,
         "tolerance": tolerance,
         "opset": opset,

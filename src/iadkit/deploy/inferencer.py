@@ -1,9 +1,10 @@
 """Scoring with an exported ONNX model and onnxruntime (or OpenVINO), without torch.
 
 Only NumPy, Pillow and the runtime are imported (not torch, not iadkit's training code), so a
-production image can ship without PyTorch. Preprocessing repeats iadkit's exactly (bilinear
-resize to a square, centre crop, scale to [0, 1]), and the decision uses the calibration saved
-at export (the threshold from held-out normal images).
+production image can ship without PyTorch. Preprocessing is iadkit's own
+(:class:`~iadkit.data.preprocess.Preprocess`, NumPy), and the decision is
+:func:`~iadkit.calibration.decide` with the calibration saved at export (the threshold from
+held-out normal images).
 
 Example:
     >>> inferencer = OnnxInferencer("exported/tiles")
@@ -19,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from ..calibration import is_anomalous, normalised_scores
+from ..calibration import Calibration, Decision, decide
 from ..data.image_io import read_image
-from ..errors import CheckpointError
+from ..data.preprocess import Preprocess
+from ..errors import CheckpointError, ConfigError
 
 #: An export's files (written by :func:`iadkit.deploy.export.export_onnx`) and format tag.
 MODEL_FILE, CONFIG_FILE, INFERENCE_FORMAT = "model.onnx", "inference.json", "iadkit-onnx"
@@ -39,16 +40,21 @@ class InferenceResult:
     """One image's prediction.
 
     Attributes:
-        score: the image anomaly score.
         anomaly_map: (S, S) float32 map at the model's input size.
-        anomalous: score >= threshold, or None when the model has no calibration.
-        normalised_score: (score - normal median) / (threshold - normal median), or None.
+        decision: the score and, when the model was calibrated, the decision.
     """
 
-    score: float
     anomaly_map: np.ndarray
-    anomalous: bool | None
-    normalised_score: float | None
+    decision: Decision
+
+    @property
+    def score(self) -> float:
+        return self.decision.score
+
+    @property
+    def anomalous(self) -> bool | None:
+        """score >= threshold, or None when the model has no calibration."""
+        return self.decision.anomalous
 
 
 class OnnxInferencer:
@@ -67,9 +73,9 @@ class OnnxInferencer:
     def __init__(self, folder: str | Path, threads: int | None = None,
                  runtime: str = "onnxruntime", precision: str = "f32") -> None:
         if runtime not in RUNTIMES:
-            raise ValueError(f"unknown runtime {runtime!r}; choose from {RUNTIMES}")
+            raise ConfigError(f"unknown runtime {runtime!r}; choose from {RUNTIMES}")
         if precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r}; choose from {PRECISIONS}")
+            raise ConfigError(f"unknown precision {precision!r}; choose from {PRECISIONS}")
         folder = Path(folder)
         config_path, model_path = folder / CONFIG_FILE, folder / MODEL_FILE
         for needed in (config_path, model_path):
@@ -81,26 +87,15 @@ class OnnxInferencer:
         self.runtime = runtime
         self._run = (_openvino_runner(model_path, threads, precision) if runtime == "openvino"
                      else _onnxruntime_runner(model_path, threads))
-        self.image_size = int(self.config["preprocess"]["image_size"])
-        crop = self.config["preprocess"]["crop_size"]
-        self.crop_size = int(crop) if crop else None
-        self.calibration = self.config.get("calibration")
-
-    def preprocess(self, image: np.ndarray) -> np.ndarray:
-        """(H, W, 3) uint8 -> (3, S, S) float32 in [0, 1], as iadkit's ``Preprocess``."""
-        resized = Image.fromarray(image).resize((self.image_size, self.image_size),
-                                                Image.BILINEAR)
-        if self.crop_size is not None and self.crop_size < self.image_size:
-            offset = (self.image_size - self.crop_size) // 2
-            resized = resized.crop((offset, offset, offset + self.crop_size,
-                                    offset + self.crop_size))
-        array = np.asarray(resized, dtype=np.uint8).transpose(2, 0, 1)
-        return array.astype(np.float32) / np.float32(255.0)
+        self.preprocess = Preprocess(**self.config["preprocess"])
+        self.calibration = Calibration.from_dict(self.config.get("calibration"))
 
     def predict(self, images: list[np.ndarray]) -> list[InferenceResult]:
         """Score a batch of (H, W, 3) uint8 RGB images."""
-        maps, scores = self.run(np.stack([self.preprocess(image) for image in images]))
-        return [self._result(float(score), anomaly_map) for score, anomaly_map in zip(scores, maps)]
+        maps, scores = self.run(np.stack([self.preprocess.image_array(image)
+                                          for image in images]))
+        return [InferenceResult(anomaly_map, decide(float(score), self.calibration))
+                for score, anomaly_map in zip(scores, maps)]
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(B, 3, S, S) float32 preprocessed images -> maps (B, S, S) and scores (B,)."""
@@ -109,12 +104,6 @@ class OnnxInferencer:
     def predict_file(self, path: str | Path) -> InferenceResult:
         """Read (with iadkit's conversions and errors) and score one image file."""
         return self.predict([read_image(path)])[0]
-
-    def _result(self, score: float, anomaly_map: np.ndarray) -> InferenceResult:
-        if not self.calibration:
-            return InferenceResult(score, anomaly_map, None, None)
-        return InferenceResult(score, anomaly_map, is_anomalous(score, self.calibration),
-                               float(normalised_scores(score, self.calibration)))
 
 
 def _onnxruntime_runner(model_path: Path, threads: int | None) -> Any:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import base64
 import threading
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +41,9 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
-from ..calibration import is_anomalous, normalised_scores
+from ..calibration import Calibration, decide
 from ..data.image_io import decode_image
+from ..data.preprocess import display_image
 from ..errors import IadkitError, ImageReadError, ImageTooLargeError
 from ..overlay import overlay_png
 from .inferencer import CONFIG_FILE as EXPORT_CONFIG_FILE
@@ -50,36 +52,42 @@ from .inferencer import TRAINING_SUMMARY_KEYS, OnnxInferencer
 HEATMAP_MODES = ("none", "base64", "png")
 
 
-def _decision(score: float, calibration: dict[str, Any] | None) -> dict[str, Any]:
-    """The answer's score fields; the decision and threshold when the model was calibrated."""
-    if not calibration:
-        return {"score": score, "normalised_score": None, "anomalous": None, "threshold": None,
-                "threshold_source": None}
-    return {"score": score, "normalised_score": float(normalised_scores(score, calibration)),
-            "anomalous": is_anomalous(score, calibration),
-            "threshold": calibration["image_threshold"],
-            "threshold_source": calibration["source"]}
+def _answer(score: float, calibration: Calibration | None, image: np.ndarray,
+            heatmap: str, shown: np.ndarray, anomaly_map: np.ndarray) -> dict[str, Any]:
+    """The answer to one request: the decision's fields, the upload's size, and the overlay
+    PNG when asked for (``shown``: the preprocessed image, uint8 RGB)."""
+    result = {**asdict(decide(score, calibration)),
+              "image_size": [int(image.shape[1]), int(image.shape[0])]}
+    if heatmap != "none":
+        result["heatmap_png"] = overlay_png(shown, anomaly_map, calibration)
+    return result
+
+
+def _description(model_dir: Path, runtime: str, method: str, preset: str | None,
+                 params: dict[str, Any] | None, input_size: int,
+                 calibration: Calibration | None, training_data: dict[str, Any]
+                 ) -> dict[str, Any]:
+    """What ``GET /model`` says."""
+    return {"method": method, "preset": preset, "params": params, "input_size": input_size,
+            "threshold": calibration.image_threshold if calibration else None,
+            "threshold_source": calibration.source if calibration else None,
+            "training_data": training_data, "model_dir": str(model_dir), "runtime": runtime}
 
 
 class DetectorScorer:
     """A saved detector loaded once and run by PyTorch, scoring decoded images; safe to call
-    from several threads.
+    from several threads. It leaves torch's thread settings as they are (``iadkit serve
+    --threads`` sets them for its own process).
 
     Args:
         model_dir: a saved detector's folder.
         device: overrides the saved device ("cpu", "cuda", ...).
         max_pixels: larger images are refused before decoding.
-        threads: torch's intra-op CPU threads (None: torch's default).
     """
 
     def __init__(self, model_dir: str | Path, device: str | None = None,
-                 max_pixels: int = 40_000_000, threads: int | None = None) -> None:
-        import torch
-
+                 max_pixels: int = 40_000_000) -> None:
         from ..methods import Detector
-
-        if threads is not None:
-            torch.set_num_threads(threads)
 
         self.model_dir = Path(model_dir)
         self.detector = Detector.load(self.model_dir, device=device)
@@ -90,39 +98,20 @@ class DetectorScorer:
     def score(self, data: bytes, name: str, heatmap: str = "none") -> dict[str, Any]:
         """Decode ``data`` and score it; raises ImageReadError (ImageTooLargeError) for bad
         images."""
-        import torch
-
-        from ..data.dataset import to_uint8_image
-
         image = decode_image(data, name, self.max_pixels)
-        tensor = self.detector.preprocess.image(image).unsqueeze(0)
-        with self._lock, torch.no_grad():
-            prediction = self.detector.predict(tensor)
-        score = float(prediction.scores[0])
-        calibration = self.detector.calibration
-        result = {**_decision(score, calibration),
-                  "image_size": [int(image.shape[1]), int(image.shape[0])]}
-        if heatmap != "none":
-            result["heatmap_png"] = overlay_png(to_uint8_image(tensor[0]),
-                                                prediction.anomaly_maps[0].numpy(), calibration)
-        return result
+        preprocessed = self.detector.preprocess.image_array(image)
+        with self._lock:
+            prediction = self.detector.predict(preprocessed[None])
+        return _answer(float(prediction.scores[0]), self.detector.calibration, image, heatmap,
+                       display_image(preprocessed), prediction.anomaly_maps[0].numpy())
 
     def describe(self) -> dict[str, Any]:
         detector = self.detector
         fit_info = detector.fit_info_ or {}
-        calibration = detector.calibration or {}
-        return {
-            "method": detector.name,
-            "preset": getattr(detector, "preset", None),
-            "params": detector.get_params(),
-            "input_size": detector.preprocess.output_size,
-            "threshold": calibration.get("image_threshold"),
-            "threshold_source": calibration.get("source"),
-            "training_data": {key: fit_info[key] for key in TRAINING_SUMMARY_KEYS
-                              if key in fit_info},
-            "model_dir": str(self.model_dir),
-            "runtime": "pytorch",
-        }
+        return _description(self.model_dir, "pytorch", detector.name, detector.preset,
+                            detector.get_params(), detector.preprocess.output_size,
+                            detector.calibration, {key: fit_info[key] for key in
+                                                   TRAINING_SUMMARY_KEYS if key in fit_info})
 
 
 class ExportedScorer:
@@ -148,39 +137,25 @@ class ExportedScorer:
         """Decode ``data`` and score it; raises ImageReadError (ImageTooLargeError) for bad
         images."""
         image = decode_image(data, name, self.max_pixels)
-        preprocessed = self.inferencer.preprocess(image)
+        preprocessed = self.inferencer.preprocess.image_array(image)
         with self._lock:
             maps, scores = self.inferencer.run(preprocessed[None])
-        score = float(scores[0])
-        calibration = self.inferencer.calibration
-        result = {**_decision(score, calibration),
-                  "image_size": [int(image.shape[1]), int(image.shape[0])]}
-        if heatmap != "none":
-            pixels = np.round(preprocessed.transpose(1, 2, 0) * 255).astype(np.uint8)
-            result["heatmap_png"] = overlay_png(pixels, maps[0], calibration)
-        return result
+        return _answer(float(scores[0]), self.inferencer.calibration, image, heatmap,
+                       display_image(preprocessed), maps[0])
 
     def describe(self) -> dict[str, Any]:
         config = self.inferencer.config
-        calibration = config.get("calibration") or {}
-        return {
-            "method": config["method"],
-            "preset": config.get("preset"),
-            "params": config.get("params"),
-            "input_size": self.inferencer.crop_size or self.inferencer.image_size,
-            "threshold": calibration.get("image_threshold"),
-            "threshold_source": calibration.get("source"),
-            "training_data": config.get("training_data", {}),
-            "model_dir": str(self.model_dir),
-            "runtime": self.inferencer.runtime,
-        }
+        return _description(self.model_dir, self.inferencer.runtime, config["method"],
+                            config.get("preset"), config.get("params"),
+                            self.inferencer.preprocess.output_size, self.inferencer.calibration,
+                            config.get("training_data", {}))
 
 
 def load_scorer(model_dir: str | Path, device: str | None = None, runtime: str | None = None,
                 threads: int | None = None, max_pixels: int = 40_000_000
                 ) -> DetectorScorer | ExportedScorer:
     """The scorer for a saved detector's folder (PyTorch) or an export's folder (``runtime``,
-    default onnxruntime)."""
+    default onnxruntime, with ``threads`` intra-op threads of its own)."""
     model_dir = Path(model_dir)
     if (model_dir / EXPORT_CONFIG_FILE).is_file():
         if device not in (None, "cpu"):
@@ -190,7 +165,11 @@ def load_scorer(model_dir: str | Path, device: str | None = None, runtime: str |
     if runtime is not None:
         raise IadkitError(f"{model_dir} is a saved detector, run by PyTorch; --runtime "
                           f"{runtime} needs an export (iadkit export {model_dir} --out DIR)")
-    return DetectorScorer(model_dir, device, max_pixels, threads)
+    if threads is not None:
+        raise IadkitError("threads applies to an export's runtime; a saved detector runs with "
+                          "torch's process-wide setting (torch.set_num_threads, or iadkit serve "
+                          "--threads)")
+    return DetectorScorer(model_dir, device, max_pixels)
 
 
 class BodyLimit:

@@ -1,23 +1,29 @@
 """The one interface every anomaly detector implements.
 
-A detector is built from its hyperparameters (scikit-learn style: everything in ``__init__``,
-nothing learned there), learns in :meth:`Detector.fit` from normal images only, and returns
-pixel anomaly maps and image scores from :meth:`Detector.predict`. :meth:`Detector.save` writes a
-folder with ``detector.json`` (method, hyperparameters, fit metadata, calibration) and
-``weights.safetensors`` (the learned tensors): no pickle anywhere.
+A detector declares its hyperparameters in its class body (:func:`hyperparameter`), learns in
+:meth:`Detector.fit` from normal images only, and returns pixel anomaly maps and image scores
+from :meth:`Detector.predict`. :meth:`Detector.save` writes a folder with ``detector.json``
+(method, hyperparameters, fit facts, calibration) and ``weights.safetensors`` (the learned
+tensors): no pickle anywhere.
 
-To add a method: subclass :class:`Detector`, give it ``name`` and ``presets``, implement
-``_fit``, ``_predict``, ``_state_tensors`` and ``_load_state_tensors``, and decorate it with
-:func:`iadkit.methods.register`.
+As in scikit-learn, the constructor only stores (and validates) the hyperparameters; what is
+learned is set by ``fit`` under names ending in ``_``. Building or loading a detector never
+touches the caller's random number generators, and ``fit`` draws only from its own, seeded by
+``seed``.
+
+To add a method: subclass :class:`BackboneDetector` (or :class:`Detector`), give it ``name``,
+``summary``, ``presets`` and ``tiny_params``, declare its hyperparameters, implement ``_fit``,
+``_predict``, ``_state_tensors`` and ``_load_state_tensors``, and decorate it with
+:func:`iadkit.methods.register` (docs/architecture.md walks through it).
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -25,9 +31,17 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ..backbones import FeatureExtractor
-from ..data.dataset import Preprocess
-from ..errors import CheckpointError, IadkitError, NotFittedError
+from ..backbones import FeatureExtractor, is_backbone_name
+from ..calibration import Calibration
+from ..data.preprocess import Preprocess
+from ..errors import CheckpointError, ConfigError, IadkitError, NotFittedError
+from ..validation import Check, Choice, Either, Items, Number, Optional, Text
+from .hyperparameters import (
+    Hyperparameter,
+    collect_hyperparameters,
+    constructor_signature,
+    hyperparameter,
+)
 
 CHECKPOINT_FORMAT = "iadkit-detector"
 CHECKPOINT_VERSION = 1
@@ -55,12 +69,6 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
 def image_batches(data: Iterable[Any] | torch.Tensor, batch_size: int = 16) -> Iterator[torch.Tensor]:
     """Image tensors from a tensor (split into batches) or an iterable of batches or dicts."""
     if isinstance(data, torch.Tensor):
@@ -71,42 +79,111 @@ def image_batches(data: Iterable[Any] | torch.Tensor, batch_size: int = 16) -> I
         yield batch["image"] if isinstance(batch, dict) else batch
 
 
-class Detector(ABC):
-    """Base class of all detectors. See the module docstring for the contract.
+def _cuda_devices() -> list[int]:
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
 
-    Subclasses must accept at least ``image_size``, ``crop_size``, ``device``, ``seed``,
-    ``backbone``, ``layers`` and ``backbone_weights`` in their constructor and store every
-    constructor argument under the same attribute name.
-    """
+
+@contextmanager
+def isolated_rng(seed: int) -> Iterator[None]:
+    """Run a block with torch's (CPU and CUDA), NumPy's and Python's global generators seeded
+    by ``seed``, and give them back to the caller as they were afterwards."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=_cuda_devices()):
+        random.seed(seed)
+        np.random.seed(seed % (2**32))
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+def _is_device(value: Any) -> bool:
+    return isinstance(value, str) and (value == "auto" or bool(torch.device(value).type))
+
+
+class Detector(ABC):
+    """Base class of all detectors. See the module docstring for the contract."""
 
     name: ClassVar[str]
-    #: Preset name -> constructor arguments. Every method has "cpu" and "paper".
-    presets: ClassVar[dict[str, dict[str, Any]]] = {}
     #: One line for ``iadkit methods``.
     summary: ClassVar[str] = ""
-
-    image_size: int
-    crop_size: int | None
-    device: str
-    seed: int
-    backbone: str
-    layers: tuple[int | str, ...]
-    backbone_weights: str
-    #: Where the backbone's features are taken ("" = stage outputs); a constructor argument of
-    #: the methods that expose it.
-    feature_location: str = ""
+    #: Preset name -> hyperparameters. Every method has "cpu" and "paper".
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: Hyperparameters (over the cpu preset) that fit a few 64-pixel images in seconds; the
+    #: contract tests (tests/test_contract.py) run every registered method with them.
+    tiny_params: ClassVar[dict[str, Any]] = {}
     #: Whether :meth:`predict` needs each image's category (class-aware references only).
     needs_categories: bool = False
-    #: Hyperparameters that only change inference: :meth:`set_inference_params` may change them
-    #: on a fitted detector, and :func:`iadkit.engine.search_inference_params` searches them.
-    inference_params: ClassVar[tuple[str, ...]] = ()
-    #: The method's own search procedure, used by ``RunConfig(search="default")``: stages of
-    #: ``{"param": name, "values": [...], "fixed": {other: value}}`` (see the engine).
+    #: The method's own search procedure (``--search default``): stages of ``{"param": name,
+    #: "values": [...], "fixed": {other: value}, "metric": key}`` (see iadkit.engine.search).
     default_search: ClassVar[tuple[dict[str, Any], ...]] = ()
-    #: The synthetic anomalies of the pseudo-validation set that search runs on
-    #: (:func:`iadkit.synthesis.build_pseudo_validation`'s ``kind``).
+    #: The synthetic anomalies of the pseudo-validation set a search runs on (a kind of
+    #: :func:`iadkit.synthesis.build_pseudo_validation`).
     search_synthesis: ClassVar[str] = "fragments"
-    _extractor: FeatureExtractor | None = None
+    #: All declared hyperparameters by name (parents' first), and those of them that only
+    #: change inference; both are derived from the declarations.
+    hyperparameters: ClassVar[dict[str, Hyperparameter]]
+    inference_params: ClassVar[tuple[str, ...]]
+
+    #: The preset the detector was built from (None when built from hyperparameters alone).
+    preset: str | None = None
+    #: The decision threshold, fitted by the engine on held-out normal images; saved with the
+    #: detector and used wherever a score becomes a decision.
+    calibration: Calibration | None = None
+    #: Facts about the fit (JSON-friendly); None until fitted.
+    fit_info_: dict[str, Any] | None = None
+
+    device: str = hyperparameter("auto", Check(_is_device, "'auto', 'cpu', 'cuda', 'cuda:1' or "
+                                               "another torch device", ["gpu0"]),
+                                 "where the networks run")
+    seed: int = hyperparameter(0, Number(int, 0), "seeds initialisation, batch order and every "
+                               "random draw of fit")
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.hyperparameters = collect_hyperparameters(cls)
+        cls.inference_params = tuple(name for name, declared in cls.hyperparameters.items()
+                                     if declared.inference)
+        cls.__signature__ = constructor_signature(cls.hyperparameters)  # type: ignore[attr-defined]
+
+    def __init__(self, **params: Any) -> None:
+        """Store the hyperparameters (keyword arguments; the others keep their defaults).
+
+        Raises:
+            ConfigError: an unknown name, or a value its declaration does not allow.
+        """
+        unknown = sorted(set(params) - set(self.hyperparameters))
+        if unknown:
+            raise ConfigError(f"{self._label}: no hyperparameter {unknown}; it has: "
+                              f"{list(self.hyperparameters)}")
+        for name, declared in self.hyperparameters.items():
+            setattr(self, name, self._checked(name, params.get(name, declared.default)))
+        self._check_params()
+
+    @property
+    def _label(self) -> str:
+        return getattr(self, "name", type(self).__name__)
+
+    def _checked(self, name: str, value: Any) -> Any:
+        try:
+            return self.hyperparameters[name].rule.check(name, value)
+        except ConfigError as error:
+            raise ConfigError(f"{self._label}: {error}") from None
+
+    def _check_params(self) -> None:
+        """Raise :class:`ConfigError` when hyperparameters that are each allowed do not go
+        together (override, calling ``super()``)."""
+
+    def check_resources(self) -> None:
+        """Check what a fit will need beyond the hyperparameters' values (backbone weights and
+        stages, folders it reads), so that a bad run stops before any work; raises an
+        :class:`IadkitError` naming the problem (override, calling ``super()``)."""
+
+    def _refuse(self, message: str) -> ConfigError:
+        """A :class:`ConfigError` for this method: ``raise self._refuse("...")``."""
+        return ConfigError(f"{self._label}: {message}")
 
     # -- construction --------------------------------------------------------------------
     @classmethod
@@ -118,73 +195,64 @@ class Detector(ABC):
         hyperparameter (e.g. CADA's ``base_params``) is updated with the override's keys.
         """
         if preset not in cls.presets:
-            raise IadkitError(f"{cls.name} has no preset {preset!r}; presets: {sorted(cls.presets)}")
+            raise ConfigError(f"{cls.name} has no preset {preset!r}; presets: "
+                              f"{sorted(cls.presets)}")
         base = cls.presets[preset]
         params = {**base, **overrides}
         for key, value in overrides.items():  # a dict hyperparameter is updated, not replaced
             if isinstance(value, dict) and isinstance(base.get(key), dict):
                 params[key] = {**base[key], **value}
-        if "image_size" in overrides and "crop_size" not in overrides and base.get("crop_size"):
+        if ("image_size" in overrides and "crop_size" not in overrides and base.get("crop_size")
+                and isinstance(overrides["image_size"], int)):
             params["crop_size"] = round(overrides["image_size"] * base["crop_size"]
                                         / base["image_size"])
-        unknown = sorted(set(params) - set(cls.param_names()))
-        if unknown:
-            raise IadkitError(f"{cls.name} has no hyperparameter {unknown}; "
-                              f"it has: {cls.param_names()}")
-        try:
-            detector = cls(**params)
-        except (ValueError, TypeError) as error:  # a hyperparameter's value is refused
-            raise IadkitError(f"{cls.name}: {error}") from None
+        detector = cls(**params)
         detector.preset = preset
         return detector
 
     @classmethod
     def param_names(cls) -> list[str]:
-        signature = inspect.signature(cls.__init__)
-        return [p for p in signature.parameters if p != "self"]
+        return list(cls.hyperparameters)
 
     def get_params(self) -> dict[str, Any]:
-        """The constructor arguments (JSON-friendly), as in scikit-learn."""
-        return {name: _jsonable(getattr(self, name)) for name in self.param_names()}
+        """The hyperparameters (JSON-friendly), as in scikit-learn."""
+        return {name: _jsonable(getattr(self, name)) for name in self.hyperparameters}
 
     def set_inference_params(self, **values: Any) -> Detector:
-        """Change inference-only hyperparameters (:attr:`inference_params`), also after fit.
+        """Change hyperparameters that only change inference (:attr:`inference_params`), also
+        after fit; nothing changes when one of them is refused.
 
         Example:
             >>> detector.set_inference_params(tau=300, k_neighbours=5)
         """
         unknown = sorted(set(values) - set(self.inference_params))
         if unknown:
-            raise IadkitError(f"{self.name}: {unknown} cannot change after fit; inference "
+            raise ConfigError(f"{self._label}: {unknown} cannot change after fit; inference "
                               f"parameters: {list(self.inference_params) or 'none'}")
+        checked = {name: self._checked(name, value) for name, value in values.items()}
         before = {name: getattr(self, name) for name in values}
-        for name, value in values.items():
+        for name, value in checked.items():
             setattr(self, name, value)
         try:
-            self._check_inference_params()
-        except ValueError as error:
+            self._check_params()
+        except ConfigError:
             for name, value in before.items():
                 setattr(self, name, value)
-            raise IadkitError(f"{self.name}: {error}") from None
+            raise
         return self
 
-    def _check_inference_params(self) -> None:
-        """Raise ValueError when the inference parameters are inconsistent (override)."""
+    @contextmanager
+    def seeded(self) -> Iterator[None]:
+        """A block whose random draws (network initialisation) come from ``seed`` alone and
+        leave the caller's generators as they were."""
+        with torch.random.fork_rng(devices=_cuda_devices()):
+            torch.manual_seed(self.seed)
+            yield
 
     @property
+    @abstractmethod
     def preprocess(self) -> Preprocess:
-        """How images must be resized/cropped before :meth:`predict`."""
-        return Preprocess(self.image_size, self.crop_size)
-
-    @property
-    def extractor(self) -> FeatureExtractor:
-        """The frozen backbone (``backbone``, ``layers``, ``backbone_weights``), built and its
-        weights resolved on first use."""
-        if self._extractor is None:
-            self._extractor = FeatureExtractor(self.backbone, self.layers, self.backbone_weights,
-                                               feature_location=self.feature_location)
-            self._extractor.to(self.torch_device)
-        return self._extractor
+        """How images must be resized and cropped before :meth:`predict`."""
 
     @property
     def torch_device(self) -> torch.device:
@@ -192,7 +260,7 @@ class Detector(ABC):
 
     @property
     def is_fitted(self) -> bool:
-        return getattr(self, "fit_info_", None) is not None
+        return self.fit_info_ is not None
 
     # -- learning and inference ---------------------------------------------------------
     def fit(self, train: Iterable[Any] | torch.Tensor, show_progress: bool = False,
@@ -208,13 +276,14 @@ class Detector(ABC):
                 a fit interrupted and started again with the same folder resumes there, and
                 gives the same model as an uninterrupted fit. The folder is removed at the end.
         """
-        seed_everything(self.seed)
-        self.fit_info_: dict[str, Any] | None = None
-        self.fit_info_ = self._fit(train, show_progress, checkpoint_dir) or {}
+        self.fit_info_ = None
+        self.check_resources()
+        with isolated_rng(self.seed):
+            self.fit_info_ = self._fit(train, show_progress, checkpoint_dir) or {}
         return self
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, categories: Sequence[str] | None = None
+    def predict(self, images: torch.Tensor | np.ndarray, categories: Sequence[str] | None = None
                 ) -> Prediction:
         """Anomaly maps and scores for a batch of preprocessed images (B, 3, S, S) in [0, 1].
 
@@ -222,19 +291,20 @@ class Detector(ABC):
         (:attr:`needs_categories`); the others ignore it.
         """
         if not self.is_fitted:
-            raise NotFittedError(f"{self.name}: call fit() or load() before predict()")
+            raise NotFittedError(f"{self._label}: call fit() or load() before predict()")
+        images = torch.as_tensor(images)
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
         images = images.to(self.torch_device, torch.float32)
         if self.needs_categories:
             if categories is None or len(categories) != images.shape[0]:
-                raise IadkitError(f"{self.name}: this configuration needs the category of "
+                raise IadkitError(f"{self._label}: this configuration needs the category of "
                                   "every image at prediction time")
             prediction = self._predict(images, categories=list(categories))
         else:
             prediction = self._predict(images)
         if not torch.isfinite(prediction.scores).all() or not torch.isfinite(prediction.anomaly_maps).all():
-            raise IadkitError(f"{self.name}: the model produced NaN or infinite scores")
+            raise IadkitError(f"{self._label}: the model produced NaN or infinite scores")
         return Prediction(prediction.anomaly_maps.float().cpu(), prediction.scores.float().cpu())
 
     def raw_maps_and_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -244,7 +314,7 @@ class Detector(ABC):
         Methods that can serve as a calibrated base override this; the choice of features is
         documented with each method.
         """
-        raise IadkitError(f"{self.name} does not expose raw maps and features, so it cannot "
+        raise IadkitError(f"{self._label} does not expose raw maps and features, so it cannot "
                           "be the base of a score calibrator")
 
     @abstractmethod
@@ -262,7 +332,8 @@ class Detector(ABC):
 
     @abstractmethod
     def _load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Restore what :meth:`_state_tensors` returned (the detector is freshly constructed)."""
+        """Restore what :meth:`_state_tensors` returned (the detector is freshly constructed,
+        its ``fit_info_`` already read)."""
 
     # -- persistence ----------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -270,7 +341,7 @@ class Detector(ABC):
         from safetensors.torch import save_file
 
         if not self.is_fitted:
-            raise NotFittedError(f"{self.name}: nothing to save before fit()")
+            raise NotFittedError(f"{self._label}: nothing to save before fit()")
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self._state_tensors().items()}
@@ -279,17 +350,22 @@ class Detector(ABC):
             "format": CHECKPOINT_FORMAT,
             "version": CHECKPOINT_VERSION,
             "method": self.name,
-            "preset": getattr(self, "preset", None),
+            "preset": self.preset,
             "params": self.get_params(),
             "fit_info": self.fit_info_,
-            "calibration": getattr(self, "calibration", None),
+            "calibration": self.calibration.to_dict() if self.calibration else None,
         }
         (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
         return folder
 
     @staticmethod
     def load(path: str | Path, device: str | None = None) -> Detector:
-        """Load any saved detector; ``device`` overrides the saved one (e.g. "cpu")."""
+        """Load any saved detector; ``device`` overrides the saved one (e.g. "cpu").
+
+        Raises:
+            CheckpointError: a missing or unreadable file.
+            ConfigError: a saved hyperparameter this version does not allow (the file named).
+        """
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -311,7 +387,10 @@ class Detector(ABC):
         params = dict(config["params"])
         if device is not None:
             params["device"] = device
-        detector = get_method(config["method"])(**params)
+        try:
+            detector = get_method(config["method"])(**params)
+        except ConfigError as error:
+            raise ConfigError(f"{config_path}: {error}") from None
         detector.preset = config.get("preset")
         try:
             tensors = load_file(str(weights_path))
@@ -320,12 +399,69 @@ class Detector(ABC):
         # Detectors that wrap another one read how to rebuild it from their fit facts.
         detector.fit_info_ = config.get("fit_info") or {}
         detector._load_state_tensors({k: v.to(detector.torch_device) for k, v in tensors.items()})
-        detector.calibration = config.get("calibration")
+        detector.calibration = Calibration.from_dict(config.get("calibration"))
         return detector
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
         return f"{type(self).__name__}({params})"
+
+
+Detector.hyperparameters = collect_hyperparameters(Detector)
+Detector.inference_params = ()
+
+
+#: A backbone stage: a timm ``out_indices`` index or a module name ("layer2").
+LAYER = Either(Number(int, 0), Text())
+
+
+class BackboneDetector(Detector):
+    """A detector on the features of a frozen pretrained backbone (every method but CADA)."""
+
+    backbone: str = hyperparameter(
+        "tf_efficientnet_lite0",
+        Check(is_backbone_name, "a timm model name or an alias such as 'lite0' or 'wrn50'",
+              ["no_such_network"]),
+        "timm name or alias of the frozen feature extractor")
+    layers: tuple[int | str, ...] = hyperparameter(
+        (1, 2, 3), Items(LAYER, min_length=1), "backbone stages used, fine to coarse (timm "
+        "out_indices or module names)")
+    backbone_weights: str = hyperparameter(
+        "pretrained", Text(), "'pretrained', a weight file, or 'random' (shape tests only)")
+    feature_location: str = hyperparameter(
+        "", Choice("", "expansion"), "'' for the stages' outputs, 'expansion' for "
+        "EfficientNet's activated inner features (see FeatureExtractor)")
+    image_size: int = hyperparameter(256, Number(int, 1), "images are resized to this square")
+    crop_size: int | None = hyperparameter(None, Optional(Number(int, 1)),
+                                           "centre crop after resizing (null: none)")
+    _extractor: FeatureExtractor | None = None
+
+    def _check_params(self) -> None:
+        super()._check_params()
+        if self.crop_size is not None and self.crop_size > self.image_size:
+            raise self._refuse(f"crop_size={self.crop_size} is larger than image_size="
+                               f"{self.image_size}")
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return Preprocess(self.image_size, self.crop_size)
+
+    def check_resources(self) -> None:
+        super().check_resources()
+        self.extractor  # noqa: B018 (building it resolves the weights and checks the stages)
+
+    @property
+    def extractor(self) -> FeatureExtractor:
+        """The frozen backbone, built and its weights resolved on first use."""
+        if self._extractor is None:
+            self._extractor = FeatureExtractor(self.backbone, self.layers, self.backbone_weights,
+                                               feature_location=self.feature_location)
+            self._extractor.to(self.torch_device)
+        return self._extractor
+
+    def backbone_facts(self) -> dict[str, Any]:
+        """Where the backbone's weights came from (for the fit facts)."""
+        return {"backbone_weights": vars(self.extractor.resolved_weights)}
 
 
 def _jsonable(value: Any) -> Any:

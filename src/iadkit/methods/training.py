@@ -1,5 +1,9 @@
-"""What every trained (gradient-descent) detector needs: images in memory, seeded epochs,
-cached frozen features, learning-rate steps and resumable training checkpoints.
+"""The one training loop of iadkit, and what it needs: images in memory, seeded epochs, cached
+frozen features, learning-rate schedules and resumable training checkpoints.
+
+Every method trained by gradient descent describes its training as :class:`Stage` objects and
+runs them in a :class:`Training`; no method has a loop of its own. This is where mixed
+precision and distributed training go.
 
 Training images are decoded once and kept as uint8, so an epoch costs only the network, and the
 order of every epoch is drawn from ``(seed, epoch)``: a run resumed from a checkpoint sees the
@@ -13,7 +17,8 @@ import math
 import shutil
 import time
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from abc import abstractmethod
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +28,9 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..progress import progress
+from ..validation import Number
+from .base import BackboneDetector
+from .hyperparameters import hyperparameter
 
 STATE_FILE = "training.json"
 TENSORS_FILE = "training.safetensors"
@@ -98,42 +106,225 @@ class TrainingImages:
                    "subclass": [self.subclasses[i] for i in rows]}
 
 
-def cache_features(extract: Callable[[torch.Tensor], list[torch.Tensor]], data: TrainingImages,
-                   batch_size: int, device: torch.device, budget_mb: float
-                   ) -> list[torch.Tensor] | None:
-    """Frozen features of every training image, or None when they would exceed ``budget_mb``.
+class FrozenFeatures:
+    """A frozen network's features of the training images, for any batch of them.
 
-    A frozen teacher gives the same features every epoch; computing them once turns every later
-    epoch into student-only work.
+    A frozen teacher gives the same features every epoch: they are computed once and kept in
+    memory when they fit in ``budget_mb`` (every later epoch then costs only the trained
+    networks), and computed per batch otherwise.
+
+    Example:
+        >>> teacher = FrozenFeatures(self.extractor, data, 16, device, budget_mb=4096)
+        >>> levels = teacher(indices)   # one (B, C, h, w) tensor per level
     """
-    cached: list[list[torch.Tensor]] = []
-    for indices in data.in_order(batch_size):
+
+    def __init__(self, extract: Callable[[torch.Tensor], list[torch.Tensor]],
+                 data: TrainingImages, batch_size: int, device: torch.device,
+                 budget_mb: float) -> None:
+        self.extract, self.data, self.device = extract, data, device
+        self.cached: list[torch.Tensor] | None = None
+        chunks: list[list[torch.Tensor]] = []
+        for indices in data.in_order(batch_size):
+            features = self._compute(indices)
+            if not chunks:
+                per_image = sum(f[0].numel() * f.element_size() for f in features)
+                if per_image * len(data) > budget_mb * 2**20:
+                    return
+            chunks.append(features)
+        self.cached = [torch.cat(level) for level in zip(*chunks)]
+
+    def _compute(self, indices: torch.Tensor) -> list[torch.Tensor]:
         with torch.no_grad():
-            features = extract(data.get(indices, device))
-        if not cached:
-            per_image = sum(f[0].numel() * f.element_size() for f in features)
-            if per_image * len(data) > budget_mb * 2**20:
-                return None
-        cached.append([f.detach() for f in features])
-    return [torch.cat(level) for level in zip(*cached)]
+            return [f.detach() for f in self.extract(self.data.get(indices, self.device))]
+
+    def __call__(self, indices: torch.Tensor) -> list[torch.Tensor]:
+        if self.cached is None:
+            return self._compute(indices)
+        return [level[indices.to(level.device)] for level in self.cached]
 
 
-def run_stage(stage: str, epochs: int, run_epoch: Callable[[int], float],
-              history: dict[str, list[float]], seed: int, checkpoint: TrainingCheckpoint,
-              modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
-              show_progress: bool) -> None:
-    """Run the remaining epochs of a training stage, recording one mean loss per epoch.
+#: A learning-rate schedule: (optimisation step, total steps) -> (factor of every parameter
+#: group's base rate, the first Adam beta / SGD momentum or None to leave it).
+Schedule = Callable[[int, int], tuple[float, float | None]]
 
-    ``run_epoch(epoch)`` trains one epoch and returns its mean loss; ``history[stage]`` holds
-    the losses of the epochs already done (restored from a checkpoint). Each epoch's random
-    draws are seeded by (seed, stage, epoch), so a resumed run repeats an uninterrupted one.
+
+def step_decay(milestones: Sequence[float], gamma: float) -> Schedule:
+    """Multi-step decay: ``gamma`` to the number of milestones (fractions of training) passed."""
+    def schedule(step: int, total_steps: int) -> tuple[float, None]:
+        return gamma ** sum(step / total_steps >= m for m in milestones), None
+    return schedule
+
+
+def one_cycle(pct_start: float = 0.3, div_factor: float = 25.0, final_div_factor: float = 1e4,
+              momentum_range: tuple[float, float] = (0.85, 0.95)) -> Schedule:
+    """Smith's one-cycle policy, as torch's ``OneCycleLR`` computes it (cosine annealing, two
+    phases), without its state: the rate rises from 1/div_factor of the peak (the base rate) to
+    the peak over ``pct_start`` of training, then falls to 1/(div_factor * final_div_factor);
+    the momentum moves the opposite way."""
+    def anneal(start: float, end: float, fraction: float) -> float:
+        return end + (start - end) / 2.0 * (math.cos(math.pi * fraction) + 1.0)
+
+    initial = 1.0 / div_factor
+    lowest_momentum, highest_momentum = momentum_range
+
+    def schedule(step: int, total_steps: int) -> tuple[float, float]:
+        warm_end = float(pct_start * total_steps) - 1
+        if step <= warm_end:
+            fraction = step / warm_end if warm_end > 0 else 1.0
+            return (anneal(initial, 1.0, fraction),
+                    anneal(highest_momentum, lowest_momentum, fraction))
+        fraction = (step - warm_end) / max(total_steps - 1 - warm_end, 1e-12)
+        return (anneal(1.0, initial / final_div_factor, fraction),
+                anneal(lowest_momentum, highest_momentum, fraction))
+    return schedule
+
+
+def step_schedule(n_images: int, batch_size: int, epochs: int, max_steps: int | None = None
+                  ) -> tuple[int, int, int]:
+    """(epochs, steps per epoch, total steps) of a schedule given in epochs or, when
+    ``max_steps`` is set, in optimisation steps (the last epoch then stops early)."""
+    steps_per_epoch = math.ceil(n_images / batch_size)
+    if steps_per_epoch > 1 and n_images % batch_size == 1:  # see TrainingImages.epoch_batches
+        steps_per_epoch -= 1
+    if max_steps:
+        return math.ceil(max_steps / steps_per_epoch), steps_per_epoch, max_steps
+    return epochs, steps_per_epoch, epochs * steps_per_epoch
+
+
+@dataclass
+class Stage:
+    """One stage of training: passes over ``data`` in seeded batches, one optimisation step
+    per batch, until ``epochs`` (or ``max_steps`` steps) are done.
+
+    Attributes:
+        name: the stage's name in the loss history and in the epochs' seeds.
+        data: the images whose seeded epoch order gives the batches.
+        loss: (a batch's image indices, the step's index) -> the loss to minimise.
+        optimizers: stepped together after every batch (all gradients zeroed first).
+        modules: put in training mode at the start of every epoch.
+        epochs, batch_size, max_steps: the schedule (see :func:`step_schedule`).
+        schedule: the learning rate (and momentum) at each step; None keeps the rates.
+        schedule_per_epoch: evaluate ``schedule`` at each epoch's first step only.
+        clip_norm: clip the gradients' global norm of the stepped parameters (0: off).
+        loss_is_sum: ``loss`` sums over the batch's images (else it is their mean); the
+            epoch's recorded loss is a mean per image either way.
+        start_epoch, end_epoch: called with the epoch's index before its first and after its
+            last step (per-epoch draws, validation).
+        after_step: called after every optimisation step.
     """
-    losses = history.setdefault(stage, [])
-    for epoch in progress(range(len(losses), epochs), stage, show_progress,
-                          total=epochs - len(losses)):
-        torch.manual_seed(epoch_seed(seed, stage, epoch))
-        losses.append(round(float(run_epoch(epoch)), 6))
-        checkpoint.maybe_save(history, modules, optimizers, force=epoch == epochs - 1)
+
+    name: str
+    data: TrainingImages
+    loss: Callable[[torch.Tensor, int], torch.Tensor]
+    optimizers: Sequence[torch.optim.Optimizer]
+    modules: Sequence[nn.Module]
+    epochs: int
+    batch_size: int
+    max_steps: int | None = None
+    schedule: Schedule | None = None
+    schedule_per_epoch: bool = False
+    clip_norm: float = 0.0
+    loss_is_sum: bool = False
+    start_epoch: Callable[[int], None] | None = None
+    end_epoch: Callable[[int], None] | None = None
+    after_step: Callable[[], None] | None = None
+
+    @property
+    def steps(self) -> tuple[int, int, int]:
+        """(epochs, steps per epoch, total steps)."""
+        return step_schedule(len(self.data), self.batch_size, self.epochs, self.max_steps)
+
+
+class Training:
+    """One fit's training: the trained modules and their optimizers, restored from a training
+    checkpoint when ``folder`` holds one, and the loss history. Stages run in it with
+    :meth:`run`; leaving the ``with`` block normally removes the checkpoint and puts every
+    module in eval mode.
+
+    Every epoch draws from torch's generator seeded by (seed, stage, epoch), and its batches
+    come from (seed, epoch): a run resumed from a checkpoint repeats an uninterrupted one.
+
+    Example:
+        >>> with Training(modules, optimizers, checkpoint_dir, seed=0) as training:
+        ...     training.run(Stage("distill", data, loss, [optimizer], [student], 30, 16))
+        >>> training.history["distill"]   # one mean loss per epoch
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+                 folder: str | Path | None, seed: int, every_seconds: float = 60.0,
+                 show_progress: bool = False) -> None:
+        self.modules, self.optimizers, self.seed = modules, optimizers, seed
+        self.show_progress = show_progress
+        for optimizer in optimizers.values():  # what schedules scale
+            for group in optimizer.param_groups:
+                group.setdefault("base_lr", group["lr"])
+        self.checkpoint = TrainingCheckpoint(folder, every_seconds)
+        self.history: dict[str, list[float]] = self.checkpoint.restore(modules, optimizers) or {}
+        self.started = time.perf_counter()
+
+    def __enter__(self) -> Training:  # noqa: PYI034 (Self needs Python 3.11)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        if kind is None:
+            self.checkpoint.clear()
+            for module in self.modules.values():
+                module.eval()
+
+    def done(self, stage: str, epochs: int) -> bool:
+        """Whether ``stage`` already ran its ``epochs`` (a resumed fit skips its set-up)."""
+        return len(self.history.get(stage, [])) >= epochs
+
+    def run(self, stage: Stage) -> None:
+        """Run the epochs of ``stage`` not done yet, recording one mean loss per epoch and
+        saving a checkpoint after each when it is due (and after the last)."""
+        epochs, steps_per_epoch, total_steps = stage.steps
+        losses = self.history.setdefault(stage.name, [])
+        parameters = [p for optimizer in stage.optimizers for group in optimizer.param_groups
+                      for p in group["params"]]
+        for epoch in progress(range(len(losses), epochs), stage.name, self.show_progress,
+                              total=epochs - len(losses)):
+            torch.manual_seed(epoch_seed(self.seed, stage.name, epoch))
+            if stage.start_epoch is not None:
+                stage.start_epoch(epoch)
+            for module in stage.modules:
+                module.train()
+            total, count = 0.0, 0
+            batches = stage.data.epoch_batches(stage.batch_size, self.seed, epoch)
+            for offset, indices in enumerate(batches):
+                step = epoch * steps_per_epoch + offset
+                if step >= total_steps:
+                    break
+                if stage.schedule is not None and (offset == 0 or not stage.schedule_per_epoch):
+                    factor, momentum = stage.schedule(step, total_steps)
+                    for optimizer in stage.optimizers:
+                        _set_rate(optimizer, factor, momentum)
+                loss = stage.loss(indices, step)
+                for optimizer in stage.optimizers:
+                    optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if stage.clip_norm > 0:
+                    nn.utils.clip_grad_norm_(parameters, stage.clip_norm)
+                for optimizer in stage.optimizers:
+                    optimizer.step()
+                if stage.after_step is not None:
+                    stage.after_step()
+                total += float(loss.detach()) * (1 if stage.loss_is_sum else len(indices))
+                count += len(indices)
+            if stage.end_epoch is not None:
+                stage.end_epoch(epoch)
+            losses.append(round(total / count, 6))
+            self.checkpoint.maybe_save(self.history, self.modules, self.optimizers,
+                                       force=epoch == epochs - 1)
+
+
+def _set_rate(optimizer: torch.optim.Optimizer, factor: float, momentum: float | None) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+        if momentum is not None and "betas" in group:
+            group["betas"] = (momentum, group["betas"][1])
+        elif momentum is not None:
+            group["momentum"] = momentum
 
 
 def module_state_tensors(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
@@ -151,64 +342,9 @@ def load_module_states(modules: dict[str, nn.Module], tensors: dict[str, torch.T
         module.eval()
 
 
-def with_base_rates(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """Remember each parameter group's initial learning rate (saved with the optimizer)."""
-    for group in optimizer.param_groups:
-        group.setdefault("base_lr", group["lr"])
-    return optimizer
-
-
-def set_learning_rates(optimizer: torch.optim.Optimizer, factor: float) -> None:
-    """Every group's learning rate becomes its base rate times ``factor``."""
-    for group in optimizer.param_groups:
-        group["lr"] = group["base_lr"] * factor
-
-
 def epoch_seed(seed: int, stage: str, epoch: int) -> int:
     """The seed of one epoch's random draws: stable across runs, different per stage."""
     return (seed * 1_000_003 + zlib.crc32(stage.encode()) * 1009 + epoch) % 2**63
-
-
-def step_schedule(n_images: int, batch_size: int, epochs: int, max_steps: int | None
-                  ) -> tuple[int, int, int]:
-    """(epochs, steps per epoch, total steps) of a schedule given in epochs or, when
-    ``max_steps`` is set, in optimisation steps (the last epoch then stops early)."""
-    steps_per_epoch = math.ceil(n_images / batch_size)
-    if steps_per_epoch > 1 and n_images % batch_size == 1:  # see TrainingImages.epoch_batches
-        steps_per_epoch -= 1
-    if max_steps:
-        return math.ceil(max_steps / steps_per_epoch), steps_per_epoch, max_steps
-    return epochs, steps_per_epoch, epochs * steps_per_epoch
-
-
-def step_decay(progress: float, milestones: Iterable[float], gamma: float) -> float:
-    """Multi-step decay: ``gamma`` to the number of milestones (fractions of training) passed."""
-    return gamma ** sum(progress >= m for m in milestones)
-
-
-def one_cycle(step: int, total_steps: int, pct_start: float = 0.3, div_factor: float = 25.0,
-              final_div_factor: float = 1e4, momentum_range: tuple[float, float] = (0.85, 0.95)
-              ) -> tuple[float, float]:
-    """Smith's one-cycle policy at optimisation step ``step`` (0-based), as torch's
-    ``OneCycleLR`` (cosine annealing, two phases) computes it, without its state.
-
-    Returns:
-        (learning rate as a fraction of the peak rate, momentum). The rate rises from
-        1/div_factor of the peak to the peak over ``pct_start`` of training, then falls to
-        1/(div_factor * final_div_factor); the momentum moves the opposite way.
-    """
-    def anneal(start: float, end: float, fraction: float) -> float:
-        return end + (start - end) / 2.0 * (math.cos(math.pi * fraction) + 1.0)
-
-    initial = 1.0 / div_factor
-    lowest_momentum, highest_momentum = momentum_range
-    warm_end = float(pct_start * total_steps) - 1
-    if step <= warm_end:
-        fraction = step / warm_end if warm_end > 0 else 1.0
-        return anneal(initial, 1.0, fraction), anneal(highest_momentum, lowest_momentum, fraction)
-    fraction = (step - warm_end) / max(total_steps - 1 - warm_end, 1e-12)
-    return (anneal(1.0, initial / final_div_factor, fraction),
-            anneal(lowest_momentum, highest_momentum, fraction))
 
 
 class TrainingCheckpoint:
@@ -307,3 +443,54 @@ def _unflatten_optimizer(record: dict[str, Any], tensors: dict[str, torch.Tensor
         state[int(index)] = {key: tensors[value["tensor"]] if isinstance(value, dict) else value
                              for key, value in values.items()}
     return {"state": state, "param_groups": record["param_groups"]}
+
+
+class TrainedDetector(BackboneDetector):
+    """A detector whose networks are trained by gradient descent on the frozen backbone's
+    features. Its ``_fit`` builds the networks, runs its stages in :meth:`training`, and
+    returns :meth:`fit_facts`; saving and loading its trained modules come with it.
+
+    Subclasses implement :meth:`_build_networks` (under :meth:`Detector.seeded`),
+    :meth:`_trained_modules` and :meth:`_make_optimizers`.
+    """
+
+    epochs: int = hyperparameter(10, Number(int, 1), "passes over the training images")
+    batch_size: int = hyperparameter(16, Number(int, 1), "training images per step")
+    checkpoint_every_s: float = hyperparameter(60.0, Number(float, 0), "seconds between "
+                                               "training checkpoints (when fit gets a folder)")
+
+    @abstractmethod
+    def _build_networks(self) -> None:
+        """Create the trained networks with fresh, seeded weights on the device."""
+
+    @abstractmethod
+    def _trained_modules(self) -> dict[str, nn.Module]:
+        """The modules whose weights are learned, saved and checkpointed, by name."""
+
+    @abstractmethod
+    def _make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """The optimizers of the trained modules, by name."""
+
+    def training(self, checkpoint_dir: str | Path | None, show_progress: bool,
+                 modules: dict[str, nn.Module] | None = None,
+                 optimizers: dict[str, torch.optim.Optimizer] | None = None) -> Training:
+        """The :class:`Training` of the built networks, restored from ``checkpoint_dir`` when
+        it holds one: of :meth:`_trained_modules` and :meth:`_make_optimizers` unless the
+        training checkpoints more (``modules``, ``optimizers``)."""
+        return Training(modules or self._trained_modules(),
+                        optimizers or self._make_optimizers(), checkpoint_dir, self.seed,
+                        self.checkpoint_every_s, show_progress)
+
+    def fit_facts(self, data: TrainingImages, training: Training, **facts: Any
+                  ) -> dict[str, Any]:
+        """The fit facts every trained method records, and ``facts``."""
+        return {"n_train_images": len(data), **self.backbone_facts(), **facts,
+                "loss_history": training.history,
+                "seconds_training": round(time.perf_counter() - training.started, 2)}
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        return module_state_tensors(self._trained_modules())
+
+    def _load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self._build_networks()
+        load_module_states(self._trained_modules(), tensors)

@@ -21,11 +21,23 @@ from pathlib import Path
 
 import torch
 
+from ..validation import Check
+
 BACKENDS = ("auto", "torch", "faiss")
 
 
 def faiss_available() -> bool:
     return importlib.util.find_spec("faiss") is not None
+
+
+def usable_backend(backend: object) -> bool:
+    """Whether ``backend`` is one of :data:`BACKENDS` that can run here."""
+    return backend in BACKENDS and (backend != "faiss" or faiss_available())
+
+
+#: The rule of every ``knn_backend`` hyperparameter.
+BACKEND_RULE = Check(usable_backend, "one of 'auto', 'torch', 'faiss' ('faiss' needs faiss-cpu: "
+                     "pip install 'iadkit[faiss]')", ["annoy"])
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:

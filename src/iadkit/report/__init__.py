@@ -23,20 +23,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 from PIL import Image
 
-from ..data.dataset import Preprocess, to_uint8_image
+from ..calibration import Calibration
+from ..data.dataset import to_uint8_image
 from ..overlay import heatmap_overlay, map_scale
 
 GALLERY_PER_KIND = 6
 ALIGNMENT_ALT = "image scores per category, on one axis"
-
-
-def save_overlay(path: Path, anomaly_map: np.ndarray, preprocess: Preprocess,
-                 calibration: dict[str, Any] | None, destination: Path) -> None:
-    """Write image + anomaly map overlay as PNG (the map scaled by the calibration if any)."""
-    image = to_uint8_image(preprocess.load(path))
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(heatmap_overlay(image, anomaly_map, map_scale(calibration, anomaly_map))
-                    ).save(destination)
 
 
 def _figure_png(figure: plt.Figure) -> str:
@@ -119,7 +111,7 @@ def score_alignment_figure(models: dict[str, Any]) -> str:
     return _figure_png(figure)
 
 
-def _gallery(predictions: Any, calibration: dict[str, Any] | None) -> str:
+def _gallery(predictions: Any, calibration: Calibration | None) -> str:
     labels, scores = predictions.labels, predictions.scores
     normal, anomalous = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
     worst_fp = normal[np.argsort(-scores[normal])][:GALLERY_PER_KIND]
@@ -189,14 +181,14 @@ def write_report(results: dict[str, Any], evaluations: Sequence[Any], folder: st
         if len(evaluation.predictions) > 1:
             parts.append(f"<img alt='{ALIGNMENT_ALT}' src='data:image/png;base64,"
                          f"{score_alignment_figure({evaluation.task: evaluation})}'>")
-        if calibration:
-            parts.append(f"<p class='note'>Decision threshold {calibration['image_threshold']:.5g}"
-                         f" on the image score: the {html.escape(calibration['source'])}. "
+        if calibration is not None:
+            parts.append(f"<p class='note'>Decision threshold {calibration.image_threshold:.5g}"
+                         f" on the image score: the {html.escape(calibration.source)}. "
                          "No test image was used to choose it.</p>")
         else:
             parts.append("<p class='note'>No decision threshold: this model was trained without "
                          "held-out normal images (validation_fraction = 0).</p>")
-        threshold = calibration["image_threshold"] if calibration else None
+        threshold = calibration.image_threshold if calibration is not None else None
         for name, predictions in evaluation.predictions.items():
             parts.append(f"<h3>{html.escape(name)}</h3>")
             parts += [f"<img alt='{html.escape(alt, quote=True)}' src='data:image/png;base64,{png}'>"

@@ -16,12 +16,19 @@ from .cutpaste import CutPasteSynthesizer, FragmentSynthesizer, paste_fragment, 
 from .draem import DraemSynthesizer, SyntheticSample
 from .foreground import FOREGROUND_RULES, foreground_mask, rule_for
 from .perlin import perlin_mask, perlin_noise
-from .pseudo_validation import KINDS, build_pseudo_validation, make_synthesizer, preview_grid
+from .pseudo_validation import (
+    PSEUDO_VALIDATION_SYNTHESES,
+    SYNTHESES,
+    build_pseudo_validation,
+    make_synthesizer,
+    preview_grid,
+)
 from .textures import TEXTURE_OPERATIONS, TextureSource, augment_texture, procedural_texture
 
 __all__ = [
     "FOREGROUND_RULES",
-    "KINDS",
+    "PSEUDO_VALIDATION_SYNTHESES",
+    "SYNTHESES",
     "TEXTURE_OPERATIONS",
     "CseDefectSynthesizer",
     "CutPasteSynthesizer",

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..nn.smoothing import gaussian_blur
+from ..nn.anomaly_maps import gaussian_blur
 
 ForegroundRule = tuple  # ("above", 50), ("disc", 0.45), ("all",) ...
 

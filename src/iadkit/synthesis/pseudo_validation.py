@@ -5,7 +5,7 @@ generalises it to any method. :func:`build_pseudo_validation` takes normal image
 them normal and gives the other half a synthetic anomaly, writes them as PNG files with masks, and
 returns a :class:`SampleSet` that the engine evaluates like any test set::
 
-    pseudo = build_pseudo_validation(held_out_normals, "pseudo_val", kind="fragments")
+    pseudo = build_pseudo_validation(held_out_normals, "pseudo_val", synthesis="fragments")
     metrics = score_predictions(predict_samples(detector, pseudo), pixel=True)
 """
 
@@ -19,38 +19,41 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data.dataset import Preprocess, to_uint8_image
+from ..data.dataset import to_uint8_image
+from ..data.preprocess import Preprocess
 from ..data.samples import ANOMALOUS, NORMAL, Sample, SampleSet
-from ..errors import DatasetError
+from ..errors import ConfigError, DatasetError
 from .cse_defects import CseDefectSynthesizer
 from .cutpaste import CutPasteSynthesizer, FragmentSynthesizer
 from .draem import DraemSynthesizer, SyntheticSample
 from .textures import TextureSource
 
-KINDS = ("fragments", "draem", "cse", "cutpaste", "scar")
-#: ``kind`` of :func:`build_pseudo_validation` that cycles through every generator of KINDS.
+#: The synthetic anomalies ("syntheses") one generator makes.
+SYNTHESES = ("fragments", "draem", "cse", "cutpaste", "scar")
+#: The synthesis of :func:`build_pseudo_validation` that cycles through every one of SYNTHESES.
 MIXED = "mixed"
-PSEUDO_VALIDATION_KINDS = (*KINDS, MIXED)
+PSEUDO_VALIDATION_SYNTHESES = (*SYNTHESES, MIXED)
 
 #: synthesize(image, donor, generator) -> SyntheticSample; donor: another normal image.
 Synthesize = Callable[[torch.Tensor, torch.Tensor, torch.Generator], SyntheticSample]
 
 
-def make_synthesizer(kind: str, textures: TextureSource | None = None,
+def make_synthesizer(synthesis: str, textures: TextureSource | None = None,
                      anomaly_probability: float = 1.0) -> Synthesize:
-    """One calling convention over every generator of this package."""
-    if kind == "fragments":
+    """One calling convention over every generator of this package (``synthesis``: one of
+    :data:`SYNTHESES`)."""
+    if synthesis == "fragments":
         fragments = FragmentSynthesizer(anomaly_probability=anomaly_probability)
         return lambda image, donor, generator: fragments(image, donor, generator)
-    if kind == "draem":
+    if synthesis == "draem":
         single = DraemSynthesizer(textures, anomaly_probability)
-    elif kind == "cse":
+    elif synthesis == "cse":
         single = CseDefectSynthesizer(textures, anomaly_probability)
-    elif kind in ("cutpaste", "scar"):
-        single = CutPasteSynthesizer("normal" if kind == "cutpaste" else "scar",
+    elif synthesis in ("cutpaste", "scar"):
+        single = CutPasteSynthesizer("normal" if synthesis == "cutpaste" else "scar",
                                      anomaly_probability)
     else:
-        raise ValueError(f"unknown synthesis kind {kind!r}; choose from {KINDS}")
+        raise ConfigError(f"unknown synthesis {synthesis!r}; choose from {SYNTHESES}")
     return lambda image, donor, generator: single(image, generator)
 
 
@@ -59,14 +62,14 @@ def _save(image: torch.Tensor, path: Path) -> None:
     Image.fromarray(np.ascontiguousarray(to_uint8_image(image))).save(path)
 
 
-def build_pseudo_validation(normals: SampleSet, folder: str | Path, kind: str = "fragments",
+def build_pseudo_validation(normals: SampleSet, folder: str | Path, synthesis: str = "fragments",
                             size: int = 256, textures: TextureSource | None = None,
                             seed: int = 0, max_attempts: int = 10) -> SampleSet:
     """Write half of ``normals`` unchanged and half with a synthetic anomaly under ``folder``.
 
-    Each category gets ``<folder>/<category>/test/{good,<kind>}/`` and
-    ``ground_truth/<kind>/<stem>_mask.png``. ``kind="mixed"`` gives the anomalous images every
-    generator of :data:`KINDS` in turn (equal shares, each under its own defect type): the
+    Each category gets ``<folder>/<category>/test/{good,<synthesis>}/`` and
+    ``ground_truth/<synthesis>/<stem>_mask.png``. ``synthesis="mixed"`` gives the anomalous
+    images every generator of :data:`SYNTHESES` in turn (equal shares, each under its own defect type): the
     choice when nothing is known of the real defects, since single generators can favour
     opposite settings (Perlin-shaped texture patches a sharp anomaly map, faint CutPaste patches
     a smooth one). Donor images for fragments come from the same category. Images are stored at
@@ -75,13 +78,13 @@ def build_pseudo_validation(normals: SampleSet, folder: str | Path, kind: str = 
     Returns:
         The written samples (split "test"), anomalous ones with masks.
     """
-    if kind not in PSEUDO_VALIDATION_KINDS:
-        raise ValueError(f"unknown pseudo-validation kind {kind!r}; choose from "
-                         f"{PSEUDO_VALIDATION_KINDS}")
+    if synthesis not in PSEUDO_VALIDATION_SYNTHESES:
+        raise ConfigError(f"unknown pseudo-validation synthesis {synthesis!r}; choose from "
+                          f"{PSEUDO_VALIDATION_SYNTHESES}")
     if len(normals) < 2:
         raise DatasetError("a pseudo-validation set needs at least two normal images")
-    kinds = KINDS if kind == MIXED else (kind,)
-    synthesizers = [make_synthesizer(k, textures) for k in kinds]
+    syntheses = SYNTHESES if synthesis == MIXED else (synthesis,)
+    synthesizers = [make_synthesizer(s, textures) for s in syntheses]
     preprocess = Preprocess(size)
     rng = random.Random(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -104,30 +107,30 @@ def build_pseudo_validation(normals: SampleSet, folder: str | Path, kind: str = 
                 continue
             donor_sample = pool[order[(rank + 1) % len(order)]]
             donor = preprocess.load(donor_sample.image_path)
-            which = (rank // 2) % len(kinds)
+            which = (rank // 2) % len(syntheses)
             for _ in range(max_attempts):
                 synthetic = synthesizers[which](image, donor, generator)
                 if synthetic.mask.any():
                     break
             else:
-                raise DatasetError(f"{kinds[which]} synthesis produced no anomaly for "
+                raise DatasetError(f"{syntheses[which]} synthesis produced no anomaly for "
                                    f"{sample.image_path}")
-            path = base / "test" / kinds[which] / f"{name}.png"
-            mask_path = base / "ground_truth" / kinds[which] / f"{name}_mask.png"
+            path = base / "test" / syntheses[which] / f"{name}.png"
+            mask_path = base / "ground_truth" / syntheses[which] / f"{name}_mask.png"
             _save(synthetic.image, path)
             mask_path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray((synthetic.mask.numpy() * 255).astype(np.uint8)).save(mask_path)
-            written.append(Sample(path, ANOMALOUS, category, kinds[which], "test", mask_path))
+            written.append(Sample(path, ANOMALOUS, category, syntheses[which], "test", mask_path))
     return SampleSet(written)
 
 
-def preview_grid(normals: SampleSet, destination: str | Path, kind: str = "draem",
+def preview_grid(normals: SampleSet, destination: str | Path, synthesis: str = "draem",
                  count: int = 6, size: int = 192, textures: TextureSource | None = None,
                  seed: int = 0) -> Path:
     """Write a PNG grid with one row per image: normal | synthetic | mask."""
     if len(normals) == 0:
         raise DatasetError("no normal images to preview")
-    synthesize = make_synthesizer(kind, textures)
+    synthesize = make_synthesizer(synthesis, textures)
     preprocess = Preprocess(size)
     generator = torch.Generator().manual_seed(seed)
     pool = list(normals)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ..data.dataset import Preprocess
 from ..data.image_io import is_image_file
+from ..data.preprocess import Preprocess
 from ..errors import DatasetError
 from .common import chance, tv_functional, uniform
 from .perlin import perlin_noise

@@ -1,4 +1,4 @@
-"""Reverse-distillation blocks shared by RD, AAND, ReContrast and CADA (METHODS.md §1.2, §1.3).
+"""Reverse-distillation networks and losses of RD, AAND and ReContrast (METHODS.md §1.2, §1.3).
 
 A frozen teacher encoder gives K feature maps (fine to coarse, each stride twice the previous).
 The one-class bottleneck (OCBE) fuses them into one compact embedding, and a student decoder
@@ -25,9 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .smoothing import gaussian_blur
+from ...errors import ConfigError
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU}
+#: The distillation losses (:func:`flattened_cosine_loss`, :func:`pixel_cosine_loss`).
+LOSSES = ("flattened", "pixel")
 
 
 def _activation(name: str) -> nn.Module:
@@ -82,12 +84,14 @@ class ResidualBottleneck(nn.Module):
         return self.activation(self.expand(self.middle(self.reduce(x))) + self.shortcut(x))
 
 
-def _check_pyramid(channels: Sequence[int], strides: Sequence[int] | None) -> None:
+def check_pyramid(channels: Sequence[int], strides: Sequence[int] | None) -> None:
+    """Raise :class:`ConfigError` unless the teacher levels can be distilled: at least one,
+    each of twice the previous one's stride."""
     if len(channels) < 1:
-        raise ValueError("reverse distillation needs at least one feature level")
+        raise ConfigError("reverse distillation needs at least one feature level")
     if strides is not None and any(b != 2 * a for a, b in itertools.pairwise(strides)):
-        raise ValueError(f"each feature level must have twice the stride of the previous one, "
-                         f"got strides {list(strides)}; pick consecutive backbone stages")
+        raise ConfigError(f"each feature level must have twice the stride of the previous one, "
+                          f"got strides {list(strides)}; pick consecutive backbone stages")
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -120,7 +124,7 @@ class OneClassBottleneck(nn.Module):
                  num_blocks: int = 3, width_ratio: float = 0.5,
                  strides: Sequence[int] | None = None) -> None:
         super().__init__()
-        _check_pyramid(channels, strides)
+        check_pyramid(channels, strides)
         self.in_channels = list(channels)
         coarsest = channels[-1]
         self.out_channels = out_channels or 2 * coarsest
@@ -258,38 +262,3 @@ def cosine_distance_maps(teacher: Sequence[torch.Tensor], student: Sequence[torc
                          ) -> list[torch.Tensor]:
     """Per level, the (B, h, w) map of 1 - cos between teacher and student features."""
     return [1 - F.cosine_similarity(t, s, dim=1) for t, s in zip(teacher, student)]
-
-
-def fuse_maps(maps: Sequence[torch.Tensor], size: tuple[int, int], reduction: str = "sum"
-              ) -> torch.Tensor:
-    """Upsample (B, h, w) maps bilinearly (``align_corners=True``, as the official codes do) to
-    ``size`` and sum or average them."""
-    if reduction not in ("sum", "mean"):
-        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
-    total = None
-    for m in maps:
-        up = F.interpolate(m.unsqueeze(1), size=size, mode="bilinear", align_corners=True)
-        total = up if total is None else total + up
-    assert total is not None
-    fused = total.squeeze(1)
-    return fused / len(maps) if reduction == "mean" else fused
-
-
-def image_scores(maps: torch.Tensor, reduction: str = "max", top_fraction: float = 0.01
-                 ) -> torch.Tensor:
-    """Image scores from (B, H, W) maps: the maximum, or the mean of the top ``top_fraction``."""
-    flat = maps.flatten(1)
-    if reduction == "max":
-        return flat.amax(dim=1)
-    if reduction == "top_mean":
-        k = max(1, int(flat.shape[1] * top_fraction))
-        return flat.topk(k, dim=1).values.mean(dim=1)
-    raise ValueError(f"score reduction must be 'max' or 'top_mean', got {reduction!r}")
-
-
-def smooth_maps(maps: torch.Tensor, sigma: float, kernel_size: int | None = None) -> torch.Tensor:
-    """Gaussian smoothing: scipy's default support (``kernel_size=None``, RD4AD, AAND) or a
-    fixed odd kernel (ReContrast's 5x5)."""
-    if kernel_size is None or sigma <= 0:
-        return gaussian_blur(maps, sigma)
-    return gaussian_blur(maps, sigma, truncate=(kernel_size // 2) / sigma)

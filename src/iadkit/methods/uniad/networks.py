@@ -1,5 +1,4 @@
-"""UniAD's blocks (You et al., NeurIPS 2022; METHODS.md §1.4): aligned multi-stage features,
-feature jitter, and a transformer with neighbour-masked attention and learned decoder queries.
+"""UniAD's blocks (You et al., NeurIPS 2022; METHODS.md §1.4): feature jitter, and a transformer with neighbour-masked attention and learned decoder queries.
 
 The reconstruction must not be able to copy its input: every attention is forbidden to look at
 the query's own neighbourhood (a k x k window), so each token is rebuilt from the context around
@@ -9,18 +8,10 @@ reproduce whatever it is given.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-
-def align_features(features: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-    """Resize every stage bilinearly (``align_corners=True``, as the official ``MFCN`` neck does)
-    to ``size`` and concatenate them along the channels."""
-    return torch.cat([F.interpolate(f, size=size, mode="bilinear", align_corners=True)
-                      if tuple(f.shape[-2:]) != tuple(size) else f for f in features], dim=1)
+from ...errors import ConfigError
 
 
 def feature_jitter(tokens: torch.Tensor, scale: float) -> torch.Tensor:
@@ -31,6 +22,11 @@ def feature_jitter(tokens: torch.Tensor, scale: float) -> torch.Tensor:
     return tokens + torch.randn_like(tokens) * norms * scale
 
 
+def mask_leaves_context(height: int, width: int, neighbourhood: int) -> bool:
+    """Whether every token of a height x width grid keeps something to attend to."""
+    return neighbourhood == 0 or neighbourhood // 2 < max(height, width) - 1
+
+
 def neighbour_mask(height: int, width: int, neighbourhood: int) -> torch.Tensor:
     """(HW, HW) additive attention mask: -inf where the key lies in the query's window.
 
@@ -39,10 +35,10 @@ def neighbour_mask(height: int, width: int, neighbourhood: int) -> torch.Tensor:
     grid from a corner would leave that token nothing to attend to, so it is refused.
     """
     half = neighbourhood // 2
-    if neighbourhood > 0 and half >= max(height, width) - 1:
-        raise ValueError(f"a {neighbourhood}x{neighbourhood} neighbour mask hides the whole "
-                         f"{height}x{width} grid from its corner tokens; use a smaller "
-                         "neighbourhood or larger images")
+    if not mask_leaves_context(height, width, neighbourhood):
+        raise ConfigError(f"a {neighbourhood}x{neighbourhood} neighbour mask hides the whole "
+                          f"{height}x{width} grid from its corner tokens; use a smaller "
+                          "neighbourhood or larger images")
     rows = torch.arange(height).repeat_interleave(width)
     cols = torch.arange(width).repeat(height)
     near = (((rows[:, None] - rows[None, :]).abs() <= half)

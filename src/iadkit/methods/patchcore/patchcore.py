@@ -16,39 +16,21 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..nn.coreset import greedy_coreset
-from ..nn.knn import FlatIndex
-from ..nn.patch_features import LocalPatchFeatures
-from ..nn.smoothing import gaussian_blur
-from ..progress import progress
-from . import register
-from .base import Detector, Prediction, image_batches
+from ...errors import IadkitError
+from ...nn.anomaly_maps import gaussian_blur
+from ...nn.coreset import greedy_coreset
+from ...nn.knn import BACKEND_RULE, FlatIndex
+from ...progress import progress
+from ...validation import Flag, Number, Optional
+from .. import register
+from ..base import BackboneDetector, Prediction, image_batches
+from ..hyperparameters import hyperparameter
+from .patch_features import LocalPatchFeatures
 
 
 @register
-class PatchCore(Detector):
+class PatchCore(BackboneDetector):
     """PatchCore anomaly detector.
-
-    Args:
-        backbone: timm model name or alias of the frozen feature extractor.
-        layers: backbone stages to use (timm ``out_indices`` or module names).
-        backbone_weights: "pretrained", a weight file, or "random" (shape tests only).
-        image_size: images are resized to this square size.
-        crop_size: optional centre crop after resizing.
-        patch_kernel: neighbourhood size of the locally aware features.
-        grid_level: which of ``layers`` sets the patch grid (0 = the first, finest).
-        feature_dim: reduce each patch feature to this many values by adaptive average pooling
-            over channels (the official code's embedding dimension); None keeps all channels.
-        coreset_ratio: fraction of training patches kept in the memory bank.
-        projection_dim: random-projection dimension for coreset distances.
-        num_neighbors: neighbourhood size b of the image-score re-weighting.
-        reweight: apply the re-weighting (paper Eq. 7); False gives the plain max patch score.
-        smoothing_sigma: Gaussian sigma of the anomaly-map smoothing (0 switches it off).
-        knn_backend: "auto" (faiss-cpu when installed, else torch), "torch" or "faiss"; all
-            exact.
-        batch_size: images per forward pass.
-        device: "auto", "cpu", "cuda", ...
-        seed: seeds the coreset's projection and start points.
 
     Example:
         >>> detector = PatchCore.from_preset("cpu").fit(train_images)
@@ -57,7 +39,6 @@ class PatchCore(Detector):
 
     name = "patchcore"
     summary = "coreset memory bank of locally aware patch features, nearest-neighbour scoring"
-    inference_params = ("smoothing_sigma", "reweight", "num_neighbors")
     # The map smoothing only changes pixel scores: choose it by pixel AUROC.
     default_search = ({"param": "smoothing_sigma", "values": [1, 2, 4, 6, 8, 12, 16],
                        "metric": "pixel_auroc"},)
@@ -69,45 +50,41 @@ class PatchCore(Detector):
         "paper": dict(backbone="wide_resnet50_2", layers=("layer2", "layer3"), image_size=256,
                       crop_size=224, feature_dim=1024, coreset_ratio=0.1),
     }
+    tiny_params = dict(image_size=64, coreset_ratio=0.25)
 
-    def __init__(
-        self,
-        backbone: str = "tf_efficientnet_lite0",
-        layers: tuple[int | str, ...] = (2, 3),
-        backbone_weights: str = "pretrained",
-        image_size: int = 256,
-        crop_size: int | None = None,
-        patch_kernel: int = 3,
-        grid_level: int = 0,
-        feature_dim: int | None = None,
-        coreset_ratio: float = 0.01,
-        projection_dim: int | None = 128,
-        num_neighbors: int = 9,
-        reweight: bool = True,
-        smoothing_sigma: float = 4.0,
-        knn_backend: str = "auto",
-        batch_size: int = 16,
-        device: str = "auto",
-        seed: int = 0,
-    ) -> None:
-        self.backbone = backbone
-        self.layers = tuple(layers)
-        self.backbone_weights = backbone_weights
-        self.image_size = image_size
-        self.crop_size = crop_size
-        self.patch_kernel = patch_kernel
-        self.grid_level = grid_level
-        self.feature_dim = feature_dim
-        self.coreset_ratio = coreset_ratio
-        self.projection_dim = projection_dim
-        self.num_neighbors = num_neighbors
-        self.reweight = reweight
-        self.smoothing_sigma = smoothing_sigma
-        self.knn_backend = knn_backend
-        self.batch_size = batch_size
-        self.device = device
-        self.seed = seed
-        self._aggregate = LocalPatchFeatures(patch_kernel, grid_level)
+    layers = (2, 3)
+    patch_kernel: int = hyperparameter(3, Number(int, 1), "neighbourhood size of the locally "
+                                       "aware features")
+    grid_level: int = hyperparameter(0, Number(int, 0), "which of the layers sets the patch grid "
+                                     "(0 = the first, finest)")
+    feature_dim: int | None = hyperparameter(
+        None, Optional(Number(int, 1)), "reduce each patch feature to this many values by "
+        "adaptive average pooling over channels (the official code's embedding dimension); "
+        "null keeps all channels")
+    coreset_ratio: float = hyperparameter(0.01, Number(float, 0, 1, low_open=True),
+                                          "share of training patches kept in the memory bank")
+    projection_dim: int | None = hyperparameter(128, Optional(Number(int, 1)),
+                                                "random-projection dimension of the coreset's "
+                                                "distances (null: none)")
+    num_neighbors: int = hyperparameter(9, Number(int, 1), "neighbourhood size b of the image-"
+                                        "score re-weighting", inference=True)
+    reweight: bool = hyperparameter(True, Flag(), "re-weight the image score (paper Eq. 7); "
+                                    "false gives the plain max patch score", inference=True)
+    smoothing_sigma: float = hyperparameter(4.0, Number(float, 0), "Gaussian sigma of the map "
+                                            "smoothing (0: off)", inference=True)
+    knn_backend: str = hyperparameter("auto", BACKEND_RULE, "nearest-neighbour search (all "
+                                      "exact; see iadkit.nn.knn)")
+    batch_size: int = hyperparameter(16, Number(int, 1), "images per forward pass")
+
+    def _check_params(self) -> None:
+        super()._check_params()
+        if self.grid_level >= len(self.layers):
+            raise self._refuse(f"grid_level={self.grid_level} names no level of layers="
+                               f"{list(self.layers)}")
+
+    @property
+    def _aggregate(self) -> LocalPatchFeatures:
+        return LocalPatchFeatures(self.patch_kernel, self.grid_level)
 
     # -- features -------------------------------------------------------------------------
     def patch_features(self, images: torch.Tensor) -> torch.Tensor:
@@ -132,7 +109,7 @@ class PatchCore(Detector):
             chunks.append(features.permute(0, 2, 3, 1).reshape(-1, features.shape[1]))
             n_images += images.shape[0]
         if n_images == 0:
-            raise ValueError("PatchCore.fit: no training images")
+            raise IadkitError("patchcore: no training images")
         all_features = torch.cat(chunks)
         del chunks
         extracted = time.perf_counter()
@@ -145,7 +122,7 @@ class PatchCore(Detector):
             "memory_bank_size": int(self.memory_bank_.shape[0]),
             "feature_dim": int(all_features.shape[1]),
             "feature_grid": list(grid),
-            "backbone_weights": vars(self.extractor.resolved_weights),
+            **self.backbone_facts(),
             "seconds_features": round(extracted - started, 2),
             "seconds_coreset": round(time.perf_counter() - extracted, 2),
         }

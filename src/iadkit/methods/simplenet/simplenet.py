@@ -15,7 +15,7 @@ always has one. :class:`~iadkit.methods.adapted_moe.AdaptedMoE` gives each subcl
 
 from __future__ import annotations
 
-import time
+import functools
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -24,49 +24,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn.simplenet import SimpleNetHead, UnfoldPatchFeatures
-from ..nn.smoothing import gaussian_blur
-from . import register
-from .base import Detector, Prediction
-from .training import (
-    TrainingCheckpoint,
+from ...nn.anomaly_maps import gaussian_blur
+from ...validation import Number
+from .. import register
+from ..base import Prediction
+from ..hyperparameters import hyperparameter
+from ..training import (
+    FrozenFeatures,
+    Stage,
+    TrainedDetector,
     TrainingImages,
-    cache_features,
     load_module_states,
-    module_state_tensors,
-    run_stage,
 )
+from .networks import SimpleNetHead, UnfoldPatchFeatures
 
 
 @register
-class SimpleNet(Detector):
+class SimpleNet(TrainedDetector):
     """SimpleNet anomaly detector.
-
-    Args:
-        backbone: timm name or alias of the frozen feature extractor.
-        layers: backbone stages whose features are combined (the first sets the patch grid).
-        backbone_weights: "pretrained", a weight file, or "random" (shape tests only).
-        feature_location: "" for the stages' outputs, "expansion" for EfficientNet's activated
-            inner features (see :class:`~iadkit.backbones.FeatureExtractor`).
-        image_size: images are resized to this square size (329 in the paper).
-        crop_size: centre crop after resizing (288 in the paper).
-        patch_kernel: neighbourhood size of the locally aware features.
-        level_dim: values kept per level ("pretrain_embed_dimension", 1536).
-        feature_dim: patch feature size ("target_embed_dimension", 1536).
-        hidden_dim: discriminator hidden width (1024).
-        noise_std: Gaussian noise that makes anomalous features (0.015).
-        margin: truncation threshold of the loss (0.5).
-        epochs: passes over the training set (160 = 40 meta-epochs x 4).
-        batch_size: training images per step (8).
-        adaptor_lr: AdamW learning rate of the adaptor (1e-4).
-        discriminator_lr: Adam learning rate of the discriminator (2e-4).
-        discriminator_weight_decay: its weight decay (1e-5).
-        smoothing_sigma: Gaussian sigma of the map smoothing (0 switches it off).
-        feature_cache_mb: keep the frozen patch features of the training set in memory when
-            they fit in this many MB (every epoch then costs only the heads).
-        checkpoint_every_s: seconds between training checkpoints (when fit gets a folder).
-        device: "auto", "cpu", "cuda", ...
-        seed: seeds initialisation, batch order and noise.
 
     Example:
         >>> detector = SimpleNet.from_preset("cpu", epochs=4).fit(train_loader)
@@ -85,55 +60,38 @@ class SimpleNet(Detector):
                       crop_size=288, level_dim=1536, feature_dim=1536, hidden_dim=1024,
                       epochs=160),
     }
+    tiny_params = dict(image_size=64, epochs=1, level_dim=32, feature_dim=32, hidden_dim=16)
 
-    def __init__(
-        self,
-        backbone: str = "tf_efficientnet_lite0",
-        layers: tuple[int | str, ...] = (2, 3),
-        backbone_weights: str = "pretrained",
-        feature_location: str = "",
-        image_size: int = 329,
-        crop_size: int | None = 288,
-        patch_kernel: int = 3,
-        level_dim: int = 1536,
-        feature_dim: int = 1536,
-        hidden_dim: int = 1024,
-        noise_std: float = 0.015,
-        margin: float = 0.5,
-        epochs: int = 160,
-        batch_size: int = 8,
-        adaptor_lr: float = 1e-4,
-        discriminator_lr: float = 2e-4,
-        discriminator_weight_decay: float = 1e-5,
-        smoothing_sigma: float = 4.0,
-        feature_cache_mb: float = 4096,
-        checkpoint_every_s: float = 60.0,
-        device: str = "auto",
-        seed: int = 0,
-    ) -> None:
-        self.backbone = backbone
-        self.layers = tuple(layers)
-        self.backbone_weights = backbone_weights
-        self.feature_location = feature_location
-        self.image_size = image_size
-        self.crop_size = crop_size
-        self.patch_kernel = patch_kernel
-        self.level_dim = level_dim
-        self.feature_dim = feature_dim
-        self.hidden_dim = hidden_dim
-        self.noise_std = noise_std
-        self.margin = margin
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.adaptor_lr = adaptor_lr
-        self.discriminator_lr = discriminator_lr
-        self.discriminator_weight_decay = discriminator_weight_decay
-        self.smoothing_sigma = smoothing_sigma
-        self.feature_cache_mb = feature_cache_mb
-        self.checkpoint_every_s = checkpoint_every_s
-        self.device = device
-        self.seed = seed
-        self._aggregate = UnfoldPatchFeatures(level_dim, feature_dim, patch_kernel)
+    layers = (2, 3)
+    image_size = 329
+    crop_size = 288
+    epochs = 160
+    batch_size = 8
+    patch_kernel: int = hyperparameter(3, Number(int, 1), "neighbourhood size of the locally "
+                                       "aware features")
+    level_dim: int = hyperparameter(1536, Number(int, 1), "values kept per level "
+                                    "('pretrain_embed_dimension')")
+    feature_dim: int = hyperparameter(1536, Number(int, 1), "patch feature size "
+                                      "('target_embed_dimension')")
+    hidden_dim: int = hyperparameter(1024, Number(int, 1), "discriminator hidden width")
+    noise_std: float = hyperparameter(0.015, Number(float, 0), "Gaussian noise that makes "
+                                      "anomalous features")
+    margin: float = hyperparameter(0.5, Number(float, 0), "truncation threshold of the loss")
+    adaptor_lr: float = hyperparameter(1e-4, Number(float, 0), "AdamW learning rate of the "
+                                       "adaptor")
+    discriminator_lr: float = hyperparameter(2e-4, Number(float, 0), "Adam learning rate of "
+                                             "the discriminator")
+    discriminator_weight_decay: float = hyperparameter(1e-5, Number(float, 0), "its weight "
+                                                       "decay")
+    smoothing_sigma: float = hyperparameter(4.0, Number(float, 0), "Gaussian sigma of the map "
+                                            "smoothing (0: off)")
+    feature_cache_mb: float = hyperparameter(4096.0, Number(float, 0), "keep the frozen patch "
+                                             "features of the training set in memory up to "
+                                             "this many MB")
+
+    @functools.cached_property
+    def _aggregate(self) -> UnfoldPatchFeatures:
+        return UnfoldPatchFeatures(self.level_dim, self.feature_dim, self.patch_kernel)
 
     # -- features -----------------------------------------------------------------------------
     def patch_features(self, images: torch.Tensor) -> torch.Tensor:
@@ -146,16 +104,18 @@ class SimpleNet(Detector):
         """The expert of each training image, by name (SimpleNet: one for all)."""
         return ["all"] * len(data)
 
-    def _build_networks(self, num_experts: int) -> None:
-        """Create the trainable networks (fresh weights, seeded) on the device."""
-        torch.manual_seed(self.seed)
+    def _build_networks(self, num_experts: int = 1) -> None:
+        with self.seeded():
+            self._create_networks(num_experts)
+
+    def _create_networks(self, num_experts: int) -> None:
+        """The trained networks, in the order their weights are drawn."""
         self.experts_ = nn.ModuleList(
             SimpleNetHead(self.feature_dim, self.hidden_dim, self.noise_std, self.margin)
             for _ in range(num_experts))
         self.experts_.to(self.torch_device)
 
     def _trained_modules(self) -> dict[str, nn.Module]:
-        """The modules whose weights are learned, saved and checkpointed, by name."""
         return {"experts": self.experts_}
 
     def _make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
@@ -167,7 +127,7 @@ class SimpleNet(Detector):
                                               weight_decay=self.discriminator_weight_decay),
         }
 
-    def _prepare_experts(self, features: torch.Tensor | None, data: TrainingImages,
+    def _prepare_experts(self, features: FrozenFeatures, data: TrainingImages,
                          labels: torch.Tensor) -> None:
         """Statistics the experts need before training (SimpleNet: none)."""
 
@@ -196,58 +156,32 @@ class SimpleNet(Detector):
     # -- training -----------------------------------------------------------------------------
     def _fit(self, train: Iterable[Any] | torch.Tensor, show_progress: bool,
              checkpoint_dir: str | Path | None) -> dict[str, Any]:
-        started = time.perf_counter()
         data = TrainingImages.collect(train)
         names = self._expert_names(data)
         expert_names = sorted(set(names))
         labels = torch.tensor([expert_names.index(n) for n in names])
         device = self.torch_device
-        cached = cache_features(lambda images: [self.patch_features(images)], data,
-                                self.batch_size, device, self.feature_cache_mb)
-        features = cached[0] if cached is not None else None
+        features = FrozenFeatures(lambda images: [self.patch_features(images)], data,
+                                  self.batch_size, device, self.feature_cache_mb)
         self._build_networks(len(expert_names))
         self._prepare_experts(features, data, labels)
-        checkpoint = TrainingCheckpoint(checkpoint_dir, self.checkpoint_every_s)
-        optimizers = self._make_optimizers()
-        modules = self._trained_modules()
-        history = checkpoint.restore(modules, optimizers) or {}
         labels = labels.to(device)
+        last: dict[str, torch.Tensor] = {}
 
-        def run_epoch(epoch: int) -> float:
-            for module in modules.values():
-                module.train()
-            total, count = 0.0, 0
-            for indices in data.epoch_batches(self.batch_size, self.seed, epoch):
-                if features is not None:
-                    batch = features[indices.to(features.device)]
-                else:
-                    batch = self.patch_features(data.get(indices, device))
-                batch_labels = labels[indices.to(device)]
-                loss = self._batch_loss(batch, batch_labels)
-                for optimizer in optimizers.values():
-                    optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                for optimizer in optimizers.values():
-                    optimizer.step()
-                self._after_step(batch, batch_labels)
-                total += float(loss.detach()) * len(indices)
-                count += len(indices)
-            return total / count
+        def loss(indices: torch.Tensor, step: int) -> torch.Tensor:
+            last["features"], last["labels"] = features(indices)[0], labels[indices.to(device)]
+            return self._batch_loss(last["features"], last["labels"])
 
-        run_stage("train", self.epochs, run_epoch, history, self.seed, checkpoint, modules,
-                  optimizers, show_progress)
-        checkpoint.clear()
-        for module in modules.values():
-            module.eval()
-        return {
-            "n_train_images": len(data),
-            "experts": {name: int((labels == i).sum()) for i, name in enumerate(expert_names)},
-            "feature_grid": list(features.shape[-2:]) if features is not None else None,
-            "features_cached": features is not None,
-            "backbone_weights": vars(self.extractor.resolved_weights),
-            "loss_history": history,
-            "seconds_training": round(time.perf_counter() - started, 2),
-        }
+        with self.training(checkpoint_dir, show_progress) as training:
+            training.run(Stage("train", data, loss, list(training.optimizers.values()),
+                               list(training.modules.values()), self.epochs, self.batch_size,
+                               after_step=lambda: self._after_step(last["features"],
+                                                                   last["labels"])))
+        return self.fit_facts(
+            data, training,
+            experts={name: int((labels == i).sum()) for i, name in enumerate(expert_names)},
+            feature_grid=list(features.cached[0].shape[-2:]) if features.cached else None,
+            features_cached=features.cached is not None)
 
     # -- inference ----------------------------------------------------------------------------
     def patch_scores(self, features: torch.Tensor) -> torch.Tensor:
@@ -292,14 +226,11 @@ class SimpleNet(Detector):
         return Prediction(gaussian_blur(maps, self.smoothing_sigma), scores.flatten(1).amax(1))
 
     # -- persistence --------------------------------------------------------------------------
-    def _state_tensors(self) -> dict[str, torch.Tensor]:
-        return module_state_tensors(self._trained_modules())
-
     def _load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         num_experts = len({key.split(".")[1] for key in tensors if key.startswith("experts.")})
         self._build_networks(num_experts)
         load_module_states(self._trained_modules(), tensors)
-        self._extractor = self.extractor  # fail early when the backbone's weights are missing
+        self.extractor  # noqa: B018 (fail early when the backbone's weights are missing)
 
     @property
     def expert_names(self) -> list[str]:

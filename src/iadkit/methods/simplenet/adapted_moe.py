@@ -25,22 +25,23 @@ With ``use_moe=False`` and ``use_tta=False`` the detector is exactly SimpleNet.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import IadkitError
-from ..nn.mixture import (
+from ...errors import IadkitError
+from ...validation import Choice, Flag, Number
+from .. import register
+from ..hyperparameters import hyperparameter
+from ..training import FrozenFeatures, TrainingImages
+from .mixture import (
     ROUTING_SCORES,
     TTA_STATISTICS,
     RoutingNetwork,
     adapt_statistics,
     top_k_weights,
 )
-from . import register
 from .simplenet import SimpleNet
-from .training import TrainingImages
 
 ROUTING_LOSSES = ("center", "softmax")
 ASSIGNMENTS = ("label", "routed")
@@ -76,23 +77,6 @@ class ExpertStatistics(nn.Module):
 class AdaptedMoE(SimpleNet):
     """Adapted-MoE anomaly detector (SimpleNet experts, routing, test-time adaption).
 
-    Takes every :class:`~iadkit.methods.simplenet.SimpleNet` argument, and:
-
-    Args:
-        use_moe: one expert per training subclass with routing (False: one expert for all).
-        use_tta: re-style test (and training) features toward the expert's statistics.
-        use_norm: L2-normalise the routing embedding and the adapted features (Eq. 6).
-        top_k: experts fused per image (4 in the paper; capped at the number of experts).
-        routing_loss: "center" (centre loss + cross-entropy) or "softmax" (cross-entropy only).
-        center_weight: alpha of the routing loss (0.5).
-        center_rate: centre update rate alpha_c (0.5).
-        routing_lr: AdamW learning rate of the routing network (1e-4).
-        routing_scores: "centre" (cosine to the subclass centres) or "classifier" (logits).
-        routing_temperature: softmax temperature of the routing weights (1).
-        tta_statistics: "channel", "scalar" or "batch" (see :func:`adapt_statistics`).
-        expert_assignment: train each image's expert by its "label" or by "routed" (nearest
-            centre).
-
     Example:
         >>> detector = AdaptedMoE.from_preset("cpu").fit(loader_with_subclasses)
         >>> detector.routing_weights(images)  # (B, n_subclasses)
@@ -100,54 +84,32 @@ class AdaptedMoE(SimpleNet):
 
     name = "adapted_moe"
     summary = "SimpleNet experts per subclass, centre-loss routing, test-time adaption"
-    presets = {
-        "cpu": {**SimpleNet.presets["cpu"]},
-        "paper": {**SimpleNet.presets["paper"]},
-    }
+    presets = SimpleNet.presets
+    tiny_params = SimpleNet.tiny_params
 
-    def __init__(
-        self,
-        *args: Any,
-        use_moe: bool = True,
-        use_tta: bool = True,
-        use_norm: bool = True,
-        top_k: int = 4,
-        routing_loss: str = "center",
-        center_weight: float = 0.5,
-        center_rate: float = 0.5,
-        routing_lr: float = 1e-4,
-        routing_scores: str = "centre",
-        routing_temperature: float = 1.0,
-        tta_statistics: str = "channel",
-        expert_assignment: str = "label",
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        for value, allowed, what in ((routing_loss, ROUTING_LOSSES, "routing_loss"),
-                                     (routing_scores, ROUTING_SCORES, "routing_scores"),
-                                     (tta_statistics, TTA_STATISTICS, "tta_statistics"),
-                                     (expert_assignment, ASSIGNMENTS, "expert_assignment")):
-            if value not in allowed:
-                raise ValueError(f"{what} must be one of {allowed}, got {value!r}")
-        if top_k < 1:
-            raise ValueError(f"top_k must be at least 1, got {top_k}")
-        self.use_moe = use_moe
-        self.use_tta = use_tta
-        self.use_norm = use_norm
-        self.top_k = top_k
-        self.routing_loss = routing_loss
-        self.center_weight = center_weight
-        self.center_rate = center_rate
-        self.routing_lr = routing_lr
-        self.routing_scores = routing_scores
-        self.routing_temperature = routing_temperature
-        self.tta_statistics = tta_statistics
-        self.expert_assignment = expert_assignment
-
-    @classmethod
-    def param_names(cls) -> list[str]:
-        own = super().param_names()
-        return [*SimpleNet.param_names(), *(name for name in own if name not in ("args", "kwargs"))]
+    use_moe: bool = hyperparameter(True, Flag(), "one expert per training subclass with "
+                                   "routing (false: one expert for all)")
+    use_tta: bool = hyperparameter(True, Flag(), "re-style test (and training) features toward "
+                                   "the expert's statistics")
+    use_norm: bool = hyperparameter(True, Flag(), "L2-normalise the routing embedding and the "
+                                    "adapted features (Eq. 6)")
+    top_k: int = hyperparameter(4, Number(int, 1), "experts fused per image (capped at the "
+                                "number of experts)")
+    routing_loss: str = hyperparameter("center", Choice(*ROUTING_LOSSES), "'center' (centre "
+                                       "loss + cross-entropy) or 'softmax' (cross-entropy only)")
+    center_weight: float = hyperparameter(0.5, Number(float, 0), "alpha of the routing loss")
+    center_rate: float = hyperparameter(0.5, Number(float, 0, 1), "centre update rate alpha_c")
+    routing_lr: float = hyperparameter(1e-4, Number(float, 0), "AdamW learning rate of the "
+                                       "routing network")
+    routing_scores: str = hyperparameter("centre", Choice(*ROUTING_SCORES), "'centre' (cosine "
+                                         "to the subclass centres) or 'classifier' (logits)")
+    routing_temperature: float = hyperparameter(1.0, Number(float, 0, low_open=True),
+                                                "softmax temperature of the routing weights")
+    tta_statistics: str = hyperparameter("channel", Choice(*TTA_STATISTICS), "see "
+                                         "adapt_statistics")
+    expert_assignment: str = hyperparameter("label", Choice(*ASSIGNMENTS), "train each image's "
+                                            "expert by its 'label' or by 'routed' (nearest "
+                                            "centre)")
 
     # -- experts ------------------------------------------------------------------------------
     def _expert_names(self, data: TrainingImages) -> list[str]:
@@ -159,8 +121,8 @@ class AdaptedMoE(SimpleNet):
                               "column, or several categories) when use_moe=True")
         return names
 
-    def _build_networks(self, num_experts: int) -> None:
-        super()._build_networks(num_experts)
+    def _create_networks(self, num_experts: int) -> None:
+        super()._create_networks(num_experts)
         self.statistics_ = ExpertStatistics(num_experts, self.feature_dim).to(self.torch_device)
         if self.use_moe:
             self.router_ = RoutingNetwork(self.feature_dim, num_experts, self.use_norm)
@@ -179,16 +141,14 @@ class AdaptedMoE(SimpleNet):
                                                      lr=self.routing_lr)
         return optimizers
 
-    def _training_batches(self, features: torch.Tensor | None, data: TrainingImages,
+    def _training_batches(self, features: FrozenFeatures, data: TrainingImages,
                           labels: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(features, labels) of the whole training set in order, on the device."""
         for indices in data.in_order(self.batch_size):
-            batch = (features[indices.to(features.device)] if features is not None
-                     else self.patch_features(data.get(indices, self.torch_device)))
-            yield batch, labels[indices].to(self.torch_device)
+            yield features(indices)[0], labels[indices].to(self.torch_device)
 
     @torch.no_grad()
-    def _prepare_experts(self, features: torch.Tensor | None, data: TrainingImages,
+    def _prepare_experts(self, features: FrozenFeatures, data: TrainingImages,
                          labels: torch.Tensor) -> None:
         """Expert statistics for TTA; routing centres from the untrained router's embeddings."""
         self.statistics_.fit(self._training_batches(features, data, labels))

@@ -22,6 +22,7 @@ distillation and AAND (bottleneck embedding), ReContrast (the frozen half's embe
 
 from __future__ import annotations
 
+import shutil
 import time
 import warnings
 from collections.abc import Iterable
@@ -31,21 +32,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..backbones import FeatureExtractor
-from ..data.dataset import Preprocess
-from ..errors import IadkitError
-from ..nn.cada import SPREADS, StatisticsRegressor, align_maps, map_statistics
-from ..nn.reverse_distillation import image_scores, smooth_maps
-from . import get_method, register
-from .base import CONFIG_FILE, Detector, Prediction
-from .training import (
-    TrainingCheckpoint,
-    TrainingImages,
-    load_module_states,
-    module_state_tensors,
-    run_stage,
-    step_schedule,
-)
+from ...backbones import FeatureExtractor
+from ...data.preprocess import Preprocess
+from ...errors import ConfigError, IadkitError
+from ...nn.anomaly_maps import SCORE_REDUCTIONS, image_scores, smooth_maps
+from ...validation import Check, Choice, Flag, Mapping, Number, Optional, Text
+from .. import get_method, register
+from ..base import CONFIG_FILE, Detector, Prediction
+from ..hyperparameters import hyperparameter
+from ..training import Stage, Training, TrainingImages, load_module_states, module_state_tensors
+from .networks import SPREADS, StatisticsRegressor, align_maps, map_statistics
 
 ALIGNMENTS = ("image", "class", "classifier")
 #: Subfolders of a fit's checkpoint folder: the base's training state, the trained base (kept
@@ -62,44 +58,15 @@ PAPER_LOSS_BETA = {"uniad": 10.0}
 DEFAULT_LOSS_BETA = 0.1
 
 
+def _is_base_name(name: object) -> bool:
+    """A method name other than CADA's (whether it is registered is checked with the base's
+    hyperparameters, when the registry is complete)."""
+    return isinstance(name, str) and name != "cada"
+
+
 @register
 class CADA(Detector):
     """A base detector with class-agnostic score alignment.
-
-    Args:
-        base: registered name of the base method ("rd", "recontrast", "uniad", ...).
-        base_preset: the base's preset.
-        base_params: hyperparameters of the base that override its preset (and the paper's
-            changes).
-        paper_base_changes: apply the paper's changes to the base (RD: GELU decoder, mean of
-            the level maps; see :data:`PAPER_BASE_CHANGES`).
-        base_checkpoint: a saved, fitted base detector to calibrate instead of training one
-            (``base``, ``base_preset`` and ``base_params`` are then ignored).
-        image_size: overrides the base's image size (None keeps it).
-        crop_size: overrides the base's centre crop (None keeps it).
-        alignment: "image" (CADA: statistics regressed per image), "class" (CaDA-A:
-            per-category statistics, category given at test) or "classifier" (CaDA-B).
-        spread: "max" for (u, gamma) or "sigma" for the (u, sigma) variant, gamma = u + k sigma.
-        sigma_factor: k of the (u, sigma) variant (3).
-        hidden_dim: the regressor's hidden width (256).
-        dropout: dropout before each linear layer (0.25).
-        conv_layers: convolution blocks of the regressor (1).
-        kernel_size: their kernel size (3).
-        loss_beta: smooth-L1 threshold; None takes the paper's value for the base (10 for
-            UniAD, whose errors are large; 0.1 for the others).
-        iterations: regressor optimisation steps (paper: 5000; 20000 with UniAD).
-        batch_size: regressor batch size (16).
-        lr: SGD learning rate (0.05).
-        momentum: SGD momentum (0.9).
-        weight_decay: SGD weight decay (1e-4).
-        smoothing_sigma: Gaussian sigma applied after alignment (4).
-        smoothing_kernel: its kernel size (5, as in the ReContrast code; None = scipy support).
-        score_reduction: "top_mean" (the paper) or "max".
-        top_fraction: share of the highest pixels averaged (0.01).
-        feature_cache_mb: keep the base's training features in memory when they fit.
-        checkpoint_every_s: seconds between training checkpoints (when fit gets a folder).
-        device: "auto", "cpu", "cuda", ...
-        seed: seeds the regressor's initialisation, dropout and batch order.
 
     Example:
         >>> detector = CADA.from_preset("cpu").fit(train_loader)   # trains RD, then CADA
@@ -114,73 +81,68 @@ class CADA(Detector):
         "cpu": dict(base="rd", base_preset="cpu", kernel_size=1, iterations=1000),
         "paper": dict(base="rd", base_preset="paper", iterations=5000),
     }
+    tiny_params = dict(image_size=64, base_params={"epochs": 1}, iterations=10)
 
-    def __init__(
-        self,
-        base: str = "rd",
-        base_preset: str = "cpu",
-        base_params: dict[str, Any] | None = None,
-        paper_base_changes: bool = True,
-        base_checkpoint: str | None = None,
-        image_size: int | None = None,
-        crop_size: int | None = None,
-        alignment: str = "image",
-        spread: str = "max",
-        sigma_factor: float = 3.0,
-        hidden_dim: int = 256,
-        dropout: float = 0.25,
-        conv_layers: int = 1,
-        kernel_size: int = 3,
-        loss_beta: float | None = None,
-        iterations: int = 5000,
-        batch_size: int = 16,
-        lr: float = 0.05,
-        momentum: float = 0.9,
-        weight_decay: float = 1e-4,
-        smoothing_sigma: float = 4.0,
-        smoothing_kernel: int | None = 5,
-        score_reduction: str = "top_mean",
-        top_fraction: float = 0.01,
-        feature_cache_mb: float = 4096,
-        checkpoint_every_s: float = 60.0,
-        device: str = "auto",
-        seed: int = 0,
-    ) -> None:
-        if alignment not in ALIGNMENTS:
-            raise ValueError(f"alignment must be one of {ALIGNMENTS}, got {alignment!r}")
-        if spread not in SPREADS:
-            raise ValueError(f"spread must be one of {SPREADS}, got {spread!r}")
-        if base == self.name:
-            raise ValueError("the base of CADA cannot be CADA")
-        self.base = base
-        self.base_preset = base_preset
-        self.base_params = dict(base_params or {})
-        self.paper_base_changes = paper_base_changes
-        self.base_checkpoint = base_checkpoint
-        self.image_size = image_size
-        self.crop_size = crop_size
-        self.alignment = alignment
-        self.spread = spread
-        self.sigma_factor = sigma_factor
-        self.hidden_dim = hidden_dim
-        self.dropout = dropout
-        self.conv_layers = conv_layers
-        self.kernel_size = kernel_size
-        self.loss_beta = loss_beta
-        self.iterations = iterations
-        self.batch_size = batch_size
-        self.lr = lr
-        self.momentum = momentum
-        self.weight_decay = weight_decay
-        self.smoothing_sigma = smoothing_sigma
-        self.smoothing_kernel = smoothing_kernel
-        self.score_reduction = score_reduction
-        self.top_fraction = top_fraction
-        self.feature_cache_mb = feature_cache_mb
-        self.checkpoint_every_s = checkpoint_every_s
-        self.device = device
-        self.seed = seed
-        self._base: Detector | None = None
+    base: str = hyperparameter("rd", Check(_is_base_name, "a registered method other than "
+                                           "cada", ["cada"]),
+                               "registered name of the base method ('rd', 'uniad', ...)")
+    base_preset: str = hyperparameter("cpu", Text(), "the base's preset")
+    base_params: dict[str, Any] = hyperparameter({}, Mapping(), "hyperparameters of the base "
+                                                 "that override its preset (and the paper's "
+                                                 "changes)")
+    paper_base_changes: bool = hyperparameter(True, Flag(), "apply the paper's changes to the "
+                                              "base (RD: GELU decoder, mean of the level maps)")
+    base_checkpoint: str | None = hyperparameter(
+        None, Optional(Text()), "a saved, fitted base detector to calibrate instead of training "
+        "one (base, base_preset and base_params are then ignored)")
+    image_size: int | None = hyperparameter(None, Optional(Number(int, 1)), "overrides the "
+                                            "base's image size (null keeps it)")
+    crop_size: int | None = hyperparameter(None, Optional(Number(int, 1)), "overrides the "
+                                           "base's centre crop (null keeps it)")
+    alignment: str = hyperparameter("image", Choice(*ALIGNMENTS), "'image' (CADA: statistics "
+                                    "regressed per image), 'class' (CaDA-A: per-category "
+                                    "statistics, category given at test) or 'classifier' "
+                                    "(CaDA-B)")
+    spread: str = hyperparameter("max", Choice(*SPREADS), "'max' for (u, gamma) or 'sigma' for "
+                                 "the (u, sigma) variant, gamma = u + k sigma")
+    sigma_factor: float = hyperparameter(3.0, Number(float, 0, low_open=True), "k of the "
+                                         "(u, sigma) variant")
+    hidden_dim: int = hyperparameter(256, Number(int, 1), "the regressor's hidden width")
+    dropout: float = hyperparameter(0.25, Number(float, 0, 1, high_open=True), "dropout "
+                                    "before each linear layer")
+    conv_layers: int = hyperparameter(1, Number(int, 0), "convolution blocks of the regressor")
+    kernel_size: int = hyperparameter(3, Number(int, 1), "their kernel size")
+    loss_beta: float | None = hyperparameter(
+        None, Optional(Number(float, 0, low_open=True)), "smooth-L1 threshold; null takes the "
+        "paper's value for the base (10 for UniAD, whose errors are large; 0.1 for the others)")
+    iterations: int = hyperparameter(5000, Number(int, 1), "regressor optimisation steps "
+                                     "(paper: 5000; 20000 with UniAD)")
+    batch_size: int = hyperparameter(16, Number(int, 1), "regressor batch size")
+    lr: float = hyperparameter(0.05, Number(float, 0, low_open=True), "SGD learning rate")
+    momentum: float = hyperparameter(0.9, Number(float, 0, 1, high_open=True), "SGD momentum")
+    weight_decay: float = hyperparameter(1e-4, Number(float, 0), "SGD weight decay")
+    smoothing_sigma: float = hyperparameter(4.0, Number(float, 0), "Gaussian sigma applied "
+                                            "after alignment")
+    smoothing_kernel: int | None = hyperparameter(5, Optional(Number(int, 1)), "its kernel "
+                                                  "size (as in the ReContrast code; null: "
+                                                  "scipy's support)")
+    score_reduction: str = hyperparameter("top_mean", Choice(*SCORE_REDUCTIONS), "image score: "
+                                          "mean of the top pixels (the paper) or the max")
+    top_fraction: float = hyperparameter(0.01, Number(float, 0, 1, low_open=True), "share of "
+                                         "the highest pixels averaged")
+    feature_cache_mb: float = hyperparameter(4096.0, Number(float, 0), "most memory the base's "
+                                             "training features may take")
+    checkpoint_every_s: float = hyperparameter(60.0, Number(float, 0), "seconds between "
+                                               "training checkpoints (when fit gets a folder)")
+    _base: Detector | None = None
+
+    def _check_params(self) -> None:
+        super()._check_params()
+        if self.base_checkpoint is None:
+            try:
+                self._new_base()
+            except ConfigError as error:
+                raise self._refuse(f"its base: {error}") from None
 
     # -- the base -----------------------------------------------------------------------------
     @property
@@ -196,13 +158,21 @@ class CADA(Detector):
                 self._base = Detector.load(self.base_checkpoint, device=self.device)
                 self._check_preprocess(self._base)
             else:
-                overrides = {k: v for k, v in (("image_size", self.image_size),
-                                               ("crop_size", self.crop_size)) if v is not None}
-                changes = PAPER_BASE_CHANGES.get(self.base, {}) if self.paper_base_changes else {}
-                self._base = get_method(self.base).from_preset(
-                    self.base_preset, **{**changes, **self.base_params, **overrides,
-                                         "device": self.device, "seed": self.seed})
+                self._base = self._new_base()
         return self._base
+
+    def _new_base(self) -> Detector:
+        """The unfitted base that fit trains."""
+        overrides = {k: v for k, v in (("image_size", self.image_size),
+                                       ("crop_size", self.crop_size)) if v is not None}
+        changes = PAPER_BASE_CHANGES.get(self.base, {}) if self.paper_base_changes else {}
+        return get_method(self.base).from_preset(
+            self.base_preset, **{**changes, **self.base_params, **overrides,
+                                 "device": self.device, "seed": self.seed})
+
+    def check_resources(self) -> None:
+        super().check_resources()
+        self.base_detector.check_resources()
 
     def _check_preprocess(self, base: Detector) -> None:
         given = Preprocess(self.image_size or base.preprocess.image_size,
@@ -218,7 +188,7 @@ class CADA(Detector):
     @property
     def extractor(self) -> FeatureExtractor:
         """The base's backbone."""
-        return self.base_detector.extractor
+        return self.base_detector.extractor  # type: ignore[attr-defined]
 
     # -- training -----------------------------------------------------------------------------
     def _fit(self, train: Iterable[Any] | torch.Tensor, show_progress: bool,
@@ -240,7 +210,8 @@ class CADA(Detector):
         if self.alignment != "class":
             info = self._train_network(data, features, statistics, labels, len(classes),
                                        show_progress, checkpoint_dir)
-        TrainingCheckpoint(checkpoint_dir).clear()
+        if checkpoint_dir is not None and Path(checkpoint_dir).exists():
+            shutil.rmtree(checkpoint_dir)
         return {
             "n_train_images": len(data),
             "base": {"method": base.name, "preset": getattr(base, "preset", None),
@@ -302,39 +273,24 @@ class CADA(Detector):
         self._build_network(features.shape[1], num_classes if classify else 2)
         if not classify:
             self.network_.start_at(statistics.mean(dim=0).to(device))
+
+        def loss(indices: torch.Tensor, step: int) -> torch.Tensor:
+            output = self.network_(features[indices].to(device))
+            if classify:
+                return F.cross_entropy(output, labels[indices].to(device))
+            return F.smooth_l1_loss(output, statistics[indices].to(device), beta=beta,
+                                    reduction="none").mean(dim=0).sum()
+
         optimizer = torch.optim.SGD(self.network_.parameters(), lr=self.lr,
                                     momentum=self.momentum, weight_decay=self.weight_decay)
-        optimizers = {"regressor": optimizer}
         folder = Path(checkpoint_dir) / REGRESSOR_TRAINING if checkpoint_dir else None
-        checkpoint = TrainingCheckpoint(folder, self.checkpoint_every_s)
-        history = checkpoint.restore({"network": self.network_}, optimizers) or {}
-        epochs, steps_per_epoch, total_steps = step_schedule(len(data), self.batch_size, 1,
-                                                             self.iterations)
-
-        def run_epoch(epoch: int) -> float:
-            self.network_.train()
-            total, count = 0.0, 0
-            for offset, indices in enumerate(data.epoch_batches(self.batch_size, self.seed, epoch)):
-                if epoch * steps_per_epoch + offset >= total_steps:
-                    break
-                output = self.network_(features[indices].to(device))
-                if classify:
-                    loss = F.cross_entropy(output, labels[indices].to(device))
-                else:
-                    target = statistics[indices].to(device)
-                    loss = F.smooth_l1_loss(output, target, beta=beta,
-                                            reduction="none").mean(dim=0).sum()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += float(loss.detach()) * len(indices)
-                count += len(indices)
-            return total / max(count, 1)
-
-        run_stage("regressor", epochs, run_epoch, history, self.seed, checkpoint,
-                  {"network": self.network_}, optimizers, show_progress)
-        self.network_.eval()
-        info: dict[str, Any] = {"steps": total_steps, "loss_beta": beta, "loss_history": history}
+        with Training({"network": self.network_}, {"regressor": optimizer}, folder, self.seed,
+                      self.checkpoint_every_s, show_progress) as training:
+            stage = Stage("regressor", data, loss, [optimizer], [self.network_], 1,
+                          self.batch_size, self.iterations)
+            training.run(stage)
+        info: dict[str, Any] = {"steps": stage.steps[2], "loss_beta": beta,
+                                "loss_history": training.history}
         if not classify:
             info["regressed_std"] = self._check_regressor(features)
         return info
@@ -358,9 +314,9 @@ class CADA(Detector):
         return [round(float(v), 6) for v in spread]
 
     def _build_network(self, channels: int, outputs: int) -> None:
-        torch.manual_seed(self.seed)
-        self.network_ = StatisticsRegressor(channels, outputs, self.hidden_dim, self.dropout,
-                                            self.conv_layers, self.kernel_size)
+        with self.seeded():
+            self.network_ = StatisticsRegressor(channels, outputs, self.hidden_dim, self.dropout,
+                                                self.conv_layers, self.kernel_size)
         self.network_.to(self.torch_device)
 
     # -- inference ----------------------------------------------------------------------------

@@ -1,0 +1,117 @@
+"""The settings of a run: what ``iadkit fit`` trains, on which data, in which setting; saved as
+``run.json`` in the run folder.
+
+Every setting is validated when the configuration is made (a bad value raises
+:class:`~iadkit.errors.ConfigError` before any work), and the settings that change what a model
+learns are marked on their fields (``model=True``): a resumed run must match them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any
+
+from ..data.layouts import LAYOUTS, load_dataset
+from ..data.settings import SETTINGS, Task, make_tasks
+from ..errors import ConfigError
+from ..methods import Detector, create_detector
+from ..validation import Choice, Flag, Items, Mapping, Number, Optional, Rule, Text
+from .search import SearchSettings
+
+
+def run_setting(rule: Rule | None, default: Any = MISSING, model: bool = False) -> Any:
+    """A :class:`RunConfig` field: its rule (None: the value's type checks itself), its default
+    (none: required), and whether it changes what the model learns."""
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata={"rule": rule, "model": model})
+    return field(default=default, metadata={"rule": rule, "model": model})
+
+
+NAMES = Optional(Items(Text(), min_length=1))
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a training run.
+
+    Attributes:
+        method: registered method name (``iadkit methods`` lists them).
+        data: dataset root folder.
+        preset: the method's preset ("cpu" or "paper").
+        params: hyperparameters overriding the preset.
+        categories: categories to use; None = all.
+        layout: dataset layout ("auto" detects it).
+        setting: evaluation setting (see :mod:`iadkit.data.settings`).
+        seen_subclasses, unseen_subclasses: for the unseen-subclass setting.
+        validation_fraction: share of the training normals held out for calibration when the
+            layout has no validation split; 0 trains on all of them and leaves the detector
+            uncalibrated (scores only, no decision threshold).
+        threshold_quantile: the image threshold is this quantile of held-out normal scores.
+        search: choose inference parameters after fitting, on a pseudo-validation set made
+            from the held-out normals (see :class:`SearchSettings`); None keeps them as given.
+        batch_size: images per batch when predicting.
+        workers: DataLoader worker processes.
+        device: "auto" (CUDA when present), "cpu", "cuda", ...
+        seed: seeds the validation split and the detectors.
+        show_progress: show progress bars.
+    """
+
+    method: str = run_setting(Text(), model=True)
+    data: str = run_setting(Text(), model=True)
+    preset: str = run_setting(Text(), "cpu", model=True)
+    params: dict[str, Any] = run_setting(Mapping(), {}, model=True)
+    categories: list[str] | None = run_setting(NAMES, None, model=True)
+    layout: str = run_setting(Choice(*LAYOUTS), "auto", model=True)
+    setting: str = run_setting(Choice(*SETTINGS), "one-class", model=True)
+    seen_subclasses: list[str] | None = run_setting(NAMES, None, model=True)
+    unseen_subclasses: list[str] | None = run_setting(NAMES, None, model=True)
+    validation_fraction: float = run_setting(Number(float, 0, 1, high_open=True), 0.1, model=True)
+    threshold_quantile: float = run_setting(Number(float, 0, 1, low_open=True), 0.99, model=True)
+    search: SearchSettings | None = run_setting(None, None, model=True)
+    batch_size: int = run_setting(Number(int, 1), 16)
+    workers: int = run_setting(Number(int, 0), 0)
+    device: str = run_setting(Text(), "auto")
+    seed: int = run_setting(Number(int, 0), 0, model=True)
+    show_progress: bool = run_setting(Flag(), True)
+
+    def __post_init__(self) -> None:
+        for spec in fields(self):
+            rule = spec.metadata["rule"]
+            if rule is not None:
+                value = rule.check(f"run setting {spec.name}", getattr(self, spec.name))
+                setattr(self, spec.name, list(value) if isinstance(value, tuple) else value)
+        if self.search is not None and not isinstance(self.search, SearchSettings):
+            self.search = SearchSettings.from_value(self.search)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        """From a ``run.json`` record or a YAML mapping. The flat search keys of earlier run
+        folders (``search_synthesis``, ``search_textures``, ``search_metric``) are read into
+        :attr:`search`."""
+        values = dict(values)
+        legacy = {key: values.pop(f"search_{key}") for key in ("synthesis", "textures", "metric")
+                  if f"search_{key}" in values}
+        known = {spec.name for spec in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown run settings {unknown}; known: {sorted(known)}")
+        if values.get("search") is not None:
+            values["search"] = SearchSettings.from_value(values["search"], **{
+                k: v for k, v in legacy.items() if v is not None})
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def model_settings(self) -> dict[str, Any]:
+        """The settings that change what a model learns (compared when a run resumes)."""
+        record = self.to_dict()
+        return {spec.name: record[spec.name] for spec in fields(self) if spec.metadata["model"]}
+
+    def tasks(self, data: str | None = None, categories: list[str] | None = None) -> list[Task]:
+        samples = load_dataset(data or self.data, categories or self.categories, self.layout)
+        return make_tasks(samples, self.setting, self.seen_subclasses, self.unseen_subclasses)
+
+    def new_detector(self) -> Detector:
+        return create_detector(self.method, self.preset, device=self.device, seed=self.seed,
+                               **self.params)

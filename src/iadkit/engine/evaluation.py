@@ -1,0 +1,141 @@
+"""Predictions of a detector over samples, and their metrics per test group and pooled.
+
+Example:
+    >>> scored = predict_samples(detector, task.test_groups["bottle"])
+    >>> score_predictions(scored, pixel=True)["image_auroc"]
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .. import metrics
+from ..calibration import Calibration
+from ..data.dataset import make_loader
+from ..data.preprocess import Preprocess
+from ..data.samples import SampleSet
+from ..data.settings import Task
+from ..errors import IadkitError
+from ..methods import Detector
+from ..progress import progress
+
+METRIC_KEYS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_aupro")
+PIXEL_KEYS = ("pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_aupro")
+
+
+@dataclass
+class ScoredSamples:
+    """A detector's predictions for a sample set, in sample order, with the ground truth."""
+
+    samples: SampleSet
+    scores: np.ndarray  # (N,)
+    maps: np.ndarray  # (N, S, S) float32
+    masks: np.ndarray  # (N, S, S) bool
+    seconds: float
+    preprocess: Preprocess
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array(self.samples.labels, dtype=int)
+
+    @classmethod
+    def concatenate(cls, parts: Sequence[ScoredSamples]) -> ScoredSamples:
+        """One set of predictions from several (pooled evaluation)."""
+        return cls(SampleSet([s for p in parts for s in p.samples]),
+                   np.concatenate([p.scores for p in parts]),
+                   np.concatenate([p.maps for p in parts]),
+                   np.concatenate([p.masks for p in parts]), sum(p.seconds for p in parts),
+                   parts[0].preprocess)
+
+
+def predict_samples(detector: Detector, samples: SampleSet, batch_size: int = 16,
+                    workers: int = 0, show_progress: bool = False,
+                    description: str = "predict") -> ScoredSamples:
+    """Run a fitted detector over samples, keeping maps, scores and ground-truth masks."""
+    size = detector.preprocess.output_size
+    n = len(samples)
+    scores = np.empty(n, dtype=np.float32)
+    maps = np.empty((n, size, size), dtype=np.float32)
+    masks = np.empty((n, size, size), dtype=bool)
+    loader = make_loader(samples, detector.preprocess, batch_size, workers)
+    started = time.perf_counter()
+    total = -(-n // batch_size)
+    for batch in progress(loader, description, show_progress, total=total):
+        index = batch["index"].numpy()
+        prediction = detector.predict(batch["image"], categories=batch["category"])
+        scores[index] = prediction.scores.numpy()
+        maps[index] = prediction.anomaly_maps.numpy()
+        masks[index] = batch["mask"].numpy() > 0.5
+    return ScoredSamples(samples, scores, maps, masks, time.perf_counter() - started,
+                       detector.preprocess)
+
+
+def score_predictions(predictions: ScoredSamples, pixel: bool) -> dict[str, Any]:
+    """The metric set of one test group (pixel metrics None where masks are missing)."""
+    result: dict[str, Any] = {"n_images": len(predictions.samples),
+                              "n_anomalous": int(predictions.labels.sum())}
+    result.update(metrics.image_metrics(predictions.labels, predictions.scores))
+    if pixel:
+        result.update(metrics.pixel_metrics(predictions.masks, predictions.maps))
+    else:
+        result.update(pixel_auroc=None, pixel_ap=None, pixel_f1_max=None, pixel_aupro=None)
+    return result
+
+
+def _mean(groups: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    mean: dict[str, Any] = {}
+    for key in METRIC_KEYS:
+        values = [g[key] for g in groups.values() if g.get(key) is not None]
+        mean[key] = float(np.mean(values)) if values and len(values) == len(groups) else None
+    return mean
+
+
+@dataclass
+class TaskEvaluation:
+    """Metrics of one task, with the predictions behind them (for reports)."""
+
+    task: str
+    per_group: dict[str, dict[str, Any]]
+    pooled: dict[str, Any] | None
+    predictions: dict[str, ScoredSamples]
+    calibration: Calibration | None
+
+
+def evaluate_task(detector: Detector, task: Task, batch_size: int = 16, workers: int = 0,
+                  show_progress: bool = False) -> TaskEvaluation:
+    per_group, predictions = {}, {}
+    for name, group in task.test_groups.items():
+        if len(group) == 0:
+            raise IadkitError(f"test group {name!r} of task {task.name!r} has no images")
+        predicted = predict_samples(detector, group, batch_size, workers, show_progress,
+                                    f"test {name}")
+        predictions[name] = predicted
+        per_group[name] = score_predictions(predicted, group.has_masks)
+        per_group[name]["ms_per_image"] = round(1000 * predicted.seconds / len(group), 2)
+    pooled = None
+    if task.pooled:
+        pooled = score_predictions(ScoredSamples.concatenate(list(predictions.values())), pixel=False)
+        # Pixel metrics pool the groups with masks: image-level-only categories have no pixels
+        # to score.
+        with_masks = [name for name, group in task.test_groups.items() if group.has_masks]
+        if with_masks:
+            pixels = score_predictions(ScoredSamples.concatenate([predictions[n] for n in with_masks]), pixel=True)
+            pooled.update({k: pixels[k] for k in PIXEL_KEYS})
+            pooled["pixel_groups"] = with_masks
+    return TaskEvaluation(task.name, per_group, pooled, predictions, detector.calibration)
+
+
+def summarise(evaluations: Sequence[TaskEvaluation], setting: str) -> dict[str, Any]:
+    """The flat results object ``iadkit test --json`` writes."""
+    per_category: dict[str, dict[str, Any]] = {}
+    for evaluation in evaluations:
+        per_category.update(evaluation.per_group)
+    pooled = [e.pooled for e in evaluations if e.pooled is not None]
+    headline = {k: pooled[0][k] for k in METRIC_KEYS} if pooled else _mean(per_category)
+    return {"setting": setting, **headline, "per_category": per_category,
+            "pooled": pooled[0] if pooled else None}

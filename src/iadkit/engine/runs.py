@@ -1,0 +1,181 @@
+"""Run folders: fit the detectors of a run configuration (calibrated on held-out normals) and
+save them, resume an interrupted run, and test a saved run.
+
+Thresholds are fitted on *normal validation images held out from training* (or a layout's own
+validation split), never on the test set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from ..calibration import Calibration
+from ..data.dataset import make_loader
+from ..data.samples import SampleSet
+from ..data.settings import Task
+from ..errors import IadkitError
+from ..methods import Detector
+from .config import RunConfig
+from .evaluation import TaskEvaluation, evaluate_task, predict_samples, summarise
+from .search import search_on_held_out_normals
+
+log = logging.getLogger("iadkit")
+
+RUN_FILE = "run.json"
+
+
+def holdout_split(train: SampleSet, fraction: float, seed: int) -> tuple[SampleSet, SampleSet]:
+    """Split normal training samples into (fit, validation) by a seeded shuffle, holding out
+    ``fraction`` of every category (at least one image each)."""
+    if fraction <= 0:
+        return train, SampleSet([])
+    order = list(range(len(train)))
+    random.Random(seed).shuffle(order)
+    held: set[int] = set()
+    for category in train.categories:
+        members = [i for i in order if train[i].category == category]
+        n_validation = max(1, round(fraction * len(members)))
+        if n_validation >= len(members):
+            raise IadkitError(f"validation_fraction {fraction} leaves no training images of "
+                              f"{category!r}")
+        held.update(members[:n_validation])
+    return (SampleSet(s for i, s in enumerate(train) if i not in held),
+            SampleSet(s for i, s in enumerate(train) if i in held))
+
+
+def fit_detector(config: RunConfig, task: Task, checkpoint_dir: Path | None = None) -> Detector:
+    """Fit a fresh detector on a task's training images and calibrate it on held-out normals.
+
+    ``checkpoint_dir`` keeps the training state of multi-epoch methods (see
+    :meth:`Detector.fit`), so that an interrupted fit resumes.
+    """
+    detector = config.new_detector()
+    train, validation = task.train, task.validation
+    if len(validation) == 0:
+        train, validation = holdout_split(task.train, config.validation_fraction, config.seed)
+    loader = make_loader(train, detector.preprocess, config.batch_size, config.workers,
+                         shuffle=False, seed=config.seed)
+    started = time.perf_counter()
+    detector.fit(loader, show_progress=config.show_progress, checkpoint_dir=checkpoint_dir)
+    assert detector.fit_info_ is not None
+    detector.fit_info_["seconds_fit"] = round(time.perf_counter() - started, 2)
+    detector.fit_info_["n_train_images"] = len(train)
+    detector.fit_info_["n_validation_images"] = len(validation)
+    if config.search is not None:
+        if len(validation) < 2:
+            raise IadkitError("an inference-parameter search needs held-out normal images: "
+                              "set validation_fraction > 0")
+        search = search_on_held_out_normals(detector, validation, config.search, config.seed,
+                                            config.batch_size, config.workers,
+                                            config.show_progress)
+        detector.fit_info_["search"] = search
+        log.info("search chose %s", search["chosen"])
+    detector.calibration = None
+    if len(validation):
+        held = predict_samples(detector, validation, config.batch_size, config.workers,
+                               config.show_progress, "calibrate")
+        source = (f"{config.threshold_quantile:.3g} quantile of {len(validation)} normal "
+                  "validation images held out from training")
+        detector.calibration = Calibration.fit(held.scores, held.maps, config.threshold_quantile,
+                                               source)
+    return detector
+
+
+def fit_run(config: RunConfig, run_dir: str | Path, resume: bool = False) -> list[Path]:
+    """Fit one detector per task and save them (with ``run.json``) under ``run_dir``.
+
+    With ``resume``, models already saved by an interrupted run with the same settings are kept,
+    an interrupted training continues from its last checkpoint, and only what is missing is
+    fitted.
+    """
+    run_dir = Path(run_dir)
+    # Fail fast, before any data is read or anything trained: a bad method, preset,
+    # hyperparameter, search, backbone or folder.
+    detector = config.new_detector()
+    if config.search is not None:
+        config.search.check(detector)
+    detector.check_resources()
+    tasks = config.tasks()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = {"config": config.to_dict(), "tasks": [t.name for t in tasks],
+              "iadkit_version": _version()}
+    record_file = run_dir / RUN_FILE
+    if resume and record_file.is_file():
+        before = RunConfig.from_dict(json.loads(record_file.read_text())["config"])
+        if before.model_settings() != config.model_settings():
+            raise IadkitError(f"{run_dir} was fitted with other settings; use another --out "
+                              "folder or drop --resume")
+    # Written before fitting, so that a run interrupted at any point can be resumed.
+    record_file.write_text(json.dumps(record, indent=2))
+    saved = []
+    for task in tasks:
+        model_dir = run_dir / "models" / task.name
+        if resume and (model_dir / "detector.json").is_file():
+            log.info("keeping the finished model %s", model_dir)
+            saved.append(model_dir)
+            continue
+        log.info("fitting %s on %d images (%s)", config.method, len(task.train), task.name)
+        training_dir = model_dir.with_name(model_dir.name + ".training")
+        if not resume and training_dir.exists():
+            shutil.rmtree(training_dir)
+        detector = fit_detector(config, task, training_dir)
+        # Save to a temporary folder, then rename: an interruption never leaves half a model.
+        partial = model_dir.with_name(model_dir.name + ".partial")
+        detector.save(partial)
+        if model_dir.exists():
+            shutil.rmtree(model_dir)
+        partial.rename(model_dir)
+        saved.append(model_dir)
+        log.info("saved %s (%.1f s)", model_dir, (detector.fit_info_ or {})["seconds_fit"])
+    return saved
+
+
+def read_run(run_dir: str | Path) -> tuple[RunConfig, list[str]]:
+    path = Path(run_dir) / RUN_FILE
+    if not path.is_file():
+        raise IadkitError(f"{path}: missing; {run_dir} is not a run folder made by 'iadkit fit'")
+    record = json.loads(path.read_text())
+    return RunConfig.from_dict(record["config"]), record["tasks"]
+
+
+def resolve_model_dir(path: str | Path, model: str | None = None) -> Path:
+    """A saved detector's folder from a model folder, or from a run folder (``model`` picks one
+    of several models; a run with one model needs none)."""
+    path = Path(path)
+    if (path / "detector.json").is_file():
+        return path
+    _, tasks = read_run(path)
+    if model is None and len(tasks) > 1:
+        raise IadkitError(f"{path} holds several models {tasks}; choose one with --model")
+    chosen = model or tasks[0]
+    if chosen not in tasks:
+        raise IadkitError(f"{path} has no model {chosen!r}; models: {tasks}")
+    return path / "models" / chosen
+
+
+def test_run(run_dir: str | Path, data: str | None = None, categories: list[str] | None = None,
+             device: str | None = None, show_progress: bool = False
+             ) -> tuple[dict[str, Any], list[TaskEvaluation]]:
+    """Evaluate the saved detectors of a run folder on the test split of its setting."""
+    config, task_names = read_run(run_dir)
+    evaluations = []
+    for task in config.tasks(data, categories):
+        model_dir = Path(run_dir) / "models" / task.name
+        if task.name not in task_names or not model_dir.is_dir():
+            raise IadkitError(f"{run_dir}: no model for {task.name!r}; trained: {task_names}")
+        detector = Detector.load(model_dir, device=device or config.device)
+        evaluations.append(evaluate_task(detector, task, config.batch_size, config.workers,
+                                         show_progress))
+    return summarise(evaluations, config.setting), evaluations
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__

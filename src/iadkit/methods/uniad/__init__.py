@@ -1,0 +1,5 @@
+"""UniAD: its detector and its transformer (:mod:`.networks`)."""
+
+from .uniad import UniAD
+
+__all__ = ["UniAD"]

@@ -1,0 +1,15 @@
+"""The examples in the docstrings a newcomer reads first run as written."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+
+import pytest
+
+
+@pytest.mark.parametrize("module", ["iadkit", "iadkit.methods", "iadkit.validation",
+                                    "iadkit.calibration", "iadkit.data.preprocess"])
+def test_the_docstring_examples_run(module: str) -> None:
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
