@@ -166,9 +166,10 @@ class Items(Rule):
         return all(self.item.allows(v) for v in value)
 
     def describe(self) -> str:
-        count = (f"{self.length} " if self.length is not None
-                 else f"at least {self.min_length} " if self.min_length else "")
-        return f"a list of {count}items, each {self.item.describe()}"
+        least = self.length if self.length is not None else self.min_length
+        count = ("" if not least else f"{least} " if self.length is not None
+                 else f"at least {least} ")
+        return f"a list of {count}item{'' if least == 1 else 's'}, each {self.item.describe()}"
 
     def invalid_examples(self) -> list[Any]:
         size = self.length or max(self.min_length, 1)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import base64
 import threading
+from abc import ABC, abstractmethod
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ from fastapi.responses import JSONResponse, Response
 
 from ..calibration import Calibration, decide
 from ..data.image_io import decode_image
-from ..data.preprocess import display_image
+from ..data.preprocess import Preprocess, display_image
 from ..errors import IadkitError, ImageReadError, ImageTooLargeError
 from ..overlay import overlay_png
 from .inferencer import CONFIG_FILE as EXPORT_CONFIG_FILE
@@ -52,32 +53,53 @@ from .inferencer import TRAINING_SUMMARY_KEYS, OnnxInferencer
 HEATMAP_MODES = ("none", "base64", "png")
 
 
-def _answer(score: float, calibration: Calibration | None, image: np.ndarray,
-            heatmap: str, shown: np.ndarray, anomaly_map: np.ndarray) -> dict[str, Any]:
-    """The answer to one request: the decision's fields, the upload's size, and the overlay
-    PNG when asked for (``shown``: the preprocessed image, uint8 RGB)."""
-    result = {**asdict(decide(score, calibration)),
-              "image_size": [int(image.shape[1]), int(image.shape[0])]}
-    if heatmap != "none":
-        result["heatmap_png"] = overlay_png(shown, anomaly_map, calibration)
-    return result
+class Scorer(ABC):
+    """Scores uploads with a model loaded once: decodes them (refusing more than
+    ``max_pixels`` pixels before decoding), preprocesses, runs the model behind a lock, and
+    answers with the decision. Safe to call from several threads."""
+
+    def __init__(self, model_dir: Path, name: str, preprocess: Preprocess,
+                 calibration: Calibration | None, max_pixels: int) -> None:
+        self.model_dir, self.name, self.max_pixels = model_dir, name, max_pixels
+        self.preprocess, self.calibration = preprocess, calibration
+        self._lock = threading.Lock()
+
+    @abstractmethod
+    def _run(self, image: np.ndarray) -> tuple[float, np.ndarray]:
+        """(3, S, S) preprocessed image -> (score, (S, S) anomaly map)."""
+
+    @abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """What ``GET /model`` says."""
+
+    def score(self, data: bytes, name: str, heatmap: str = "none") -> dict[str, Any]:
+        """Decode ``data`` and score it; raises ImageReadError (ImageTooLargeError) for bad
+        images."""
+        image = decode_image(data, name, self.max_pixels)
+        preprocessed = self.preprocess.image_array(image)
+        with self._lock:
+            score, anomaly_map = self._run(preprocessed)
+        result = {**asdict(decide(score, self.calibration)),
+                  "image_size": [int(image.shape[1]), int(image.shape[0])]}
+        if heatmap != "none":
+            result["heatmap_png"] = overlay_png(display_image(preprocessed), anomaly_map,
+                                                self.calibration)
+        return result
+
+    def _description(self, runtime: str, preset: str | None, params: dict[str, Any] | None,
+                     training_data: dict[str, Any]) -> dict[str, Any]:
+        calibration = self.calibration
+        return {"method": self.name, "preset": preset, "params": params,
+                "input_size": self.preprocess.output_size,
+                "threshold": calibration.image_threshold if calibration else None,
+                "threshold_source": calibration.source if calibration else None,
+                "training_data": training_data, "model_dir": str(self.model_dir),
+                "runtime": runtime}
 
 
-def _description(model_dir: Path, runtime: str, method: str, preset: str | None,
-                 params: dict[str, Any] | None, input_size: int,
-                 calibration: Calibration | None, training_data: dict[str, Any]
-                 ) -> dict[str, Any]:
-    """What ``GET /model`` says."""
-    return {"method": method, "preset": preset, "params": params, "input_size": input_size,
-            "threshold": calibration.image_threshold if calibration else None,
-            "threshold_source": calibration.source if calibration else None,
-            "training_data": training_data, "model_dir": str(model_dir), "runtime": runtime}
-
-
-class DetectorScorer:
-    """A saved detector loaded once and run by PyTorch, scoring decoded images; safe to call
-    from several threads. It leaves torch's thread settings as they are (``iadkit serve
-    --threads`` sets them for its own process).
+class DetectorScorer(Scorer):
+    """A saved detector run by PyTorch. It leaves torch's thread settings as they are
+    (``iadkit serve --threads`` sets them for its own process).
 
     Args:
         model_dir: a saved detector's folder.
@@ -89,34 +111,23 @@ class DetectorScorer:
                  max_pixels: int = 40_000_000) -> None:
         from ..methods import Detector
 
-        self.model_dir = Path(model_dir)
-        self.detector = Detector.load(self.model_dir, device=device)
-        self.name = self.detector.name
-        self.max_pixels = max_pixels
-        self._lock = threading.Lock()
+        self.detector = Detector.load(model_dir, device=device)
+        super().__init__(Path(model_dir), self.detector.name, self.detector.preprocess,
+                         self.detector.calibration, max_pixels)
 
-    def score(self, data: bytes, name: str, heatmap: str = "none") -> dict[str, Any]:
-        """Decode ``data`` and score it; raises ImageReadError (ImageTooLargeError) for bad
-        images."""
-        image = decode_image(data, name, self.max_pixels)
-        preprocessed = self.detector.preprocess.image_array(image)
-        with self._lock:
-            prediction = self.detector.predict(preprocessed[None])
-        return _answer(float(prediction.scores[0]), self.detector.calibration, image, heatmap,
-                       display_image(preprocessed), prediction.anomaly_maps[0].numpy())
+    def _run(self, image: np.ndarray) -> tuple[float, np.ndarray]:
+        prediction = self.detector.predict(image[None])
+        return float(prediction.scores[0]), prediction.anomaly_maps[0].numpy()
 
     def describe(self) -> dict[str, Any]:
-        detector = self.detector
-        fit_info = detector.fit_info_ or {}
-        return _description(self.model_dir, "pytorch", detector.name, detector.preset,
-                            detector.get_params(), detector.preprocess.output_size,
-                            detector.calibration, {key: fit_info[key] for key in
-                                                   TRAINING_SUMMARY_KEYS if key in fit_info})
+        fit_info = self.detector.fit_info_ or {}
+        return self._description("pytorch", self.detector.preset, self.detector.get_params(),
+                                 {key: fit_info[key] for key in TRAINING_SUMMARY_KEYS
+                                  if key in fit_info})
 
 
-class ExportedScorer:
-    """An ONNX export (``iadkit export``) run by onnxruntime or OpenVINO, scoring decoded images
-    without torch; safe to call from several threads.
+class ExportedScorer(Scorer):
+    """An ONNX export (``iadkit export``) run by onnxruntime or OpenVINO, without torch.
 
     Args:
         export_dir: the folder holding ``model.onnx`` and ``inference.json``.
@@ -127,33 +138,23 @@ class ExportedScorer:
 
     def __init__(self, export_dir: str | Path, runtime: str = "onnxruntime",
                  threads: int | None = None, max_pixels: int = 40_000_000) -> None:
-        self.model_dir = Path(export_dir)
-        self.inferencer = OnnxInferencer(self.model_dir, threads, runtime)
-        self.name = str(self.inferencer.config["method"])
-        self.max_pixels = max_pixels
-        self._lock = threading.Lock()
+        self.inferencer = OnnxInferencer(export_dir, threads, runtime)
+        super().__init__(Path(export_dir), str(self.inferencer.config["method"]),
+                         self.inferencer.preprocess, self.inferencer.calibration, max_pixels)
 
-    def score(self, data: bytes, name: str, heatmap: str = "none") -> dict[str, Any]:
-        """Decode ``data`` and score it; raises ImageReadError (ImageTooLargeError) for bad
-        images."""
-        image = decode_image(data, name, self.max_pixels)
-        preprocessed = self.inferencer.preprocess.image_array(image)
-        with self._lock:
-            maps, scores = self.inferencer.run(preprocessed[None])
-        return _answer(float(scores[0]), self.inferencer.calibration, image, heatmap,
-                       display_image(preprocessed), maps[0])
+    def _run(self, image: np.ndarray) -> tuple[float, np.ndarray]:
+        maps, scores = self.inferencer.run(image[None])
+        return float(scores[0]), maps[0]
 
     def describe(self) -> dict[str, Any]:
         config = self.inferencer.config
-        return _description(self.model_dir, self.inferencer.runtime, config["method"],
-                            config.get("preset"), config.get("params"),
-                            self.inferencer.preprocess.output_size, self.inferencer.calibration,
-                            config.get("training_data", {}))
+        return self._description(self.inferencer.runtime, config.get("preset"),
+                                 config.get("params"), config.get("training_data", {}))
 
 
 def load_scorer(model_dir: str | Path, device: str | None = None, runtime: str | None = None,
                 threads: int | None = None, max_pixels: int = 40_000_000
-                ) -> DetectorScorer | ExportedScorer:
+                ) -> Scorer:
     """The scorer for a saved detector's folder (PyTorch) or an export's folder (``runtime``,
     default onnxruntime, with ``threads`` intra-op threads of its own)."""
     model_dir = Path(model_dir)

@@ -210,10 +210,6 @@ class Detector(ABC):
         detector.preset = preset
         return detector
 
-    @classmethod
-    def param_names(cls) -> list[str]:
-        return list(cls.hyperparameters)
-
     def get_params(self) -> dict[str, Any]:
         """The hyperparameters (JSON-friendly), as in scikit-learn."""
         return {name: _jsonable(getattr(self, name)) for name in self.hyperparameters}
