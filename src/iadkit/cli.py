@@ -44,7 +44,7 @@ def _parse_param(text: str) -> tuple[str, Any]:
 
 
 def _run_config(args: argparse.Namespace) -> Any:
-    from .engine import RunConfig
+    from .engine import RunConfig, SearchSettings
 
     values: dict[str, Any] = {}
     if args.config:
@@ -64,10 +64,8 @@ def _run_config(args: argparse.Namespace) -> Any:
               else yaml.safe_load(args.search),
               "synthesis": args.search_synthesis, "textures": args.search_textures}
     search = {k: v for k, v in search.items() if v is not None}
-    if search:
-        given = values.get("search")
-        values["search"] = {**(given if isinstance(given, dict) else
-                               {"stages": given} if given is not None else {}), **search}
+    if search:  # the flags override the config file's search settings, or start a search
+        values["search"] = SearchSettings.from_value(values.get("search") or "default", **search)
     if args.category:
         values["categories"] = None if args.category == ["all"] else args.category
     params = dict(values.get("params") or {})

@@ -23,7 +23,7 @@ import json
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -79,16 +79,13 @@ def image_batches(data: Iterable[Any] | torch.Tensor, batch_size: int = 16) -> I
         yield batch["image"] if isinstance(batch, dict) else batch
 
 
-def _cuda_devices() -> list[int]:
-    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-
-
 @contextmanager
 def isolated_rng(seed: int) -> Iterator[None]:
     """Run a block with torch's (CPU and CUDA), NumPy's and Python's global generators seeded
     by ``seed``, and give them back to the caller as they were afterwards."""
     python_state, numpy_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=_cuda_devices()):
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda):
         random.seed(seed)
         np.random.seed(seed % (2**32))
         torch.manual_seed(seed)
@@ -237,13 +234,10 @@ class Detector(ABC):
             raise
         return self
 
-    @contextmanager
-    def seeded(self) -> Iterator[None]:
+    def seeded(self) -> AbstractContextManager[None]:
         """A block whose random draws (network initialisation) come from ``seed`` alone and
         leave the caller's generators as they were."""
-        with torch.random.fork_rng(devices=_cuda_devices()):
-            torch.manual_seed(self.seed)
-            yield
+        return isolated_rng(self.seed)
 
     @property
     @abstractmethod

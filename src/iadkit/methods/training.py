@@ -394,10 +394,8 @@ class TrainingCheckpoint:
             return
         from safetensors.torch import save_file
 
-        tensors: dict[str, torch.Tensor] = {}
-        for name, module in modules.items():
-            for key, value in module.state_dict().items():
-                tensors[f"module.{name}.{key}"] = value.detach().cpu().contiguous()
+        tensors = {f"module.{key}": value.detach().cpu().contiguous()
+                   for key, value in module_state_tensors(modules).items()}
         optimizer_records = {}
         for name, optimizer in optimizers.items():
             optimizer_records[name] = _flatten_optimizer(optimizer.state_dict(), tensors,
