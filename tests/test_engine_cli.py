@@ -12,7 +12,9 @@ import torch
 
 from iadkit import engine
 from iadkit.cli import main
-from iadkit.data import load_dataset, make_tasks
+from iadkit.data import load_dataset, make_loader, make_tasks
+from iadkit.data.samples import SampleSet
+from iadkit.engine.calibrate import fold_assignment
 
 FAST = ["--param", "image_size=48", "--param", "coreset_ratio=0.2", "--quiet"]
 
@@ -30,7 +32,8 @@ def test_cli_fit_test_predict_round_trip(toy_root: Path, tmp_path: Path, capsys)
         assert isinstance(results[key], float)
     assert results["per_category"]["alpha"]["image_auroc"] >= 0.9
     page = (tmp_path / "r" / "index.html").read_text()
-    assert "data:image/png;base64" in page and "held out from training" in page
+    assert "data:image/png;base64" in page and "without its own memory entries" in page
+    assert "false-positive rate" in page and results["per_category"]["alpha"]["decision"]
 
     out = tmp_path / "pred"
     assert main(["predict", str(run), str(toy_root / "alpha" / "test"), "--out", str(out),
@@ -46,16 +49,67 @@ def test_cli_fit_test_predict_round_trip(toy_root: Path, tmp_path: Path, capsys)
 def test_threshold_comes_from_held_out_normals_not_test(toy_root: Path) -> None:
     config = engine.RunConfig(method="patchcore", data=str(toy_root), categories=["alpha"],
                               params={"image_size": 48, "coreset_ratio": 0.2},
-                              validation_fraction=0.25, show_progress=False)
+                              calibration="holdout", validation_fraction=0.35,
+                              target_fpr=0.2, show_progress=False)
     task = config.tasks()[0]
     detector = engine.fit_detector(config, task)
-    assert detector.fit_info_["n_train_images"] == 12  # 16 normals minus 4 held out
-    fit_part, held = engine.holdout_split(task.train, 0.25, config.seed)
+    assert detector.fit_info_["n_train_images"] == 10  # 16 normals minus 6 held out
+    fit_part, held = engine.holdout_split(task.train, 0.35, config.seed)
     assert not {s.image_path for s in held} & {s.image_path for s in fit_part}
-    held_scores = engine.predict_samples(detector, held).scores
-    expected = float(np.quantile(held_scores, config.threshold_quantile))
-    assert detector.calibration.image_threshold == pytest.approx(expected)
-    assert "held out" in detector.calibration.source
+    held_scores = np.sort(engine.predict_samples(detector, held).scores)
+    calibration = detector.calibration
+    # 6 scores cannot bound 20% at 90% (that needs 11): the largest score, with a warning
+    assert calibration.rank == 6 and calibration.warning and "11" in calibration.warning
+    assert calibration.image_threshold == pytest.approx(held_scores[-1])
+    assert calibration.method == "held-out" and "held out" in calibration.source
+
+
+def test_leave_one_out_calibration_trains_on_every_normal(toy_root: Path) -> None:
+    config = engine.RunConfig(method="patchcore", data=str(toy_root), categories=["alpha"],
+                              params={"image_size": 48, "coreset_ratio": 0.2},
+                              show_progress=False)
+    detector = engine.fit_detector(config, config.tasks()[0])
+    assert detector.fit_info_["n_train_images"] == 16
+    assert detector.calibration.method == "leave-one-out"
+    assert detector.calibration.n_images == 16 and len(detector.calibration.scores) == 16
+
+
+def test_cross_fitted_calibration_scores_each_fold_with_a_model_that_never_saw_it(
+        toy_root: Path) -> None:
+    config = engine.RunConfig(method="patchcore", data=str(toy_root), categories=["alpha"],
+                              params={"image_size": 48, "coreset_ratio": 0.2},
+                              calibration="cv:4", show_progress=False)
+    task = config.tasks()[0]
+    detector = engine.fit_detector(config, task)
+    calibration = detector.calibration
+    assert calibration.method == "cross-fitted" and calibration.n_images == 16
+    folds = fold_assignment(task.train, 4, config.seed)
+    first = [task.train[i] for i in np.nonzero(folds == 0)[0]]
+    model = config.new_detector().fit(make_loader(
+        SampleSet(s for i, s in enumerate(task.train) if folds[i] != 0),
+        detector.preprocess, batch_size=16))
+    expected = engine.predict_samples(model, SampleSet(first)).scores
+    positions = np.nonzero(folds == 0)[0]
+    np.testing.assert_allclose(np.asarray(calibration.scores)[positions], expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"calibration": "cv:20"}, "cv:20: 'alpha' has 16 training normals"),
+    ({"calibration": "cv:1"}, "run setting calibration"),
+    ({"calibration": "holdout", "validation_fraction": 0.1}, "at least 5 are needed"),
+    ({"target_fpr": 0.6}, "run setting target_fpr"),
+    ({"target_fpr": 0.0}, "run setting target_fpr"),
+    ({"method": "rd", "calibration": "leave-one-out"}, "rd cannot leave a training image out"),
+])
+def test_a_calibration_that_cannot_work_is_refused_before_training(
+        toy_root: Path, tmp_path: Path, settings: dict, message: str) -> None:
+    from iadkit.errors import ConfigError
+
+    values = {"method": "patchcore", "data": str(toy_root), "categories": ["alpha"],
+              "params": {"image_size": 48}, "show_progress": False, **settings}
+    with pytest.raises(ConfigError, match=message):
+        engine.fit_run(engine.RunConfig.from_dict(values), tmp_path / "run")
+    assert not (tmp_path / "run" / "models").exists()
 
 
 def test_holdout_takes_its_share_of_every_category_and_batches_never_hold_one_image(

@@ -80,3 +80,27 @@ def test_overriding_image_size_scales_the_preset_crop() -> None:
     assert create_detector("patchcore", "cpu", image_size=64, crop_size=None).crop_size is None
     with pytest.raises(ConfigError, match="crop_size=80 is larger than image_size=64"):
         _ = create_detector("patchcore", "cpu", image_size=64, crop_size=80).preprocess
+
+
+def test_leaving_an_image_out_equals_fitting_without_it(fitted_patchcore) -> None:
+    """With the full bank, a training image scored without its own entries gets exactly the
+    score and map of a bank fitted without it; with a coreset it is at least that of the
+    normal bank (never an in-sample score)."""
+    _, samples = fitted_patchcore
+    train = samples.where(split="train")
+    images = torch.stack([b for batch in make_loader(train, create_detector(
+        "patchcore", "cpu", image_size=64).preprocess, batch_size=16) for b in batch["image"]])
+    full = create_detector("patchcore", "cpu", image_size=64, coreset_ratio=1.0,
+                           device="cpu", knn_backend="torch").fit(images[:8])
+    left_out = full.predict_left_out(images[[2, 5]], [2, 5])
+    for position, index in enumerate([2, 5]):
+        rest = torch.cat([images[:index], images[index + 1:8]])
+        refit = create_detector("patchcore", "cpu", image_size=64, coreset_ratio=1.0,
+                                device="cpu", knn_backend="torch").fit(rest)
+        expected = refit.predict(images[index:index + 1])
+        assert left_out.scores[position].item() == pytest.approx(expected.scores[0].item(),
+                                                                 rel=1e-5)
+        torch.testing.assert_close(left_out.anomaly_maps[position], expected.anomaly_maps[0],
+                                   rtol=1e-4, atol=1e-5)
+    in_sample = full.predict(images[[2, 5]]).scores
+    assert (left_out.scores > in_sample + 1e-6).all()

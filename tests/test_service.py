@@ -25,6 +25,7 @@ pytest.importorskip("uvicorn")
 from iadkit.cli import main
 from iadkit.data.image_io import read_image
 from iadkit.methods import Detector
+from iadkit.regions import find_regions
 
 MAX_UPLOAD_MB = 1.0
 MAX_PIXELS = 1_000_000
@@ -131,7 +132,9 @@ def test_health_and_model_description(served) -> None:
         model = json.loads(response.read())
     assert model["method"] == "patchcore"
     assert model["input_size"] == 56  # 64 px, centre-cropped like the preset's 256 -> 224
-    assert model["threshold"] is not None and "held out" in model["threshold_source"]
+    assert model["threshold"] is not None and "leave-one-out" in model["threshold_source"]
+    assert model["false_positive_rate"]["target"] == 0.01
+    assert "at least 230" in model["false_positive_rate"]["warning"]  # 16 normals only
     assert model["training_data"]["n_train_images"] > 0
 
 
@@ -144,10 +147,16 @@ def test_predict_matches_the_detector_in_process(served, toy_root: Path) -> None
     detector = Detector.load(model_dir, device="cpu")
     expected = float(detector.predict(detector.preprocess.image(read_image(path))[None]).scores[0])
     assert result["score"] == pytest.approx(expected, rel=1e-5)
-    assert result["anomalous"] == (expected >= detector.calibration.image_threshold)
+    assert result["anomalous"] == (expected > detector.calibration.image_threshold)
+    # The overlay and the regions are on the uploaded image, in its own pixel coordinates.
     heatmap = Image.open(io.BytesIO(base64.b64decode(result["heatmap_png_base64"])))
-    side = detector.preprocess.output_size
-    assert heatmap.size == (side, side)
+    height, width = read_image(path).shape[:2]
+    assert heatmap.size == (width, height) == tuple(result["image_size"])
+    full = detector.preprocess.map_to_original(
+        detector.predict(detector.preprocess.image(read_image(path))[None]).anomaly_maps[0].numpy(),
+        height, width)
+    expected_regions = find_regions(full, detector.calibration.pixel_threshold)
+    assert [tuple(r.values())[:4] for r in result["regions"]] == [r.box for r in expected_regions]
 
     # The raw body form and the PNG heatmap form give the same score.
     status, png, headers = _post(f"{url}/predict?heatmap=png", path.read_bytes(), "image/png")

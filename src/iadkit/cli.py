@@ -56,7 +56,8 @@ def _run_config(args: argparse.Namespace) -> Any:
         "method": args.method, "preset": args.preset, "data": args.data, "layout": args.layout,
         "setting": args.setting, "device": args.device, "seed": args.seed,
         "batch_size": args.batch_size, "workers": args.workers,
-        "validation_fraction": args.validation_fraction,
+        "validation_fraction": args.validation_fraction, "calibration": args.calibration,
+        "target_fpr": args.target_fpr, "fpr_confidence": args.fpr_confidence,
         "seen_subclasses": args.seen, "unseen_subclasses": args.unseen,
     }
     values.update({k: v for k, v in flags.items() if v is not None})
@@ -97,6 +98,32 @@ def _format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _format_decisions(results: dict[str, Any]) -> str:
+    """One line per group on the decision at the stored threshold, and any shift warning."""
+    groups = dict(results["per_category"])
+    if results.get("pooled"):
+        groups["pooled"] = results["pooled"]
+    lines = []
+    for name, values in groups.items():
+        decision = values.get("decision")
+        if not decision:
+            continue
+        line = f"{name}: threshold {decision['threshold']:.5g} ({decision['calibration']})"
+        if decision["fpr"] is not None:
+            low, high = decision["predicted_fpr_interval"]
+            line += (f"; false positives {decision['false_positives']}/"
+                     f"{decision['false_positives'] + decision['true_negatives']} = "
+                     f"{decision['fpr']:.1%} (predicted {low:.1%}-{high:.1%})")
+        if decision["recall"] is not None:
+            found = decision["true_positives"]
+            line += (f"; recall {found}/{found + decision['false_negatives']} = "
+                     f"{decision['recall']:.1%}")
+        lines.append(line)
+        if decision["shift_warning"]:
+            lines.append(f"  warning: {decision['shift_warning']}")
+    return "\n".join(lines)
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from .methods import available_methods, get_method
 
@@ -126,6 +153,9 @@ def _write_outputs(results: dict[str, Any], evaluations: list[Any], json_path: s
                    report_dir: str | None, title: str) -> None:
     """Print the metrics table; write the JSON file and the HTML report where asked."""
     print(_format_table(results))
+    decisions = _format_decisions(results)
+    if decisions:
+        print(decisions)
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(results, indent=2))
@@ -314,8 +344,15 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--workers", type=int)
+    parser.add_argument("--calibration", help="where the threshold's normal scores come from: "
+                        "auto (default: leave-one-out where the method can, else holdout), "
+                        "holdout, leave-one-out, cv:K (K extra fits) or none")
+    parser.add_argument("--target-fpr", type=float, help="the threshold bounds the false-"
+                        "positive rate on normal images at this (default 0.01)")
+    parser.add_argument("--fpr-confidence", type=float, help="with this confidence (default 0.9)")
     parser.add_argument("--validation-fraction", type=float,
-                        help="share of training normals held out for calibration (default 0.1)")
+                        help="share of training normals held out for a holdout calibration and "
+                        "for a search (default 0.1)")
     parser.add_argument("--search", help="choose inference parameters on a pseudo-validation "
                         "set of the held-out normals: 'default' (the method's own search) or "
                         "a YAML list of stages, e.g. '[{param: tau, values: [100, 300]}]'")

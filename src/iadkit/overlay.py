@@ -3,7 +3,7 @@ matplotlib colour map only (no torch), so that the report, batch prediction and 
 service draw them the same way.
 
 Example:
-    >>> png = overlay_png(image_uint8_rgb, anomaly_map, calibration=None)
+    >>> png = overlay_png(original_rgb_uint8, anomaly_map, detector.preprocess, calibration=None)
 """
 
 from __future__ import annotations
@@ -17,16 +17,26 @@ from PIL import Image
 
 from .calibration import Calibration
 from .data.image_io import read_image
-from .data.preprocess import Preprocess, display_image
+from .data.preprocess import Preprocess
 
 
 def heatmap_overlay(image: np.ndarray, anomaly_map: np.ndarray, scale: tuple[float, float],
                     mask: np.ndarray | None = None) -> np.ndarray:
-    """Blend a jet-coloured anomaly map over an RGB uint8 image; draw mask contours in white."""
+    """Blend a jet-coloured anomaly map over an RGB uint8 image of the same size; draw mask
+    contours in white. Where the map is NaN (an area the model did not see, such as a centre
+    crop's border) the image is shown dimmed and hatched, without colour."""
     low, high = scale
-    normalised = np.clip((anomaly_map - low) / max(high - low, 1e-12), 0.0, 1.0)
+    unseen = np.isnan(anomaly_map)
+    normalised = np.clip((np.nan_to_num(anomaly_map, nan=low) - low) / max(high - low, 1e-12),
+                         0.0, 1.0)
     colours = (colormaps["jet"](normalised)[:, :, :3] * 255).astype(np.float32)
     blended = (0.55 * image.astype(np.float32) + 0.45 * colours).astype(np.uint8)
+    if unseen.any():
+        rows, cols = np.nonzero(unseen)
+        stripe = ((rows + cols) // 6) % 2 == 0
+        dimmed = image[rows, cols].astype(np.float32) * 0.35
+        dimmed[stripe] += 60.0
+        blended[rows, cols] = dimmed.astype(np.uint8)
     if mask is not None and mask.any():
         edge = mask & ~(np.roll(mask, 1, 0) & np.roll(mask, -1, 0) & np.roll(mask, 1, 1)
                         & np.roll(mask, -1, 1))
@@ -38,23 +48,34 @@ def map_scale(calibration: Calibration | None, maps: np.ndarray) -> tuple[float,
     """The (low, high) map values drawn as the colour map's ends: up to twice the calibrated
     pixel threshold when there is one (so colours mean the same in every image), else the
     maps' own range."""
+    seen = maps[~np.isnan(maps)]
+    low = float(seen.min()) if seen.size else 0.0
     if calibration is not None:
-        return float(np.min(maps)) if maps.size else 0.0, 2.0 * calibration.pixel_threshold
-    return float(np.min(maps)), float(np.max(maps))
+        return low, 2.0 * calibration.pixel_threshold
+    return low, float(seen.max()) if seen.size else 1.0
 
 
-def overlay_png(image: np.ndarray, anomaly_map: np.ndarray,
+def original_overlay(image: np.ndarray, anomaly_map: np.ndarray, preprocess: Preprocess,
+                     calibration: Calibration | None) -> np.ndarray:
+    """The anomaly map (in ``preprocess``'s geometry) mapped back onto the original RGB uint8
+    image, at the image's own width and height."""
+    height, width = image.shape[:2]
+    full = preprocess.map_to_original(anomaly_map, height, width)
+    return heatmap_overlay(image, full, map_scale(calibration, anomaly_map))
+
+
+def overlay_png(image: np.ndarray, anomaly_map: np.ndarray, preprocess: Preprocess,
                 calibration: Calibration | None) -> bytes:
-    """PNG bytes of the anomaly map over the (preprocessed, uint8 RGB) image."""
+    """PNG bytes of :func:`original_overlay`."""
     buffer = io.BytesIO()
-    Image.fromarray(heatmap_overlay(image, anomaly_map, map_scale(calibration, anomaly_map))
-                    ).save(buffer, format="PNG")
+    Image.fromarray(original_overlay(image, anomaly_map, preprocess, calibration)).save(
+        buffer, format="PNG")
     return buffer.getvalue()
 
 
 def save_overlay(path: Path, anomaly_map: np.ndarray, preprocess: Preprocess,
                  calibration: Calibration | None, destination: Path) -> None:
-    """Write the image file ``path``, preprocessed, with its anomaly map over it as a PNG."""
-    image = display_image(preprocess.image_array(read_image(path)))
+    """Write the image file ``path`` with its anomaly map over it, at the original size, as a
+    PNG."""
     destination.parent.mkdir(parents=True, exist_ok=True)
-    destination.write_bytes(overlay_png(image, anomaly_map, calibration))
+    destination.write_bytes(overlay_png(read_image(path), anomaly_map, preprocess, calibration))

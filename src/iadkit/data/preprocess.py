@@ -63,6 +63,39 @@ class Preprocess:
                                  Image.Resampling.NEAREST)
         return (np.asarray(resized) > 127).astype(np.float32)
 
+    def map_to_original(self, anomaly_map: np.ndarray, height: int, width: int) -> np.ndarray:
+        """An ``(S, S)`` anomaly map in this geometry -> ``(height, width)`` float32 on the
+        original image (bilinear, pixel centres aligned as in the forward resize); pixels the
+        model never saw (outside a centre crop) are NaN, never a made-up score.
+
+        Example:
+            >>> full = Preprocess(256, 224).map_to_original(np.ones((224, 224)), 500, 1250)
+            >>> full.shape, bool(np.isnan(full[0, 0])), float(full[250, 625])
+            ((500, 1250), True, 1.0)
+        """
+        size = self.output_size
+        offset = (self.image_size - size) / 2 if self.crop_size else 0.0
+        offset = float(int(offset))  # the crop's integer offset (see _geometry)
+
+        def axis(length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+            # original pixel centre -> resized coordinate -> map coordinate (centres at k)
+            position = (np.arange(length) + 0.5) * self.image_size / length - offset - 0.5
+            seen = (position >= -0.5) & (position <= size - 0.5)
+            position = np.clip(position, 0, size - 1)
+            low = np.floor(position).astype(int)
+            high = np.minimum(low + 1, size - 1)
+            return low, high, (position - low).astype(np.float32), seen
+
+        rows_low, rows_high, row_weight, rows_seen = axis(height)
+        cols_low, cols_high, col_weight, cols_seen = axis(width)
+        values = np.asarray(anomaly_map, dtype=np.float32)
+        rows = (values[rows_low] * (1 - row_weight)[:, None]
+                + values[rows_high] * row_weight[:, None])
+        full = rows[:, cols_low] * (1 - col_weight) + rows[:, cols_high] * col_weight
+        full[~rows_seen] = np.nan
+        full[:, ~cols_seen] = np.nan
+        return full
+
     def image(self, image: np.ndarray) -> torch.Tensor:
         """:meth:`image_array` as a tensor."""
         import torch

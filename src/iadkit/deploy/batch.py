@@ -22,12 +22,16 @@ import numpy as np
 import torch
 
 from ..calibration import decide
+from ..data.image_io import read_image
+from ..data.preprocess import Preprocess
 from ..errors import ConfigError, ImageReadError
 from ..methods import Detector
 from ..overlay import save_overlay
 from ..progress import progress
+from ..regions import find_regions
 
-FIELDS = ("path", "score", "normalised_score", "threshold", "anomalous", "heatmap", "error")
+FIELDS = ("path", "score", "normalised_score", "threshold", "anomalous", "regions", "heatmap",
+          "error")
 FORMATS = ("csv", "jsonl")
 
 
@@ -37,7 +41,8 @@ class FilePrediction:
 
     path: Path
     score: float | None
-    anomaly_map: np.ndarray | None
+    anomaly_map: np.ndarray | None  # in the detector's input geometry
+    original_size: tuple[int, int] | None = None  # the file's (height, width)
     error: str | None = None
 
 
@@ -50,18 +55,22 @@ def iter_predictions(detector: Detector, paths: Sequence[Path], batch_size: int 
     """
     preprocess = detector.preprocess
     for start in range(0, len(paths), batch_size):
-        readable, images = [], []
+        readable, images, sizes = [], [], []
         for path in paths[start:start + batch_size]:
             try:
-                images.append(preprocess.load(path))
-                readable.append(path)
+                image = read_image(path)
             except ImageReadError as error:
-                yield FilePrediction(Path(path), None, None, str(error))
+                yield FilePrediction(Path(path), None, None, error=str(error))
+                continue
+            images.append(preprocess.image(image))
+            sizes.append(image.shape[:2])
+            readable.append(path)
         if not images:
             continue
         prediction = detector.predict(torch.stack(images))
-        for path, score, anomaly_map in zip(readable, prediction.scores, prediction.anomaly_maps):
-            yield FilePrediction(Path(path), float(score), anomaly_map.numpy())
+        for path, score, anomaly_map, size in zip(readable, prediction.scores,
+                                                  prediction.anomaly_maps, sizes):
+            yield FilePrediction(Path(path), float(score), anomaly_map.numpy(), size)
 
 
 @dataclass
@@ -80,7 +89,9 @@ def predict_files(detector: Detector, paths: Sequence[Path], out_dir: Path,
     """Score ``paths`` into ``out_dir/scores.<format>`` (and ``out_dir/heatmaps/``).
 
     Each row: path, score, normalised score, threshold, anomalous (0/1; empty without a
-    calibration), heatmap file, error (why an unreadable file has no score).
+    calibration), regions (JSON list of the anomalous regions' bounding boxes, area and peak
+    in the file's own pixel coordinates; empty without a calibration), heatmap file (the map
+    over the original image, at its size), error (why an unreadable file has no score).
     """
     if output_format not in FORMATS:
         raise ConfigError(f"output format must be one of {FORMATS}, got {output_format!r}")
@@ -110,6 +121,8 @@ def predict_files(detector: Detector, paths: Sequence[Path], out_dir: Path,
                     row["normalised_score"] = f"{decision.normalised_score:.4f}"
                     row["threshold"] = f"{decision.threshold:.6g}"
                     row["anomalous"] = int(decision.anomalous)
+                    row["regions"] = _regions(item, detector.preprocess,
+                                              calibration.pixel_threshold)
                 if heatmaps:
                     name = f"heatmaps/{numbers[str(item.path)]:06d}_{item.path.stem}.png"
                     save_overlay(item.path, item.anomaly_map, detector.preprocess, calibration,
@@ -120,12 +133,22 @@ def predict_files(detector: Detector, paths: Sequence[Path], out_dir: Path,
     return BatchSummary(output, scored, failed, len(paths) - len(todo))
 
 
+def _regions(item: FilePrediction, preprocess: Preprocess, threshold: float
+             ) -> list[dict[str, Any]]:
+    """The anomalous regions of a prediction, in the file's own pixel coordinates."""
+    assert item.anomaly_map is not None and item.original_size is not None
+    full = preprocess.map_to_original(item.anomaly_map, *item.original_size)
+    return [region.to_dict() for region in find_regions(full, threshold)]
+
+
 def _row_writer(handle: TextIO, output_format: str, header: bool) -> Any:
     if output_format == "csv":
         writer = csv.DictWriter(handle, fieldnames=list(FIELDS))
         if header:
             writer.writeheader()
-        return writer.writerow
+        # a CSV cell holds the regions as JSON text
+        return lambda row: writer.writerow(
+            {**row, "regions": json.dumps(row["regions"]) if row["regions"] != "" else ""})
     return lambda row: handle.write(json.dumps(row) + "\n")
 
 

@@ -116,7 +116,8 @@ def export_onnx(detector: Detector, folder: str | Path, opset: int = 17,
         "training_data": {key: value for key, value in (detector.fit_info_ or {}).items()
                           if key in TRAINING_SUMMARY_KEYS},
         "preprocess": asdict(detector.preprocess),
-        "calibration": detector.calibration.to_dict() if detector.calibration else None,
+        "calibration": (detector.calibration.without_scores().to_dict()
+                        if detector.calibration else None),
         "parity": parity,
         "tolerance": tolerance,
         "opset": opset,

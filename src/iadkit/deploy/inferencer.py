@@ -40,7 +40,8 @@ class InferenceResult:
     """One image's prediction.
 
     Attributes:
-        anomaly_map: (S, S) float32 map at the model's input size.
+        anomaly_map: (S, S) float32 map at the model's input size (``preprocess.map_to_original``
+            maps it onto the original image).
         decision: the score and, when the model was calibrated, the decision.
     """
 
@@ -53,7 +54,7 @@ class InferenceResult:
 
     @property
     def anomalous(self) -> bool | None:
-        """score >= threshold, or None when the model has no calibration."""
+        """score > threshold, or None when the model has no calibration."""
         return self.decision.anomalous
 
 

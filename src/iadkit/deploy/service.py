@@ -9,9 +9,12 @@ Endpoints:
 
 - ``POST /predict``: an image, as a multipart form field ``file`` or as the raw body with an
   ``image/*`` content type. Returns JSON with the image score, the normalised score and the
-  decision (when the model was calibrated), the threshold and where it came from; with
-  ``?heatmap=base64`` also the anomaly-map overlay as a base64 PNG, with ``?heatmap=png`` the
-  overlay itself (``image/png``, score and decision in ``X-Anomaly-*`` headers).
+  decision (when the model was calibrated), the threshold and where it came from, and the
+  anomalous regions at the calibrated pixel threshold (bounding boxes, area and peak, in the
+  uploaded image's pixel coordinates); with ``?heatmap=base64`` also the anomaly-map overlay on
+  the uploaded image (its own width and height; the area the model did not see hatched) as a
+  base64 PNG, with ``?heatmap=png`` the overlay itself (``image/png``, score and decision in
+  ``X-Anomaly-*`` headers). ``?category=NAME`` uses a unified model's per-category threshold.
 - ``GET /health``: ``{"status": "ok"}`` once the model is loaded.
 - ``GET /model``: method, preset, hyperparameters, input size, threshold and its origin, and a
   summary of the training data.
@@ -44,9 +47,10 @@ from fastapi.responses import JSONResponse, Response
 
 from ..calibration import Calibration, decide
 from ..data.image_io import decode_image
-from ..data.preprocess import Preprocess, display_image
+from ..data.preprocess import Preprocess
 from ..errors import IadkitError, ImageReadError, ImageTooLargeError
 from ..overlay import overlay_png
+from ..regions import find_regions
 from .inferencer import CONFIG_FILE as EXPORT_CONFIG_FILE
 from .inferencer import TRAINING_SUMMARY_KEYS, OnnxInferencer
 
@@ -72,17 +76,25 @@ class Scorer(ABC):
     def describe(self) -> dict[str, Any]:
         """What ``GET /model`` says."""
 
-    def score(self, data: bytes, name: str, heatmap: str = "none") -> dict[str, Any]:
+    def score(self, data: bytes, name: str, heatmap: str = "none",
+              category: str | None = None) -> dict[str, Any]:
         """Decode ``data`` and score it; raises ImageReadError (ImageTooLargeError) for bad
-        images."""
+        images. The anomalous regions (at the calibrated pixel threshold) and the heatmap are in
+        the uploaded image's own pixel coordinates; ``category`` picks a unified model's
+        per-category threshold."""
         image = decode_image(data, name, self.max_pixels)
         preprocessed = self.preprocess.image_array(image)
         with self._lock:
             score, anomaly_map = self._run(preprocessed)
-        result = {**asdict(decide(score, self.calibration)),
-                  "image_size": [int(image.shape[1]), int(image.shape[0])]}
+        height, width = image.shape[:2]
+        result = {**asdict(decide(score, self.calibration, category)),
+                  "image_size": [int(width), int(height)], "regions": None}
+        if self.calibration is not None:
+            threshold = self.calibration.for_category(category).pixel_threshold
+            full = self.preprocess.map_to_original(anomaly_map, height, width)
+            result["regions"] = [r.to_dict() for r in find_regions(full, threshold)]
         if heatmap != "none":
-            result["heatmap_png"] = overlay_png(display_image(preprocessed), anomaly_map,
+            result["heatmap_png"] = overlay_png(image, anomaly_map, self.preprocess,
                                                 self.calibration)
         return result
 
@@ -93,6 +105,11 @@ class Scorer(ABC):
                 "input_size": self.preprocess.output_size,
                 "threshold": calibration.image_threshold if calibration else None,
                 "threshold_source": calibration.source if calibration else None,
+                "false_positive_rate": {
+                    "target": calibration.target_fpr, "expected": calibration.fpr_expected,
+                    "interval": list(calibration.fpr_interval),
+                    "confidence": calibration.confidence, "warning": calibration.warning,
+                } if calibration else None,
                 "training_data": training_data, "model_dir": str(self.model_dir),
                 "runtime": runtime}
 
@@ -240,7 +257,8 @@ def create_app(model_dir: str | Path, device: str | None = None,
         return scorer.describe()
 
     @app.post("/predict")
-    async def predict(request: Request, heatmap: str = "none") -> Any:
+    async def predict(request: Request, heatmap: str = "none", category: str | None = None
+                      ) -> Any:
         if heatmap not in HEATMAP_MODES:
             raise HTTPException(400, f"heatmap must be one of {list(HEATMAP_MODES)}")
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -256,7 +274,7 @@ def create_app(model_dir: str | Path, device: str | None = None,
             raise HTTPException(415, f"content type {content_type or 'missing'!r}: send an "
                                 "image/* body or a multipart form with a 'file' field")
         try:
-            result = await run_in_threadpool(scorer.score, data, name, heatmap)
+            result = await run_in_threadpool(scorer.score, data, name, heatmap, category)
         except ImageTooLargeError as error:
             raise HTTPException(413, str(error)) from None
         except ImageReadError as error:

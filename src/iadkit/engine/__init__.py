@@ -4,6 +4,7 @@ The engine never looks at which method it drives: it builds detectors through th
 feeds them batches, and reads back maps and scores. By concern:
 
 - :mod:`.config`: :class:`RunConfig`, the settings of a run (``run.json``);
+- :mod:`.calibrate`: thresholds from out-of-sample normal scores;
 - :mod:`.search`: choosing inference parameters on a pseudo-validation set;
 - :mod:`.evaluation`: predictions over samples and their metrics;
 - :mod:`.runs`: run folders (fit with calibration, resume, test).
@@ -16,6 +17,7 @@ Example:
     >>> results["image_auroc"]
 """
 
+from .calibrate import CalibrationPlan, holdout_split, plan_calibration
 from .config import RunConfig
 from .evaluation import (
     METRIC_KEYS,
@@ -30,7 +32,6 @@ from .runs import (
     RUN_FILE,
     fit_detector,
     fit_run,
-    holdout_split,
     read_run,
     resolve_model_dir,
     test_run,
@@ -40,6 +41,7 @@ from .search import SearchSettings, search_inference_params, search_on_held_out_
 __all__ = [
     "METRIC_KEYS",
     "RUN_FILE",
+    "CalibrationPlan",
     "RunConfig",
     "ScoredSamples",
     "SearchSettings",
@@ -48,6 +50,7 @@ __all__ = [
     "fit_detector",
     "fit_run",
     "holdout_split",
+    "plan_calibration",
     "predict_samples",
     "read_run",
     "resolve_model_dir",

@@ -15,7 +15,7 @@ from ..data.layouts import LAYOUTS, load_dataset
 from ..data.settings import SETTINGS, Task, make_tasks
 from ..errors import ConfigError
 from ..methods import Detector, create_detector
-from ..validation import Choice, Flag, Items, Mapping, Number, Optional, Rule, Text
+from ..validation import Check, Choice, Flag, Items, Mapping, Number, Optional, Rule, Text
 from .search import SearchSettings
 
 
@@ -28,6 +28,18 @@ def run_setting(rule: Rule | None, default: Any = MISSING, model: bool = False) 
 
 
 NAMES = Optional(Items(Text(), min_length=1))
+
+
+def _is_calibration(value: object) -> bool:
+    if value in ("auto", "holdout", "leave-one-out", "none"):
+        return True
+    return (isinstance(value, str) and value.startswith("cv:") and value[3:].isdigit()
+            and int(value[3:]) >= 2)
+
+
+#: Where calibration scores come from (see :mod:`.calibrate`).
+CALIBRATION_RULE = Check(_is_calibration, "'auto', 'holdout', 'leave-one-out', 'none' or "
+                         "'cv:K' with K >= 2 folds", ["cv:1", "kfold", "cv:x"])
 
 
 @dataclass
@@ -43,10 +55,13 @@ class RunConfig:
         layout: dataset layout ("auto" detects it).
         setting: evaluation setting (see :mod:`iadkit.data.settings`).
         seen_subclasses, unseen_subclasses: for the unseen-subclass setting.
-        validation_fraction: share of the training normals held out for calibration when the
-            layout has no validation split; 0 trains on all of them and leaves the detector
-            uncalibrated (scores only, no decision threshold).
-        threshold_quantile: the image threshold is this quantile of held-out normal scores.
+        calibration: where the normal scores that set the threshold come from: "auto",
+            "holdout", "leave-one-out", "cv:K" or "none" (see :mod:`iadkit.engine.calibrate`).
+        validation_fraction: share of the training normals held out (for a holdout
+            calibration and for a search) when the layout has no validation split; with
+            "auto" calibration, 0 leaves a method that cannot leave images out uncalibrated.
+        target_fpr: the threshold bounds the false-positive rate on normal images at this.
+        fpr_confidence: with this probability (over the draw of the calibration images).
         search: choose inference parameters after fitting, on a pseudo-validation set made
             from the held-out normals (see :class:`SearchSettings`); None keeps them as given.
         batch_size: images per batch when predicting.
@@ -65,8 +80,10 @@ class RunConfig:
     setting: str = run_setting(Choice(*SETTINGS), "one-class", model=True)
     seen_subclasses: list[str] | None = run_setting(NAMES, None, model=True)
     unseen_subclasses: list[str] | None = run_setting(NAMES, None, model=True)
+    calibration: str = run_setting(CALIBRATION_RULE, "auto", model=True)
     validation_fraction: float = run_setting(Number(float, 0, 1, high_open=True), 0.1, model=True)
-    threshold_quantile: float = run_setting(Number(float, 0, 1, low_open=True), 0.99, model=True)
+    target_fpr: float = run_setting(Number(float, 0, 0.5, low_open=True), 0.01, model=True)
+    fpr_confidence: float = run_setting(Number(float, 0.5, 1, high_open=True), 0.9, model=True)
     search: SearchSettings | None = run_setting(None, None, model=True)
     batch_size: int = run_setting(Number(int, 1), 16)
     workers: int = run_setting(Number(int, 0), 0)
@@ -87,8 +104,13 @@ class RunConfig:
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
         """From a ``run.json`` record or a YAML mapping. The flat search keys of earlier run
         folders (``search_synthesis``, ``search_textures``, ``search_metric``) are read into
-        :attr:`search`."""
+        :attr:`search`, their ``threshold_quantile`` q as a holdout calibration with
+        ``target_fpr`` 1 - q."""
         values = dict(values)
+        if "threshold_quantile" in values:  # run folders before stated error rates
+            values.setdefault("target_fpr", round(1.0 - values.pop("threshold_quantile"), 12))
+            values.setdefault("calibration", "holdout" if values.get("validation_fraction", 0.1)
+                              > 0 else "none")
         legacy = {key: values.pop(f"search_{key}") for key in ("synthesis", "textures", "metric")
                   if f"search_{key}" in values}
         known = {spec.name for spec in fields(cls)}

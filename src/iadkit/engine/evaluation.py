@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .. import metrics
-from ..calibration import Calibration
+from ..calibration import Calibration, rate_interval
 from ..data.dataset import make_loader
 from ..data.preprocess import Preprocess
 from ..data.samples import SampleSet
@@ -87,6 +87,44 @@ def score_predictions(predictions: ScoredSamples, pixel: bool) -> dict[str, Any]
     return result
 
 
+def decision_statistics(labels: np.ndarray, scores: np.ndarray, calibration: Calibration
+                        ) -> dict[str, Any]:
+    """The decision at the calibrated threshold against the ground truth: the confusion
+    matrix, the realised false-positive rate and recall with their exact (Clopper-Pearson)
+    intervals, and the false-positive rate the calibration predicted for this many normal
+    images. ``shift_warning`` says when the realised rate falls outside the predicted interval:
+    these test normals do not score like the calibration normals."""
+    flagged = scores > calibration.image_threshold
+    normal, anomalous = labels == 0, labels == 1
+    counts = {"true_positives": int((flagged & anomalous).sum()),
+              "false_positives": int((flagged & normal).sum()),
+              "true_negatives": int((~flagged & normal).sum()),
+              "false_negatives": int((~flagged & anomalous).sum())}
+    n_normal, n_anomalous = int(normal.sum()), int(anomalous.sum())
+    confidence = calibration.confidence
+    result: dict[str, Any] = {
+        "threshold": calibration.image_threshold, "calibration": calibration.method,
+        **counts, "fpr": None, "fpr_interval": None, "recall": None, "recall_interval": None,
+        "predicted_fpr": calibration.fpr_expected, "predicted_fpr_interval": None,
+        "confidence": confidence, "shift_warning": None}
+    if n_normal:
+        fpr = counts["false_positives"] / n_normal
+        predicted = calibration.predicted_false_positives(n_normal)
+        result.update(fpr=fpr, predicted_fpr_interval=list(predicted),
+                      fpr_interval=list(rate_interval(counts["false_positives"], n_normal,
+                                                      confidence)))
+        if not predicted[0] <= fpr <= predicted[1]:
+            result["shift_warning"] = (
+                f"{counts['false_positives']} of {n_normal} test normals ({fpr:.1%}) are above "
+                f"the threshold; the calibration predicted {predicted[0]:.1%}-{predicted[1]:.1%} "
+                f"({confidence:.0%}): these normals do not score like the calibration normals")
+    if n_anomalous:
+        result.update(recall=counts["true_positives"] / n_anomalous,
+                      recall_interval=list(rate_interval(counts["true_positives"], n_anomalous,
+                                                         confidence)))
+    return result
+
+
 def _mean(groups: dict[str, dict[str, Any]]) -> dict[str, Any]:
     mean: dict[str, Any] = {}
     for key in METRIC_KEYS:
@@ -108,6 +146,11 @@ class TaskEvaluation:
 
 def evaluate_task(detector: Detector, task: Task, batch_size: int = 16, workers: int = 0,
                   show_progress: bool = False) -> TaskEvaluation:
+    """Metrics per test group (and pooled for absolute-unified tasks), with the decision at
+    the detector's calibrated threshold: a group of one category uses that category's own
+    threshold when a unified model has one; pooled images, whose category is not known to the
+    model, use the common one."""
+    calibration = detector.calibration
     per_group, predictions = {}, {}
     for name, group in task.test_groups.items():
         if len(group) == 0:
@@ -117,9 +160,18 @@ def evaluate_task(detector: Detector, task: Task, batch_size: int = 16, workers:
         predictions[name] = predicted
         per_group[name] = score_predictions(predicted, group.has_masks)
         per_group[name]["ms_per_image"] = round(1000 * predicted.seconds / len(group), 2)
+        if calibration is not None:
+            category = group.categories[0] if len(group.categories) == 1 and not task.pooled \
+                else None
+            per_group[name]["decision"] = decision_statistics(
+                predicted.labels, predicted.scores, calibration.for_category(category))
     pooled = None
     if task.pooled:
-        pooled = score_predictions(ScoredSamples.concatenate(list(predictions.values())), pixel=False)
+        everything = ScoredSamples.concatenate(list(predictions.values()))
+        pooled = score_predictions(everything, pixel=False)
+        if calibration is not None:
+            pooled["decision"] = decision_statistics(everything.labels, everything.scores,
+                                                     calibration)
         # Pixel metrics pool the groups with masks: image-level-only categories have no pixels
         # to score.
         with_masks = [name for name, group in task.test_groups.items() if group.has_masks]

@@ -1,28 +1,26 @@
-"""Run folders: fit the detectors of a run configuration (calibrated on held-out normals) and
-save them, resume an interrupted run, and test a saved run.
+"""Run folders: fit the detectors of a run configuration (calibrated, see :mod:`.calibrate`)
+and save them, resume an interrupted run, and test a saved run.
 
-Thresholds are fitted on *normal validation images held out from training* (or a layout's own
-validation split), never on the test set.
+Thresholds are fitted on normal scores no model was fitted on (held-out, leave-one-out or
+cross-fitted), never on the test set.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import random
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from ..calibration import Calibration
 from ..data.dataset import make_loader
-from ..data.samples import SampleSet
 from ..data.settings import Task
 from ..errors import IadkitError
 from ..methods import Detector
+from .calibrate import CalibrationPlan, calibrate, plan_calibration
 from .config import RunConfig
-from .evaluation import TaskEvaluation, evaluate_task, predict_samples, summarise
+from .evaluation import TaskEvaluation, evaluate_task, summarise
 from .search import search_on_held_out_normals
 
 log = logging.getLogger("iadkit")
@@ -30,35 +28,18 @@ log = logging.getLogger("iadkit")
 RUN_FILE = "run.json"
 
 
-def holdout_split(train: SampleSet, fraction: float, seed: int) -> tuple[SampleSet, SampleSet]:
-    """Split normal training samples into (fit, validation) by a seeded shuffle, holding out
-    ``fraction`` of every category (at least one image each)."""
-    if fraction <= 0:
-        return train, SampleSet([])
-    order = list(range(len(train)))
-    random.Random(seed).shuffle(order)
-    held: set[int] = set()
-    for category in train.categories:
-        members = [i for i in order if train[i].category == category]
-        n_validation = max(1, round(fraction * len(members)))
-        if n_validation >= len(members):
-            raise IadkitError(f"validation_fraction {fraction} leaves no training images of "
-                              f"{category!r}")
-        held.update(members[:n_validation])
-    return (SampleSet(s for i, s in enumerate(train) if i not in held),
-            SampleSet(s for i, s in enumerate(train) if i in held))
-
-
-def fit_detector(config: RunConfig, task: Task, checkpoint_dir: Path | None = None) -> Detector:
-    """Fit a fresh detector on a task's training images and calibrate it on held-out normals.
+def fit_detector(config: RunConfig, task: Task, checkpoint_dir: Path | None = None,
+                 plan: CalibrationPlan | None = None) -> Detector:
+    """Fit a fresh detector on a task's training images and calibrate it (see
+    :mod:`.calibrate`; ``plan`` is made here when not given).
 
     ``checkpoint_dir`` keeps the training state of multi-epoch methods (see
     :meth:`Detector.fit`), so that an interrupted fit resumes.
     """
     detector = config.new_detector()
-    train, validation = task.train, task.validation
-    if len(validation) == 0:
-        train, validation = holdout_split(task.train, config.validation_fraction, config.seed)
+    plan = plan or plan_calibration(config, detector, task)
+    train, held_out = plan.fit_samples, plan.held_out
+    # Not shuffled: a training image's position is its index for leave-one-out calibration.
     loader = make_loader(train, detector.preprocess, config.batch_size, config.workers,
                          shuffle=False, seed=config.seed)
     started = time.perf_counter()
@@ -66,24 +47,19 @@ def fit_detector(config: RunConfig, task: Task, checkpoint_dir: Path | None = No
     assert detector.fit_info_ is not None
     detector.fit_info_["seconds_fit"] = round(time.perf_counter() - started, 2)
     detector.fit_info_["n_train_images"] = len(train)
-    detector.fit_info_["n_validation_images"] = len(validation)
+    detector.fit_info_["n_validation_images"] = len(held_out)
     if config.search is not None:
-        if len(validation) < 2:
+        if len(held_out) < 2:
             raise IadkitError("an inference-parameter search needs held-out normal images: "
                               "set validation_fraction > 0")
-        search = search_on_held_out_normals(detector, validation, config.search, config.seed,
+        search = search_on_held_out_normals(detector, held_out, config.search, config.seed,
                                             config.batch_size, config.workers,
                                             config.show_progress)
         detector.fit_info_["search"] = search
         log.info("search chose %s", search["chosen"])
-    detector.calibration = None
-    if len(validation):
-        held = predict_samples(detector, validation, config.batch_size, config.workers,
-                               config.show_progress, "calibrate")
-        source = (f"{config.threshold_quantile:.3g} quantile of {len(validation)} normal "
-                  "validation images held out from training")
-        detector.calibration = Calibration.fit(held.scores, held.maps, config.threshold_quantile,
-                                               source)
+    started = time.perf_counter()
+    detector.calibration = calibrate(detector, plan, config)
+    detector.fit_info_["seconds_calibration"] = round(time.perf_counter() - started, 2)
     return detector
 
 
@@ -102,6 +78,7 @@ def fit_run(config: RunConfig, run_dir: str | Path, resume: bool = False) -> lis
         config.search.check(detector)
     detector.check_resources()
     tasks = config.tasks()
+    plans = {task.name: plan_calibration(config, detector, task) for task in tasks}
     run_dir.mkdir(parents=True, exist_ok=True)
     record = {"config": config.to_dict(), "tasks": [t.name for t in tasks],
               "iadkit_version": _version()}
@@ -124,7 +101,7 @@ def fit_run(config: RunConfig, run_dir: str | Path, resume: bool = False) -> lis
         training_dir = model_dir.with_name(model_dir.name + ".training")
         if not resume and training_dir.exists():
             shutil.rmtree(training_dir)
-        detector = fit_detector(config, task, training_dir)
+        detector = fit_detector(config, task, training_dir, plans[task.name])
         # Save to a temporary folder, then rename: an interruption never leaves half a model.
         partial = model_dir.with_name(model_dir.name + ".partial")
         detector.save(partial)

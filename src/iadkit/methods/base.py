@@ -113,6 +113,10 @@ class Detector(ABC):
     tiny_params: ClassVar[dict[str, Any]] = {}
     #: Whether :meth:`predict` needs each image's category (class-aware references only).
     needs_categories: bool = False
+    #: Whether :meth:`predict_left_out` can score a training image as if the detector had been
+    #: fitted without it (memory banks: leave its own entries out), which gives calibration
+    #: scores for every training normal instead of a held-out share.
+    supports_leave_one_out: ClassVar[bool] = False
     #: The method's own search procedure (``--search default``): stages of ``{"param": name,
     #: "values": [...], "fixed": {other: value}, "metric": key}`` (see iadkit.engine.search).
     default_search: ClassVar[tuple[dict[str, Any], ...]] = ()
@@ -296,6 +300,29 @@ class Detector(ABC):
         if not torch.isfinite(prediction.scores).all() or not torch.isfinite(prediction.anomaly_maps).all():
             raise IadkitError(f"{self._label}: the model produced NaN or infinite scores")
         return Prediction(prediction.anomaly_maps.float().cpu(), prediction.scores.float().cpu())
+
+    @torch.no_grad()
+    def predict_left_out(self, images: torch.Tensor | np.ndarray,
+                         train_indices: Sequence[int] | torch.Tensor) -> Prediction:
+        """Predictions for training images, each as if the detector had been fitted without it
+        (out-of-sample normal scores for calibration; see :attr:`supports_leave_one_out`).
+
+        Args:
+            images: (B, 3, S, S) training images, preprocessed as for :meth:`predict`.
+            train_indices: each image's position in the training data :meth:`fit` was given
+                (in the order it came).
+        """
+        if not self.supports_leave_one_out:
+            raise IadkitError(f"{self._label} cannot leave a training image out after fit; "
+                              "calibrate on held-out normals instead")
+        if not self.is_fitted:
+            raise NotFittedError(f"{self._label}: call fit() or load() before predict_left_out()")
+        images = torch.as_tensor(images).to(self.torch_device, torch.float32)
+        prediction = self._predict_left_out(images, torch.as_tensor(train_indices).long())
+        return Prediction(prediction.anomaly_maps.float().cpu(), prediction.scores.float().cpu())
+
+    def _predict_left_out(self, images: torch.Tensor, train_indices: torch.Tensor) -> Prediction:
+        raise NotImplementedError
 
     def raw_maps_and_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The unsmoothed anomaly maps (B, S, S) of images already on the device, and a feature

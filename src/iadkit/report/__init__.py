@@ -3,7 +3,8 @@
 The page holds the metrics table, ROC and precision-recall curves, per-group score histograms with
 the decision threshold and where it came from, the categories' score distributions on one axis
 (unified models), and a gallery of test images with their anomaly maps and ground-truth contours,
-worst false positives and false negatives first. Every figure is an embedded PNG, so the page is
+worst false positives and false negatives first, each map drawn on the original image at its own
+aspect ratio (the area the model did not see hatched). Every figure is an embedded PNG, so the page is
 one file that can be mailed or archived.
 """
 
@@ -24,10 +25,12 @@ import numpy as np
 from PIL import Image
 
 from ..calibration import Calibration
-from ..data.dataset import to_uint8_image
+from ..data.image_io import read_image, read_mask
 from ..overlay import heatmap_overlay, map_scale
 
 GALLERY_PER_KIND = 6
+#: Gallery images are shown at most this many pixels on their long side.
+THUMBNAIL = 400
 ALIGNMENT_ALT = "image scores per category, on one axis"
 
 
@@ -55,22 +58,32 @@ def _curves(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, ...]:
     return fpr, tpr, tp / positives, precision
 
 
-def _group_figures(name: str, predictions: Any, threshold: float | None
+def _group_figures(name: str, predictions: Any, calibration: Calibration | None
                    ) -> list[tuple[str, str]]:
-    """(alt text, base64 PNG) of the group's score histogram and its ROC/PR curves."""
+    """(alt text, base64 PNG) of the group's score histogram (with the calibration's normal
+    scores and the threshold, when calibrated) and its ROC/PR curves."""
     labels, scores = predictions.labels, predictions.scores
+    reference = np.asarray(calibration.scores if calibration is not None else ())
+    everything = np.concatenate([scores, reference])
     figures = []
     figure, axis = plt.subplots(figsize=(4.6, 3.2))
-    bins = np.linspace(scores.min(), scores.max(), 40) if scores.max() > scores.min() else 10
-    axis.hist(scores[labels == 0], bins=bins, alpha=0.6, label="normal", color="tab:blue")
-    axis.hist(scores[labels == 1], bins=bins, alpha=0.6, label="anomalous", color="tab:red")
-    if threshold is not None:
-        axis.axvline(threshold, color="black", linestyle="--", label="threshold")
-    axis.set(title=f"{name}: image scores", xlabel="score", ylabel="images")
-    axis.legend(fontsize=8)
+    bins = (np.linspace(everything.min(), everything.max(), 40)
+            if everything.max() > everything.min() else 10)
+    if reference.size:
+        axis.hist(reference, bins=bins, density=True, histtype="step", linewidth=1.5,
+                  color="tab:green", label=f"calibration normals ({reference.size})")
+    axis.hist(scores[labels == 0], bins=bins, alpha=0.5, density=True, label="test normal",
+              color="tab:blue")
+    axis.hist(scores[labels == 1], bins=bins, alpha=0.5, density=True, label="test anomalous",
+              color="tab:red")
+    if calibration is not None:
+        axis.axvline(calibration.image_threshold, color="black", linestyle="--",
+                     label="threshold")
+    axis.set(title=f"{name}: image scores", xlabel="score", ylabel="density")
+    axis.legend(fontsize=7)
     figures.append((f"{name}: histogram of image scores, normal against anomalous"
-                    + (", with the decision threshold" if threshold is not None else ""),
-                    _figure_png(figure)))
+                    + (", with the calibration's normal scores and the decision threshold"
+                       if calibration is not None else ""), _figure_png(figure)))
     if 0 < labels.sum() < labels.size:
         fpr, tpr, recall, precision = _curves(labels, scores)
         figure, axes = plt.subplots(1, 2, figsize=(7.4, 3.2))
@@ -111,6 +124,23 @@ def score_alignment_figure(models: dict[str, Any]) -> str:
     return _figure_png(figure)
 
 
+def _thumbnail(image: np.ndarray, anomaly_map: np.ndarray, mask: np.ndarray | None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Image, map and mask shrunk together to at most THUMBNAIL pixels on the long side (the
+    aspect ratio kept), so that a page of large images stays small."""
+    height, width = image.shape[:2]
+    factor = THUMBNAIL / max(height, width)
+    if factor >= 1:
+        return image, anomaly_map, mask
+    size = (max(1, round(width * factor)), max(1, round(height * factor)))
+    small = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+    small_map = np.asarray(Image.fromarray(anomaly_map.astype(np.float32), "F").resize(
+        size, Image.Resampling.NEAREST))
+    small_mask = None if mask is None else np.asarray(
+        Image.fromarray(mask).resize(size, Image.Resampling.NEAREST))
+    return small, small_map, small_mask
+
+
 def _gallery(predictions: Any, calibration: Calibration | None) -> str:
     labels, scores = predictions.labels, predictions.scores
     normal, anomalous = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
@@ -126,9 +156,12 @@ def _gallery(predictions: Any, calibration: Calibration | None) -> str:
         cells.append(f"<h4>{kind}</h4><div class='gallery'>")
         for index in indices:
             sample = predictions.samples[int(index)]
-            image = to_uint8_image(preprocess.load(sample.image_path))
-            overlay = heatmap_overlay(image, predictions.maps[index], scale,
-                                      predictions.masks[index])
+            image = read_image(sample.image_path)
+            height, width = image.shape[:2]
+            full = preprocess.map_to_original(predictions.maps[index], height, width)
+            mask = read_mask(sample.mask_path) if sample.mask_path is not None else None
+            image, full, mask = _thumbnail(image, full, mask)
+            overlay = heatmap_overlay(image, full, scale, mask)
             caption = html.escape(f"{sample.defect_type} · {Path(sample.image_path).name} · "
                                   f"score {scores[index]:.4g}")
             cells.append(f"<figure><img alt='test image' src='data:image/png;base64,"
@@ -137,6 +170,40 @@ def _gallery(predictions: Any, calibration: Calibration | None) -> str:
                          f"<figcaption>{caption}</figcaption></figure>")
         cells.append("</div>")
     return "".join(cells)
+
+
+def _decision_table(evaluation: Any) -> str:
+    """The decision at the stored threshold per group: confusion matrix, realised rates with
+    intervals, and the false-positive rate the calibration predicted."""
+    groups = {name: values for name, values in evaluation.per_group.items()}
+    if evaluation.pooled:
+        groups["all pooled"] = evaluation.pooled
+    rows, warnings = [], []
+
+    def rate(value: float | None, interval: list[float] | None) -> str:
+        if value is None or interval is None:
+            return "<td>–</td>"
+        return f"<td>{value:.1%} ({interval[0]:.1%}–{interval[1]:.1%})</td>"
+
+    for name, values in groups.items():
+        decision = values.get("decision")
+        if not decision:
+            continue
+        counts = "".join(f"<td>{decision[k]}</td>" for k in (
+            "true_positives", "false_positives", "true_negatives", "false_negatives"))
+        rows.append(f"<tr><th>{html.escape(name)}</th><td>{decision['threshold']:.5g}</td>"
+                    f"{counts}{rate(decision['fpr'], decision['fpr_interval'])}"
+                    f"{rate(decision['predicted_fpr'], decision['predicted_fpr_interval'])}"
+                    f"{rate(decision['recall'], decision['recall_interval'])}</tr>")
+        if decision["shift_warning"]:
+            warnings.append(f"<p class='note'>{html.escape(name)}: "
+                            f"{html.escape(decision['shift_warning'])}</p>")
+    if not rows:
+        return ""
+    head = ("<tr><th>group</th><th>threshold</th><th>TP</th><th>FP</th><th>TN</th><th>FN</th>"
+            "<th>false-positive rate</th><th>predicted by the calibration</th><th>recall</th>"
+            "</tr>")
+    return f"<table>{head}{''.join(rows)}</table>{''.join(warnings)}"
 
 
 def _metrics_table(results: dict[str, Any]) -> str:
@@ -182,18 +249,25 @@ def write_report(results: dict[str, Any], evaluations: Sequence[Any], folder: st
             parts.append(f"<img alt='{ALIGNMENT_ALT}' src='data:image/png;base64,"
                          f"{score_alignment_figure({evaluation.task: evaluation})}'>")
         if calibration is not None:
-            parts.append(f"<p class='note'>Decision threshold {calibration.image_threshold:.5g}"
-                         f" on the image score: the {html.escape(calibration.source)}. "
-                         "No test image was used to choose it.</p>")
+            parts.append(f"<p class='note'>Decision {html.escape(calibration.summary())}; "
+                         f"target {calibration.target_fpr:.2%}. From the "
+                         f"{html.escape(calibration.source)}; no test image was used to "
+                         "choose it.</p>")
+            if calibration.warning:
+                parts.append(f"<p class='note'>{html.escape(calibration.warning)}</p>")
+            parts.append(_decision_table(evaluation))
         else:
-            parts.append("<p class='note'>No decision threshold: this model was trained without "
-                         "held-out normal images (validation_fraction = 0).</p>")
-        threshold = calibration.image_threshold if calibration is not None else None
+            parts.append("<p class='note'>No decision threshold: this model was fitted without "
+                         "calibration (calibration none, or no held-out normals).</p>")
         for name, predictions in evaluation.predictions.items():
+            group_calibration = calibration
+            if calibration is not None and not evaluation.pooled and \
+                    len(predictions.samples.categories) == 1:
+                group_calibration = calibration.for_category(predictions.samples.categories[0])
             parts.append(f"<h3>{html.escape(name)}</h3>")
             parts += [f"<img alt='{html.escape(alt, quote=True)}' src='data:image/png;base64,{png}'>"
-                      for alt, png in _group_figures(name, predictions, threshold)]
-            parts.append(_gallery(predictions, calibration))
+                      for alt, png in _group_figures(name, predictions, group_calibration)]
+            parts.append(_gallery(predictions, group_calibration))
     return _write_page(folder, title, parts)
 
 

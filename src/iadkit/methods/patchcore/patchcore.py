@@ -4,6 +4,13 @@ Training keeps a greedy coreset of all training patch features; a test patch's a
 its distance to the nearest memory feature. The image score is the largest patch score,
 re-weighted by how isolated that patch's nearest memory feature is among its neighbours
 (paper Eq. 7). The map is the patch-score grid upsampled to the image and Gaussian-smoothed.
+
+Every memory-bank entry remembers the training image it came from, so a training image can be
+scored against the bank without its own entries (:meth:`Detector.predict_left_out`): an
+out-of-sample normal score for every training image, for calibration. With the full bank
+(``coreset_ratio=1``) that score equals the one from a bank fitted without the image; with a
+coreset it can be a little higher (the coreset kept the image's own entries in place of nearby
+ones of other images), which errs towards a higher threshold.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ class PatchCore(BackboneDetector):
     """
 
     name = "patchcore"
+    supports_leave_one_out = True
     summary = "coreset memory bank of locally aware patch features, nearest-neighbour scoring"
     # The map smoothing only changes pixel scores: choose it by pixel AUROC.
     default_search = ({"param": "smoothing_sigma", "values": [1, 2, 4, 6, 8, 12, 16],
@@ -116,6 +124,8 @@ class PatchCore(BackboneDetector):
         indices = greedy_coreset(all_features, self.coreset_ratio, self.projection_dim,
                                  seed=self.seed, show_progress=show_progress)
         self._set_memory_bank(all_features[indices].contiguous())
+        # Rows are image-major: a patch's training image is its row over the patches per image.
+        self.memory_bank_sources_ = (indices.cpu() // (grid[0] * grid[1])).to(torch.int32)
         return {
             "n_train_images": n_images,
             "n_patches": int(all_features.shape[0]),
@@ -127,14 +137,15 @@ class PatchCore(BackboneDetector):
             "seconds_coreset": round(time.perf_counter() - extracted, 2),
         }
 
-    def _score_patches(self, images: torch.Tensor
+    def _score_patches(self, images: torch.Tensor, index: FlatIndex | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Patch features (B, D, h, w), their unsmoothed upsampled maps (B, S, S), and per
-        patch the distance to and index of the nearest memory-bank feature (B, hw)."""
+        patch the distance to and index of the nearest feature of ``index`` (default: the
+        memory bank) (B, hw)."""
         features = self.patch_features(images)
         batch, dim, height, width = features.shape
         queries = features.permute(0, 2, 3, 1).reshape(-1, dim)
-        distances, indices = self._index.search(queries)
+        distances, indices = (index or self._index).search(queries)
         patch_scores = distances.view(batch, height * width)
         maps = F.interpolate(patch_scores.view(batch, 1, height, width), size=images.shape[-2:],
                              mode="bilinear", align_corners=False).squeeze(1)
@@ -149,23 +160,43 @@ class PatchCore(BackboneDetector):
     def _predict(self, images: torch.Tensor) -> Prediction:
         features, maps, patch_scores, nearest = self._score_patches(images)
         queries = features.flatten(2).transpose(1, 2)
-        scores = self._image_scores(queries, patch_scores, nearest)
+        scores = self._image_scores(queries, patch_scores, nearest, self.memory_bank_,
+                                    self._index)
         return Prediction(gaussian_blur(maps, self.smoothing_sigma), scores)
 
+    def _predict_left_out(self, images: torch.Tensor, train_indices: torch.Tensor
+                          ) -> Prediction:
+        sources = getattr(self, "memory_bank_sources_", None)
+        if sources is None:
+            raise IadkitError("patchcore: this model was saved without its memory bank's "
+                              "sources (by an earlier iadkit); fit it again to leave images out")
+        maps, scores = [], []
+        for image, source in zip(images, train_indices.tolist()):
+            # The bank as a fit without this image would see it: its own entries removed.
+            bank = self.memory_bank_[(sources != source).to(self.memory_bank_.device)]
+            index = FlatIndex(bank, self.knn_backend)
+            features, image_map, patch_scores, nearest = self._score_patches(image[None], index)
+            queries = features.flatten(2).transpose(1, 2)
+            scores.append(self._image_scores(queries, patch_scores, nearest, bank, index))
+            maps.append(image_map)
+        return Prediction(gaussian_blur(torch.cat(maps), self.smoothing_sigma), torch.cat(scores))
+
     def _image_scores(self, queries: torch.Tensor, patch_scores: torch.Tensor,
-                      nearest: torch.Tensor) -> torch.Tensor:
-        """Max patch score, re-weighted by the paper's Eq. 7 when ``reweight`` is on."""
+                      nearest: torch.Tensor, bank: torch.Tensor, index: FlatIndex
+                      ) -> torch.Tensor:
+        """Max patch score, re-weighted by the paper's Eq. 7 when ``reweight`` is on
+        (``nearest`` indexes ``bank``, which ``index`` searches)."""
         best_score, best_patch = patch_scores.max(dim=1)
-        if not self.reweight or self.memory_bank_.shape[0] < 2:
+        if not self.reweight or bank.shape[0] < 2:
             return best_score
         # gather, not arange indexing: an exported graph keeps its batch dimension free
         test_feature = queries.gather(
             1, best_patch.view(-1, 1, 1).expand(-1, 1, queries.shape[2])).squeeze(1)  # (B, D)
-        memory_feature = self.memory_bank_[nearest.gather(1, best_patch.view(-1, 1)).squeeze(1)]
-        k = min(self.num_neighbors, self.memory_bank_.shape[0])
-        _, support = self._index.search(memory_feature, k)  # N_b(m*), m* itself first
+        memory_feature = bank[nearest.gather(1, best_patch.view(-1, 1)).squeeze(1)]
+        k = min(self.num_neighbors, bank.shape[0])
+        _, support = index.search(memory_feature, k)  # N_b(m*), m* itself first
         support_distances = torch.linalg.vector_norm(
-            self.memory_bank_[support] - test_feature.unsqueeze(1), dim=2)  # (B, k)
+            bank[support] - test_feature.unsqueeze(1), dim=2)  # (B, k)
         weight = 1.0 - torch.softmax(support_distances, dim=1)[:, 0]
         return weight * best_score
 
@@ -174,9 +205,12 @@ class PatchCore(BackboneDetector):
         self._index = FlatIndex(bank, self.knn_backend)
 
     def _state_tensors(self) -> dict[str, torch.Tensor]:
-        return {"memory_bank": self.memory_bank_}
+        return {"memory_bank": self.memory_bank_,
+                "memory_bank_sources": self.memory_bank_sources_}
 
     def _load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self._set_memory_bank(tensors["memory_bank"])
+        # Absent from models saved before leave-one-out calibration existed.
+        self.memory_bank_sources_ = tensors.get("memory_bank_sources")
         # Build the backbone now, so that loading fails early when its weights are missing.
         self._extractor = self.extractor
