@@ -115,7 +115,7 @@ def main() -> None:
                     if variant == "before":
                         threshold = float(np.quantile(reference, 1.0 - target))
                         flagged = scores >= threshold
-                        _line(**common, calibration="0.99-style quantile of held-out",
+                        _line(**common, calibration="quantile of held-out (earlier iadkit)",
                               threshold=threshold,
                               fpr=round(float(flagged[labels == 0].mean()), 4),
                               recall=round(float(flagged[labels == 1].mean()), 4),

@@ -93,6 +93,23 @@ def test_cross_fitted_calibration_scores_each_fold_with_a_model_that_never_saw_i
     np.testing.assert_allclose(np.asarray(calibration.scores)[positions], expected, rtol=1e-5)
 
 
+def test_unified_models_get_a_threshold_per_category_and_evaluation_uses_it(
+        toy_root: Path) -> None:
+    config = engine.RunConfig(method="patchcore", data=str(toy_root), setting="model-unified",
+                              params={"image_size": 48, "coreset_ratio": 0.2},
+                              target_fpr=0.2, show_progress=False)
+    task = config.tasks()[0]
+    detector = engine.fit_detector(config, task)
+    calibration = detector.calibration
+    assert sorted(calibration.categories) == ["alpha", "beta"]
+    assert [c.n_images for c in calibration.categories.values()] == [16, 16]
+    evaluation = engine.evaluate_task(detector, task)
+    for name in ("alpha", "beta"):
+        decision = evaluation.per_group[name]["decision"]
+        assert decision["threshold"] == calibration.categories[name].image_threshold
+        assert decision["true_positives"] + decision["false_negatives"] == 6
+
+
 @pytest.mark.parametrize("settings,message", [
     ({"calibration": "cv:20"}, "cv:20: 'alpha' has 16 training normals"),
     ({"calibration": "cv:1"}, "run setting calibration"),
