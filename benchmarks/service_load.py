@@ -1,20 +1,31 @@
-"""The HTTP service under a bounded loopback load, next to in-process inference.
+"""The HTTP service under a bounded loopback load, next to in-process inference, and under
+memory pressure.
 
 Fits a PatchCore (cpu preset) on Magnetic Tile normals (``--train`` images) and exports it to
 ONNX. For the saved detector (PyTorch) and for the export on each installed runtime
-(onnxruntime, OpenVINO), starts ``iadkit serve`` on a free loopback port, sends ``--requests``
-image uploads from ``--clients`` concurrent clients, and prints one JSON line: requests/second,
-p50/p99 latency, and the in-process ``Detector.predict`` time for one image (decoding included
-in both).
+(onnxruntime, OpenVINO), starts ``iadkit serve`` on a free loopback port and prints two JSON
+lines:
+
+- ``service_load``: ``--requests`` uploads of Magnetic Tile test images from ``--clients``
+  concurrent clients: requests/second, p50/p99 latency, and the in-process
+  ``Detector.predict`` time for one image (decoding included in both);
+- ``service_memory``: ``--big-requests`` uploads of a small PNG (``--big-side`` squared 16-bit
+  pixels, 36 M by default: about 70 KB on the wire) from ``--big-clients`` concurrent
+  clients: the statuses, p50/p99, the server's resident memory before and at its peak
+  (VmHWM), then ``--stalled`` uploads that send their headers and a few bytes and stall: how
+  many the server still holds open ``--stall-wait`` seconds later.
 
     .venv/bin/python benchmarks/service_load.py [--requests 200 --clients 4]
+        [--big-clients 16 --big-requests 32]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import importlib.util
+import io
 import json
 import socket
 import statistics
@@ -22,9 +33,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,6 +55,13 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=200)
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--big-side", type=int, default=6000)
+    parser.add_argument("--big-clients", type=int, default=16)
+    parser.add_argument("--big-requests", type=int, default=32)
+    parser.add_argument("--stalled", type=int, default=20)
+    parser.add_argument("--stall-wait", type=float, default=35.0,
+                        help="seconds to wait before counting stalled uploads still held "
+                        "(the service drops them after its body timeout, 30 s by default)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         data = Path(scratch) / "data" / "tiles"
@@ -68,8 +91,16 @@ def main() -> None:
         served = [("pytorch", run, ["--device", "cpu"])] + [
             (runtime, exported, ["--runtime", runtime]) for runtime in ("onnxruntime", "openvino")
             if importlib.util.find_spec(runtime)]
+        big = _big_png(args.big_side)
         for runtime, folder, flags in served:
-            latencies, elapsed = load_test(folder, flags, bodies, args.requests, args.clients)
+            with serving(folder, flags) as (url, pid):
+                memory = memory_test(url, pid, big, args.big_requests, args.big_clients)
+                memory.update(stalled_test(url, args.stalled, args.stall_wait))
+            print(json.dumps({"benchmark": "service_memory", "method": "patchcore",
+                              "runtime": runtime, "image_pixels": args.big_side ** 2,
+                              "image_bytes": len(big), **memory}), flush=True)
+            with serving(folder, flags) as (url, _):
+                latencies, elapsed = load_test(url, bodies, args.requests, args.clients)
             print(json.dumps({
                 "benchmark": "service_load", "method": "patchcore", "runtime": runtime,
                 "requests": args.requests, "clients": args.clients,
@@ -81,10 +112,9 @@ def main() -> None:
             }), flush=True)
 
 
-def load_test(folder: Path, flags: list[str], bodies: list[bytes], requests: int,
-              clients: int) -> tuple[list[float], float]:
-    """Serve ``folder`` and send it ``requests`` uploads from ``clients`` threads: the sorted
-    latencies in ms and the seconds the whole load took."""
+@contextlib.contextmanager
+def serving(folder: Path, flags: list[str]) -> Iterator[tuple[str, int]]:
+    """``iadkit serve folder`` on a free loopback port: (URL, process id)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -98,24 +128,92 @@ def load_test(folder: Path, flags: list[str], bodies: list[bytes], requests: int
                 break
             except OSError:
                 time.sleep(0.2)
-
-        def send(index: int) -> float:
-            request = urllib.request.Request(
-                f"{url}/predict", data=bodies[index % len(bodies)], method="POST",
-                headers={"Content-Type": "image/png"})
-            sent = time.perf_counter()
-            with urllib.request.urlopen(request, timeout=120) as response:
-                response.read()
-            return 1000 * (time.perf_counter() - sent)
-
-        send(0)
-        started = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=clients) as pool:
-            latencies = sorted(pool.map(send, range(requests)))
-        return latencies, time.perf_counter() - started
+        yield url, server.pid
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def _post(url: str, body: bytes) -> tuple[int, float]:
+    request = urllib.request.Request(f"{url}/predict", data=body, method="POST",
+                                     headers={"Content-Type": "image/png"})
+    sent = time.perf_counter()
+    try:
+        with urllib.request.urlopen(request, timeout=600) as response:
+            response.read()
+            status = response.status
+    except urllib.error.HTTPError as error:
+        status = error.code
+    return status, 1000 * (time.perf_counter() - sent)
+
+
+def load_test(url: str, bodies: list[bytes], requests: int, clients: int
+              ) -> tuple[list[float], float]:
+    """``requests`` uploads from ``clients`` threads: the sorted latencies in ms and the
+    seconds the whole load took."""
+    _post(url, bodies[0])
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        latencies = sorted(ms for _, ms in pool.map(
+            lambda index: _post(url, bodies[index % len(bodies)]), range(requests)))
+    return latencies, time.perf_counter() - started
+
+
+def _rss_gb(pid: int, field: str) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return round(int(line.split()[1]) / 2**20, 2)
+    return float("nan")
+
+
+def _big_png(side: int) -> bytes:
+    """A 16-bit grayscale PNG of side x side pixels with a faint gradient (compresses well,
+    decodes large)."""
+    row = (np.arange(side, dtype=np.uint32) * 7 % 65536).astype(np.uint16)
+    image = Image.fromarray(np.broadcast_to(row, (side, side)).copy())
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def memory_test(url: str, pid: int, body: bytes, requests: int, clients: int
+                ) -> dict[str, object]:
+    """Statuses, latencies and the server's memory under concurrent large decodes."""
+    before = _rss_gb(pid, "VmRSS")
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        answers = list(pool.map(lambda _: _post(url, body), range(requests)))
+    latencies = sorted(ms for _, ms in answers)
+    return {"clients": clients, "requests": requests,
+            "statuses": dict(collections.Counter(str(status) for status, _ in answers)),
+            "p50_ms": round(statistics.median(latencies), 1),
+            "p99_ms": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 1),
+            "rss_before_gb": before, "peak_rss_gb": _rss_gb(pid, "VmHWM")}
+
+
+def stalled_test(url: str, count: int, wait: float) -> dict[str, object]:
+    """Open ``count`` uploads that stall after a few bytes; how many are still held after
+    ``wait`` seconds."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    sockets = []
+    for _ in range(count):
+        connection = socket.create_connection((parts.hostname, parts.port), timeout=5)
+        connection.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                           b"Content-Length: 100000\r\n\r\n" + b"\x89PNG")
+        sockets.append(connection)
+    time.sleep(wait)
+    held = 0
+    for connection in sockets:
+        connection.setblocking(False)
+        try:
+            connection.recv(1)  # an answer or a close: the server let go of it
+        except BlockingIOError:
+            held += 1  # nothing yet: still held
+        except OSError:
+            pass
+        connection.close()
+    return {"stalled_uploads": count, "still_held_after_s": wait, "still_held": held}
 
 
 if __name__ == "__main__":

@@ -91,3 +91,19 @@ def test_elongated_images_map_back_both_ways(size: tuple[int, int]) -> None:
     assert full.shape == size
     seen = ~np.isnan(full)
     assert 0.5 < seen.mean() < 0.9
+
+
+def test_regions_of_large_images_are_found_at_a_working_size_and_scaled_back() -> None:
+    from iadkit.regions import regions_in_original
+
+    preprocess = Preprocess(image_size=64)
+    anomaly_map = np.zeros((64, 64), np.float32)
+    anomaly_map[20:30, 40:50] = 5.0
+    exact = find_regions(preprocess.map_to_original(anomaly_map, 2000, 3000), 1.0)
+    scaled = regions_in_original(anomaly_map, preprocess, 2000, 3000, 1.0)
+    assert len(exact) == len(scaled) == 1
+    (ex, ey, ew, eh), (sx, sy, sw, sh) = exact[0].box, scaled[0].box
+    # the scaled box holds the exact one, within two working pixels (3000 / 1024 < 3) a side
+    assert sx <= ex and sy <= ey and sx + sw >= ex + ew and sy + sh >= ey + eh
+    assert max(ex - sx, ey - sy, sx + sw - ex - ew, sy + sh - ey - eh) <= 9
+    assert scaled[0].area == pytest.approx(exact[0].area, rel=0.05)

@@ -4,6 +4,7 @@ detector (PyTorch) and its ONNX export (OpenVINO)."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import socket
@@ -59,13 +60,19 @@ def served(request: pytest.FixtureRequest, fitted_run: Path) -> Iterator[tuple[s
     if request.param == "openvino":
         served_folder = request.getfixturevalue("exported_run")
         runtime_flags = ["--runtime", "openvino"]
+    with _serve(served_folder, [*runtime_flags, "--max-upload-mb", str(MAX_UPLOAD_MB),
+                                "--max-pixels", str(MAX_PIXELS)]) as url:
+        yield url, fitted_run / "models" / "alpha"
+
+
+@contextlib.contextmanager
+def _serve(folder: Path, flags: list[str]) -> Iterator[str]:
+    """``iadkit serve folder flags`` in a child process on a free loopback port: its URL."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     process = subprocess.Popen(
-        [sys.executable, "-m", "iadkit.cli", "serve", str(served_folder), "--port", str(port),
-         *runtime_flags, "--max-upload-mb", str(MAX_UPLOAD_MB),
-         "--max-pixels", str(MAX_PIXELS)],
+        [sys.executable, "-m", "iadkit.cli", "serve", str(folder), "--port", str(port), *flags],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -78,7 +85,7 @@ def served(request: pytest.FixtureRequest, fitted_run: Path) -> Iterator[tuple[s
         except OSError:
             time.sleep(0.3)
     try:
-        yield url, fitted_run / "models" / "alpha"
+        yield url
     finally:
         process.terminate()
         process.wait(timeout=30)
@@ -240,3 +247,113 @@ def test_an_export_is_served_without_torch(exported_run: Path, fitted_run: Path,
         load_scorer(fitted_run / "models" / "alpha", runtime="openvino")
     with pytest.raises(IadkitError, match="is an ONNX export, run on the CPU"):
         load_scorer(exported_run, device="cuda")
+
+
+API_KEY = "k3y-for-tests-0123456789"
+
+
+@pytest.fixture(scope="module")
+def guarded(fitted_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A server with an API key, one allowed CORS origin, one request at a time, a 2 s body
+    timeout and a 1 MiB decoding budget."""
+    key_file = tmp_path_factory.mktemp("keys") / "keys.txt"
+    key_file.write_text(f"# service keys\n{API_KEY}\n")
+    with _serve(fitted_run, ["--device", "cpu", "--api-key-file", str(key_file),
+                             "--cors-origin", "https://line3.example", "--max-in-flight", "1",
+                             "--max-waiting", "0", "--body-timeout", "2",
+                             "--max-decoded-mb", "1"]) as url:
+        yield url
+
+
+def _raw_request(url: str, head: str, body: bytes = b"") -> socket.socket:
+    """A socket that has sent ``head`` (request line and headers) and ``body``, still open."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    connection = socket.create_connection((parts.hostname, parts.port), timeout=30)
+    connection.sendall(head.encode() + b"\r\n\r\n" + body)
+    return connection
+
+
+def _status(connection: socket.socket) -> tuple[int, bytes]:
+    """The status and the whole answer (head and body) read from ``connection``."""
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        chunk = connection.recv(65536)
+        if not chunk:
+            break
+        answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    while len(body) < length:
+        chunk = connection.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return int(answer.split(b" ", 2)[1]), head + b"\r\n\r\n" + body
+
+
+def _keyed(url: str, path: str, key: str | None = API_KEY, **headers: str) -> tuple[int, dict]:
+    request = urllib.request.Request(f"{url}{path}", headers={
+        **({"X-API-Key": key} if key else {}), **headers})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, dict(response.headers)
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers)
+
+
+def test_api_key_is_required_except_for_health(guarded: str, toy_root: Path) -> None:
+    assert _keyed(guarded, "/health", key=None)[0] == 200
+    assert _keyed(guarded, "/model", key=None)[0] == 401
+    assert _keyed(guarded, "/model", key="wrong-key-0123456789")[0] == 401
+    assert _keyed(guarded, "/model")[0] == 200
+    bearer = urllib.request.Request(f"{guarded}/model",
+                                    headers={"Authorization": f"Bearer {API_KEY}"})
+    with urllib.request.urlopen(bearer, timeout=30) as response:
+        described = json.loads(response.read())
+    # nothing of the server's file system
+    assert "model_dir" not in described
+    assert "location" not in json.dumps(described["training_data"])
+
+
+def test_docs_are_off_and_cors_allows_only_the_listed_origin(guarded: str) -> None:
+    assert _keyed(guarded, "/docs")[0] == 404 and _keyed(guarded, "/openapi.json")[0] == 404
+    _, allowed = _keyed(guarded, "/model", Origin="https://line3.example")
+    _, other = _keyed(guarded, "/model", Origin="https://elsewhere.example")
+    assert allowed.get("access-control-allow-origin") == "https://line3.example"
+    assert "access-control-allow-origin" not in {k.lower() for k in other}
+
+
+def test_decoding_budget_refuses_large_images_before_decoding(guarded: str) -> None:
+    big = _png(np.zeros((400, 400), np.uint16))  # 400 x 400 x (2*2 + 6) B = 1.5 MiB > 1 MiB
+    connection = _raw_request(guarded, "\r\n".join([
+        "POST /predict HTTP/1.1", "Host: x", f"X-API-Key: {API_KEY}",
+        "Content-Type: image/png", f"Content-Length: {len(big)}"]), big)
+    status, answer = _status(connection)
+    connection.close()
+    assert status == 413 and b"MiB allowed" in answer
+
+
+def test_a_stalled_upload_is_dropped_and_a_busy_server_answers_503(guarded: str,
+                                                                   toy_root: Path) -> None:
+    image = _test_image(toy_root).read_bytes()
+    head = "\r\n".join(["POST /predict HTTP/1.1", "Host: x", f"X-API-Key: {API_KEY}",
+                        "Content-Type: image/png", f"Content-Length: {len(image)}"])
+    # A slow client holds the only slot while its body trickles in ...
+    slow = _raw_request(guarded, head, image[:10])
+    time.sleep(0.5)
+    busy = _raw_request(guarded, head, image)
+    status, answer = _status(busy)
+    busy.close()
+    assert status == 503 and b"retry-after" in answer.lower()
+    # ... then stalls: it is answered 408 within the body timeout and its slot is free again.
+    started = time.monotonic()
+    status, _ = _status(slow)
+    slow.close()
+    assert status == 408 and time.monotonic() - started < 5
+    done = _raw_request(guarded, head, image)
+    status, _ = _status(done)
+    done.close()
+    assert status == 200

@@ -23,6 +23,7 @@ or hyperparameter is refused with one line on stderr and exit code 2, before any
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import logging
 import sys
@@ -171,22 +172,30 @@ def cmd_test(args: argparse.Namespace) -> int:
     from .engine import test_run
 
     results, evaluations = test_run(args.run_dir, args.data, args.category, args.device,
-                                    show_progress=not args.quiet)
+                                    show_progress=not args.quiet,
+                                    accept_backbone_change=args.accept_backbone_change)
     _write_outputs(results, evaluations, args.json, args.report,
                    title=f"iadkit test: {args.run_dir}")
     return 0
 
 
 def _collect_images(inputs: list[str]) -> list[Path]:
-    from .data.image_io import is_image_file
+    """Image files from files, folders (recursively) and glob patterns, absolute or relative.
+    Hidden files are included: a file the user pointed at is scored or reported, never
+    skipped in silence."""
+    from .data.image_io import IMAGE_EXTENSIONS
+
+    def is_image(path: Path) -> bool:
+        return path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
 
     paths: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            paths += sorted(p for p in path.rglob("*") if is_image_file(p))
+            paths += sorted(p for p in path.rglob("*") if is_image(p))
         elif any(ch in item for ch in "*?["):
-            paths += sorted(p for p in Path().glob(item) if is_image_file(p))
+            paths += sorted(Path(p) for p in glob.glob(item, recursive=True,
+                                                      include_hidden=True) if is_image(Path(p)))
         elif path.exists():
             paths.append(path)
         else:
@@ -201,7 +210,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .engine import resolve_model_dir
     from .methods import Detector
 
-    detector = Detector.load(resolve_model_dir(args.run_dir, args.model), device=args.device)
+    detector = Detector.load(resolve_model_dir(args.run_dir, args.model), device=args.device,
+                             accept_backbone_change=args.accept_backbone_change)
     summary = predict_files(detector, _collect_images(args.inputs), Path(args.out),
                             output_format=args.format, resume=args.resume,
                             heatmaps=not args.no_heatmaps, batch_size=args.batch_size,
@@ -273,12 +283,29 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .engine import resolve_model_dir
     from .methods import Detector
 
-    detector = Detector.load(resolve_model_dir(args.run_dir, args.model), device="cpu")
+    detector = Detector.load(resolve_model_dir(args.run_dir, args.model), device="cpu",
+                             accept_backbone_change=args.accept_backbone_change)
     record = export_onnx(detector, args.out, opset=args.opset)
     parity = record["parity"]
     print(f"{detector.name} exported to {Path(args.out) / 'model.onnx'}; largest difference to "
           f"PyTorch: maps {parity['maps_max_abs']:.3g}, scores {parity['scores_max_abs']:.3g}")
     return 0
+
+
+def _read_api_keys(path: str | None) -> tuple[str, ...]:
+    """The keys of an API-key file: one per line; blank lines and '#' comments ignored."""
+    if path is None:
+        return ()
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise IadkitError(f"--api-key-file {path}: unreadable ({error})") from None
+    keys = tuple(line.strip() for line in lines if line.strip() and not line.startswith("#"))
+    if not keys:
+        raise IadkitError(f"--api-key-file {path}: holds no key")
+    if any(len(key) < 16 for key in keys):
+        raise IadkitError(f"--api-key-file {path}: every key needs at least 16 characters")
+    return keys
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -288,7 +315,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise IadkitError("iadkit serve needs FastAPI and uvicorn: pip install 'iadkit[serve]'"
                           ) from None
     from .deploy.inferencer import CONFIG_FILE as EXPORT_CONFIG_FILE
-    from .deploy.service import create_app
+    from .deploy.service import ServiceSettings, create_app
 
     model_dir = Path(args.model_dir)
     threads = args.threads
@@ -301,9 +328,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if threads is not None:  # this process is the server: its torch threads are ours
             torch.set_num_threads(threads)
             threads = None
+    settings = ServiceSettings(
+        max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels,
+        max_decoded_bytes=int(args.max_decoded_mb * 2**20), max_in_flight=args.max_in_flight,
+        max_waiting=args.max_waiting, body_timeout_s=args.body_timeout,
+        request_timeout_s=args.request_timeout, api_keys=_read_api_keys(args.api_key_file),
+        cors_origins=tuple(args.cors_origin or ()), docs=args.docs)
     app = create_app(model_dir, device=args.device, runtime=args.runtime, threads=threads,
-                     max_upload_bytes=int(args.max_upload_mb * 2**20),
-                     max_pixels=args.max_pixels)
+                     settings=settings, accept_backbone_change=args.accept_backbone_change)
     uvicorn.run(app, host=args.host, port=args.port,
                 log_level="info" if args.verbose else "warning")
     return 0
@@ -368,6 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     common.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 ...")
     common.add_argument("--verbose", "-v", action="store_true", help="log what happens")
+    common.add_argument("--accept-backbone-change", action="store_true",
+                        help="load a saved detector although its backbone weights file differs "
+                        "from the one it was fitted with (SHA-256 checked otherwise)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def add_command(name: str, help: str) -> argparse.ArgumentParser:
@@ -428,12 +463,31 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--threads", type=int, help="CPU threads of the runtime, or of torch for "
                        "a saved detector (default: all)")
     serve.add_argument("--model", help="which model of a multi-model run folder")
-    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default "
+                       "127.0.0.1: this machine only; expose it behind --api-key-file)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-upload-mb", type=float, default=20.0,
                        help="larger request bodies get 413 (default 20)")
     serve.add_argument("--max-pixels", type=int, default=40_000_000,
                        help="larger images get 413 before decoding (default 40 million)")
+    serve.add_argument("--max-decoded-mb", type=float, default=600.0,
+                       help="images whose decoding takes more memory get 413 before decoding "
+                       "(default 600)")
+    serve.add_argument("--max-in-flight", type=int, default=2,
+                       help="images decoded and scored at once (default 2)")
+    serve.add_argument("--max-waiting", type=int, default=8,
+                       help="requests waiting for a slot; more get 503 (default 8)")
+    serve.add_argument("--body-timeout", type=float, default=30.0,
+                       help="seconds an upload may stall before 408 (default 30)")
+    serve.add_argument("--request-timeout", type=float, default=120.0,
+                       help="seconds before an unanswered request gets 503 (default 120)")
+    serve.add_argument("--api-key-file", help="require one of the keys in this file (one per "
+                       "line) in an X-API-Key or Authorization: Bearer header")
+    serve.add_argument("--cors-origin", action="append",
+                       help="allow browser pages from this origin; repeat for several "
+                       "(default: none)")
+    serve.add_argument("--docs", action="store_true",
+                       help="serve the interactive API docs at /docs")
     serve.set_defaults(func=cmd_serve)
 
     demo = add_command("demo", "train, evaluate and report on the ELPV solar cells")

@@ -14,13 +14,20 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from .data.preprocess import Preprocess
+
 #: At most this many regions are reported per image, the highest peaks first.
 MAX_REGIONS = 50
+#: Regions of larger images are found on the map at this many pixels on the long side and
+#: their boxes scaled to the original (bounded memory on 36-megapixel images).
+WORKING_SIDE = 1024
 
 
 @dataclass(frozen=True)
@@ -70,3 +77,31 @@ def find_regions(anomaly_map: np.ndarray, threshold: float, max_regions: int = M
                               float(peaks[index])))
     regions.sort(key=lambda region: -region.peak)
     return regions[:max_regions]
+
+
+def regions_in_original(anomaly_map: np.ndarray, preprocess: Preprocess, height: int,
+                        width: int, threshold: float, max_regions: int = MAX_REGIONS
+                        ) -> list[Region]:
+    """The regions of a model-geometry map, in the original ``height`` x ``width`` image's
+    pixel coordinates. Up to :data:`WORKING_SIDE` pixels on the long side this is
+    :func:`find_regions` on the map mapped back exactly; larger images are searched at that
+    side and their boxes scaled up with one working pixel of margin (so a box holds its
+    region), the areas scaled by the same factor."""
+    scale = min(1.0, WORKING_SIDE / max(height, width))
+    if scale == 1.0:
+        return find_regions(preprocess.map_to_original(anomaly_map, height, width), threshold,
+                            max_regions)
+    small_h, small_w = max(1, round(height * scale)), max(1, round(width * scale))
+    factor_y, factor_x = height / small_h, width / small_w
+    found = find_regions(preprocess.map_to_original(anomaly_map, small_h, small_w), threshold,
+                         max_regions)
+    scaled = []
+    for region in found:
+        # One working pixel of margin: the exact boundary lies within it.
+        x0 = max(0, math.floor((region.x - 1) * factor_x))
+        y0 = max(0, math.floor((region.y - 1) * factor_y))
+        x1 = min(width, math.ceil((region.x + region.width + 1) * factor_x))
+        y1 = min(height, math.ceil((region.y + region.height + 1) * factor_y))
+        scaled.append(Region(x0, y0, x1 - x0, y1 - y0,
+                             round(region.area * factor_x * factor_y), region.peak))
+    return scaled

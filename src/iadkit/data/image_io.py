@@ -22,11 +22,24 @@ def is_image_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def _open_decoded(source: Path | io.BytesIO, name: str, max_pixels: int | None = None
-                  ) -> Image.Image:
+#: Bytes per pixel of Pillow's decoded modes (others count 4).
+_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "La": 2, "I;16": 2, "I;16L": 2,
+               "I;16B": 2, "I;16N": 2, "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3}
+
+
+def decoded_bytes(mode: str, width: int, height: int) -> int:
+    """An upper estimate of the memory that decoding and converting an image of this mode and
+    size takes at its peak: the decoded pixels, their array copy, and the 8-bit result with
+    the copy the resize makes."""
+    return width * height * (2 * _MODE_BYTES.get(mode, 4) + 6)
+
+
+def _open_decoded(source: Path | io.BytesIO, name: str, max_pixels: int | None = None,
+                  max_bytes: int | None = None) -> Image.Image:
     """Open and fully decode a file or in-memory bytes, turning every failure into an
-    ImageReadError that names ``name``; more than ``max_pixels`` pixels are refused before
-    decoding (the header gives the size)."""
+    ImageReadError that names ``name``; more than ``max_pixels`` pixels, or a decoded size over
+    ``max_bytes`` (:func:`decoded_bytes`), are refused before decoding (the header gives the
+    size and mode)."""
     if isinstance(source, Path) and not source.exists():
         raise ImageReadError(f"{name}: file not found")
     try:
@@ -36,6 +49,12 @@ def _open_decoded(source: Path | io.BytesIO, name: str, max_pixels: int | None =
             if max_pixels is not None and image.width * image.height > max_pixels:
                 raise ImageTooLargeError(f"{name}: {image.width}x{image.height} pixels is more "
                                          f"than the {max_pixels} allowed")
+            size = decoded_bytes(image.mode, image.width, image.height)
+            if max_bytes is not None and size > max_bytes:
+                raise ImageTooLargeError(
+                    f"{name}: decoding this {image.width}x{image.height} {image.mode} image "
+                    f"takes about {size / 2**20:.0f} MiB, more than the {max_bytes / 2**20:.0f} "
+                    "MiB allowed")
             image.load()  # decoding happens here: truncated files fail now, not later
     except UnidentifiedImageError:
         raise ImageReadError(f"{name}: not a readable image (unknown or corrupt format)") from None
@@ -56,9 +75,15 @@ def _to_uint8(array: np.ndarray, path: Path | str) -> np.ndarray:
         return array.astype(np.uint8) * 255
     if np.issubdtype(array.dtype, np.integer):
         # 16-bit (and 32-bit 'I' mode holding 16-bit data) map by the 16-bit range so that
-        # every image of a dataset is scaled the same way.
+        # every image of a dataset is scaled the same way. Row blocks keep the float64
+        # intermediate small on large images.
         top = 65535.0 if array.max(initial=0) <= 65535 else float(np.iinfo(array.dtype).max)
-        return np.clip(np.round(array.astype(np.float64) * (255.0 / top)), 0, 255).astype(np.uint8)
+        result = np.empty(array.shape, dtype=np.uint8)
+        step = max(1, (1 << 20) // max(1, array[0].size))
+        for start in range(0, array.shape[0], step):
+            block = array[start:start + step].astype(np.float64) * (255.0 / top)
+            result[start:start + step] = np.clip(np.round(block), 0, 255)
+        return result
     if np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all():
             raise ImageReadError(f"{path}: float image contains NaN or infinite values")
@@ -77,27 +102,36 @@ def read_image(path: str | Path) -> np.ndarray:
     return _to_rgb(_open_decoded(path, str(path)), path)
 
 
-def decode_image(data: bytes, name: str = "upload", max_pixels: int | None = None) -> np.ndarray:
+def decode_image(data: bytes, name: str = "upload", max_pixels: int | None = None,
+                 max_bytes: int | None = None, keep_gray: bool = False) -> np.ndarray:
     """Decode image bytes (e.g. an upload) as an ``(H, W, 3)`` uint8 RGB array, with the same
-    conversions as :func:`read_image`.
+    conversions as :func:`read_image`; with ``keep_gray`` a single-channel image stays
+    ``(H, W)`` (a third of the memory; :class:`~iadkit.data.preprocess.Preprocess` gives the
+    same input from either).
 
     Raises:
-        ImageTooLargeError: more than ``max_pixels`` pixels (checked before decoding).
+        ImageTooLargeError: more than ``max_pixels`` pixels, or more than ``max_bytes`` to
+            decode (checked before decoding).
         ImageReadError: not an image, corrupt, truncated or of an unsupported kind.
     """
     if not data:
         raise ImageReadError(f"{name}: empty")
-    return _to_rgb(_open_decoded(io.BytesIO(data), name, max_pixels), name)
+    return _to_rgb(_open_decoded(io.BytesIO(data), name, max_pixels, max_bytes), name,
+                   keep_gray)
 
 
-def _to_rgb(image: Image.Image, path: Path | str) -> np.ndarray:
+def _to_rgb(image: Image.Image, path: Path | str, keep_gray: bool = False) -> np.ndarray:
     if image.mode in ("RGB",):
         return np.asarray(image)
     if image.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "1"):
         image = image.convert("RGBA" if image.mode in ("P", "PA") else "RGB")
     array = np.asarray(image)
+    del image  # the array holds the pixels now: let Pillow's copy go
     if array.ndim == 2:
-        array = np.repeat(_to_uint8(array, path)[:, :, None], 3, axis=2)
+        gray = _to_uint8(array, path)
+        if keep_gray:
+            return gray
+        array = np.repeat(gray[:, :, None], 3, axis=2)
     elif array.ndim == 3:
         channels = array.shape[2]
         if channels == 2:  # gray + alpha

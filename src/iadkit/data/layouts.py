@@ -22,6 +22,7 @@ A category without a ground-truth folder gives image-level evaluation only.
 from __future__ import annotations
 
 import csv
+import logging
 import random
 from collections.abc import Sequence
 from dataclasses import replace
@@ -30,6 +31,8 @@ from pathlib import Path
 from ..errors import DatasetError
 from .image_io import is_image_file
 from .samples import ANOMALOUS, NORMAL, Sample, SampleSet
+
+log = logging.getLogger("iadkit")
 
 LAYOUTS = ("auto", "mvtec", "mpdd", "btad", "visa", "mvtec3d", "texture-ad", "folder")
 NORMAL_FOLDER_NAMES = ("good", "ok")
@@ -147,11 +150,11 @@ def read_mvtec_like(category_dir: Path, rgb_subfolder: bool = False) -> list[Sam
             if not normal and has_pixel_labels:
                 mask = _find_mask(mask_folder, path.stem)
                 if mask is None:
-                    raise DatasetError(
-                        f"{path}: anomalous test image has no mask in {mask_folder} "
-                        f"(expected {path.stem}_mask.png or {path.stem}.png); remove "
-                        f"{ground_truth.name}/ to evaluate this category at image level only"
-                    )
+                    # Training never reads test masks: say so now, refuse only where pixel
+                    # metrics need it (engine.evaluation).
+                    log.warning("%s: anomalous test image has no mask in %s (expected %s_mask.png"
+                                " or %s.png); pixel metrics of %s cannot be computed", path,
+                                mask_folder, path.stem, path.stem, category)
             label = NORMAL if normal else ANOMALOUS
             add(path, label, "good" if normal else folder.name, "test", mask)
     return samples

@@ -52,9 +52,15 @@ class Preprocess:
         return resized.crop((offset, offset, offset + self.crop_size, offset + self.crop_size))
 
     def image_array(self, image: np.ndarray) -> np.ndarray:
-        """``(H, W, 3)`` uint8 RGB -> ``(3, S, S)`` float32 in [0, 1] (bilinear resize)."""
+        """``(H, W, 3)`` uint8 RGB -> ``(3, S, S)`` float32 in [0, 1] (bilinear resize).
+
+        A gray ``(H, W)`` uint8 image gives exactly what its three-channel copy would (Pillow
+        resizes every 8-bit band alike), from a third of the memory.
+        """
         resized = self._geometry(Image.fromarray(image), Image.Resampling.BILINEAR)
-        array = np.asarray(resized, dtype=np.uint8).transpose(2, 0, 1)
+        array = np.asarray(resized, dtype=np.uint8)
+        array = (np.repeat(array[None], 3, axis=0) if array.ndim == 2
+                 else array.transpose(2, 0, 1))
         return array.astype(np.float32) / np.float32(255.0)
 
     def mask_array(self, mask: np.ndarray) -> np.ndarray:

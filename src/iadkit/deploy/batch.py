@@ -1,9 +1,12 @@
-"""Batch prediction over many image files: streaming, resumable, CSV or JSON lines.
+"""Batch prediction over many image files: streaming, resumable, JSON lines and CSV.
 
 Images are read, scored and written batch by batch, so memory stays bounded whatever the number
-of files; every row is flushed as it is written. With ``resume``, the files already in the
-output are skipped and new rows are appended (a row cut short by a crash is dropped first), so a
-run over 100k images killed halfway continues where it stopped.
+of files. The durable record is ``scores.jsonl``: one ASCII JSON line per file, flushed as it is
+written, so a kill at any byte loses at most the line being written. With ``resume`` that torn
+line is dropped, the files the log has finished (matched by their exact names, never by
+re-parsing what was written for people) are skipped, and the rest are appended; a run over
+100k images killed halfway continues where it stopped. ``scores.csv`` is written from the log,
+whole and atomically, at the end of each run.
 
 Example:
     >>> summary = predict_files(detector, paths, Path("out"), output_format="jsonl")
@@ -12,11 +15,16 @@ Example:
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
+import re
+import unicodedata
+import urllib.parse
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,13 +33,16 @@ from ..calibration import decide
 from ..data.image_io import read_image
 from ..data.preprocess import Preprocess
 from ..errors import ConfigError, ImageReadError
+from ..files import write_text_atomic
 from ..methods import Detector
 from ..overlay import save_overlay
 from ..progress import progress
-from ..regions import find_regions
+from ..regions import regions_in_original
 
-FIELDS = ("path", "score", "normalised_score", "threshold", "anomalous", "regions", "heatmap",
-          "error")
+FIELDS = ("path", "path_encoding", "score", "normalised_score", "threshold", "anomalous",
+          "regions", "heatmap", "error")
+#: The durable record of a batch prediction (always written; the CSV is made from it).
+LOG_FILE = "scores.jsonl"
 FORMATS = ("csv", "jsonl")
 
 
@@ -86,79 +97,138 @@ class BatchSummary:
 def predict_files(detector: Detector, paths: Sequence[Path], out_dir: Path,
                   output_format: str = "csv", resume: bool = False, heatmaps: bool = True,
                   batch_size: int = 16, show_progress: bool = False) -> BatchSummary:
-    """Score ``paths`` into ``out_dir/scores.<format>`` (and ``out_dir/heatmaps/``).
+    """Score ``paths`` into ``out_dir/scores.jsonl`` (the durable record), ``scores.csv`` when
+    asked, and ``out_dir/heatmaps/``.
 
-    Each row: path, score, normalised score, threshold, anomalous (0/1; empty without a
-    calibration), regions (JSON list of the anomalous regions' bounding boxes, area and peak
-    in the file's own pixel coordinates; empty without a calibration), heatmap file (the map
-    over the original image, at its size), error (why an unreadable file has no score).
+    Each record: path, path_encoding, score, normalised score, threshold, anomalous (0/1; empty
+    without a calibration), regions (the anomalous regions' bounding boxes, area and peak in the
+    file's own pixel coordinates; empty without a calibration), heatmap file (the map over the
+    original image, at its size), error (why an unreadable file has no score). A name that is
+    not clean text (bytes that are not UTF-8, control or line-separator characters) is
+    percent-encoded, with ``path_encoding`` "percent" (:func:`decode_path` reverses it).
+
+    ``scores.jsonl`` gets one line per file, flushed as it is written; a kill at any byte loses
+    at most the line being written, which ``resume`` detects and drops. The CSV is written
+    from it, whole and atomically, at the end of every run (resumed or not), with a header and
+    text cells that a spreadsheet would read as a formula neutralised.
     """
     if output_format not in FORMATS:
         raise ConfigError(f"output format must be one of {FORMATS}, got {output_format!r}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    output = out_dir / f"scores.{output_format}"
-    done = _completed_rows(output, output_format) if resume and output.is_file() else None
+    log_path = out_dir / LOG_FILE
+    done = _finished(log_path) if resume and log_path.is_file() else set()
+    if not resume:
+        log_path.write_text("")
     # Heatmaps are numbered by the file's position in the full list: files of the same name in
     # different folders never collide, and a resumed run numbers the same way.
     numbers = {str(path): number for number, path in enumerate(paths)}
-    todo = [path for path in paths if done is None or str(path) not in done]
+    todo = [path for path in paths if str(path) not in done]
     calibration = detector.calibration
     scored = failed = 0
-    with output.open("a" if done is not None else "w", newline="") as handle:
-        write = _row_writer(handle, output_format, header=done is None)
+    with log_path.open("a", encoding="ascii", newline="\n") as log:
         items = iter_predictions(detector, todo, batch_size)
         for item in progress(items, "predict", show_progress, total=len(todo)):
-            row: dict[str, Any] = dict.fromkeys(FIELDS, "")
-            row["path"] = str(item.path)
+            record: dict[str, Any] = dict.fromkeys(FIELDS, "")
+            record["path"], record["path_encoding"] = encode_path(str(item.path))
             if item.error is not None:
                 failed += 1
-                row["error"] = item.error
+                record["error"] = item.error
             else:
                 scored += 1
                 decision = decide(item.score, calibration)
-                row["score"] = f"{decision.score:.6g}"
+                record["score"] = f"{decision.score:.6g}"
                 if decision.anomalous is not None:
-                    row["normalised_score"] = f"{decision.normalised_score:.4f}"
-                    row["threshold"] = f"{decision.threshold:.6g}"
-                    row["anomalous"] = int(decision.anomalous)
-                    row["regions"] = _regions(item, detector.preprocess,
-                                              calibration.pixel_threshold)
+                    record["normalised_score"] = f"{decision.normalised_score:.4f}"
+                    record["threshold"] = f"{decision.threshold:.6g}"
+                    record["anomalous"] = int(decision.anomalous)
+                    record["regions"] = _regions(item, detector.preprocess,
+                                                 calibration.pixel_threshold)
                 if heatmaps:
-                    name = f"heatmaps/{numbers[str(item.path)]:06d}_{item.path.stem}.png"
+                    name = (f"heatmaps/{numbers[str(item.path)]:06d}_"
+                            f"{_safe_stem(item.path.stem)}.png")
                     save_overlay(item.path, item.anomaly_map, detector.preprocess, calibration,
                                  out_dir / name)
-                    row["heatmap"] = name
-            write(row)
-            handle.flush()
+                    record["heatmap"] = name
+            # ASCII JSON (ensure_ascii): no character of a name can break the line.
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+    output = log_path
+    if output_format == "csv":
+        output = out_dir / "scores.csv"
+        _write_csv(log_path, output)
     return BatchSummary(output, scored, failed, len(paths) - len(todo))
+
+
+def encode_path(name: str) -> tuple[str, str]:
+    """(text, encoding) of a file name: itself when it is clean text, else its bytes
+    percent-encoded (every byte outside printable ASCII, and ``%``) with encoding "percent"."""
+    if _clean(name):
+        return name, ""
+    return urllib.parse.quote(os.fsencode(name), safe=_PRINTABLE_SAFE), "percent"
+
+
+def decode_path(text: str, encoding: str) -> str:
+    """The file name :func:`encode_path` encoded (as ``str(path)`` gives it)."""
+    if encoding == "percent":
+        return os.fsdecode(urllib.parse.unquote_to_bytes(text))
+    return text
+
+
+_PRINTABLE_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
+
+
+def _clean(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # surrogate-escaped bytes that are not UTF-8
+        return False
+    return not any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in name)
+
+
+def _safe_stem(stem: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", stem)[:80]
 
 
 def _regions(item: FilePrediction, preprocess: Preprocess, threshold: float
              ) -> list[dict[str, Any]]:
     """The anomalous regions of a prediction, in the file's own pixel coordinates."""
     assert item.anomaly_map is not None and item.original_size is not None
-    full = preprocess.map_to_original(item.anomaly_map, *item.original_size)
-    return [region.to_dict() for region in find_regions(full, threshold)]
+    return [region.to_dict() for region in regions_in_original(
+        item.anomaly_map, preprocess, *item.original_size, threshold)]
 
 
-def _row_writer(handle: TextIO, output_format: str, header: bool) -> Any:
-    if output_format == "csv":
-        writer = csv.DictWriter(handle, fieldnames=list(FIELDS))
-        if header:
-            writer.writeheader()
-        # a CSV cell holds the regions as JSON text
-        return lambda row: writer.writerow(
-            {**row, "regions": json.dumps(row["regions"]) if row["regions"] != "" else ""})
-    return lambda row: handle.write(json.dumps(row) + "\n")
+def _read_log(log_path: Path) -> list[dict[str, Any]]:
+    """The complete records of the log; a last line cut short by a kill is dropped (and cut
+    from the file, so appending continues on a line boundary)."""
+    data = log_path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        with log_path.open("r+b") as handle:
+            handle.truncate(end)
+    return [json.loads(line) for line in data[:end].decode("ascii").splitlines() if line]
 
 
-def _completed_rows(output: Path, output_format: str) -> set[str]:
-    """The paths already in ``output``; rewrites it without a last row cut short by a crash."""
-    text = output.read_text()
-    lines = text.splitlines(keepends=True)
-    if lines and not lines[-1].endswith("\n"):  # the last write never finished
-        lines = lines[:-1]
-        output.write_text("".join(lines))
-    if output_format == "csv":
-        return {row["path"] for row in csv.DictReader(lines) if row.get("path")}
-    return {json.loads(line)["path"] for line in lines if line.strip()}
+def _finished(log_path: Path) -> set[str]:
+    """The file names (as ``str(path)``) the log has finished records of."""
+    return {decode_path(r["path"], r.get("path_encoding", "")) for r in _read_log(log_path)}
+
+
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+_TEXT_FIELDS = ("path", "regions", "heatmap", "error")
+
+
+def _write_csv(log_path: Path, csv_path: Path) -> None:
+    """Write the CSV from the log, whole and atomically."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(FIELDS))
+    writer.writeheader()
+    for record in _read_log(log_path):
+        row = {**record, "regions": json.dumps(record["regions"])
+               if record["regions"] != "" else ""}
+        for field in _TEXT_FIELDS:
+            # A spreadsheet would run a cell starting like a formula: make it text.
+            if isinstance(row[field], str) and row[field].startswith(_FORMULA_STARTS):
+                row[field] = "'" + row[field]
+        writer.writerow(row)
+    # An error message may name a file whose bytes are not UTF-8: shown escaped.
+    write_text_atomic(csv_path, buffer.getvalue(), errors="backslashreplace")

@@ -14,7 +14,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from ..calibration import Calibration, Decision, decide
 from ..data.image_io import read_image
 from ..data.preprocess import Preprocess
 from ..errors import CheckpointError, ConfigError
+from ..files import read_json_record
 
 #: An export's files (written by :func:`iadkit.deploy.export.export_onnx`) and format tag.
 MODEL_FILE, CONFIG_FILE, INFERENCE_FORMAT = "model.onnx", "inference.json", "iadkit-onnx"
@@ -82,14 +82,28 @@ class OnnxInferencer:
         for needed in (config_path, model_path):
             if not needed.is_file():
                 raise CheckpointError(f"{needed}: missing; {folder} is not an exported model")
-        self.config: dict[str, Any] = json.loads(config_path.read_text())
+        self.config: dict[str, Any] = read_json_record(config_path, {"preprocess": dict})
         if self.config.get("format") != INFERENCE_FORMAT:
             raise CheckpointError(f"{config_path}: not an iadkit ONNX export")
+        try:
+            self.preprocess = Preprocess(**self.config["preprocess"])
+        except (TypeError, ValueError) as error:
+            raise CheckpointError(f"{config_path}: damaged, field 'preprocess': {error}"
+                                  ) from None
+        try:
+            self.calibration = Calibration.from_dict(self.config.get("calibration"))
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise CheckpointError(f"{config_path}: damaged, field 'calibration': "
+                                  f"{type(error).__name__} {error}") from None
         self.runtime = runtime
-        self._run = (_openvino_runner(model_path, threads, precision) if runtime == "openvino"
-                     else _onnxruntime_runner(model_path, threads))
-        self.preprocess = Preprocess(**self.config["preprocess"])
-        self.calibration = Calibration.from_dict(self.config.get("calibration"))
+        try:
+            self._run = (_openvino_runner(model_path, threads, precision)
+                         if runtime == "openvino" else _onnxruntime_runner(model_path, threads))
+        except ImportError:
+            raise
+        except Exception as error:  # noqa: BLE001 (the runtimes share no exception base)
+            raise CheckpointError(f"{model_path}: not a readable ONNX model ({error})"
+                                  ) from None
 
     def predict(self, images: list[np.ndarray]) -> list[InferenceResult]:
         """Score a batch of (H, W, 3) uint8 RGB images."""

@@ -33,38 +33,88 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import hmac
 import threading
 from abc import ABC, abstractmethod
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
+from PIL import Image
 
 from ..calibration import Calibration, decide
 from ..data.image_io import decode_image
 from ..data.preprocess import Preprocess
 from ..errors import IadkitError, ImageReadError, ImageTooLargeError
 from ..overlay import overlay_png
-from ..regions import find_regions
+from ..regions import regions_in_original
+from ..validation import Number
 from .inferencer import CONFIG_FILE as EXPORT_CONFIG_FILE
 from .inferencer import TRAINING_SUMMARY_KEYS, OnnxInferencer
 
 HEATMAP_MODES = ("none", "base64", "png")
 
 
+@dataclass(frozen=True)
+class ServiceSettings:
+    """What the service accepts, how much it does at once, and who may call it.
+
+    Attributes:
+        max_upload_bytes: a larger request body gets 413 while it streams in.
+        max_pixels: a larger image gets 413 before decoding (iadkit's own limit, whatever
+            Pillow's default).
+        max_decoded_bytes: an image whose decoding would take more memory
+            (:func:`~iadkit.data.image_io.decoded_bytes`) gets 413 before decoding.
+        max_in_flight: requests whose body is read, decoded and scored at once; the
+            service's memory is about its model plus this many times the largest upload and
+            decode.
+        max_waiting: requests admitted to wait for a slot (their bodies are not read while
+            they wait, so they cost a connection, not memory); beyond them a request gets 503
+            with ``Retry-After``.
+        body_timeout_s: a request body that stalls this long between chunks gets 408 and its
+            connection is dropped.
+        request_timeout_s: a request not answered in this time gets 503.
+        api_keys: when given, every endpoint but ``/health`` needs one of them in an
+            ``X-API-Key`` header or as ``Authorization: Bearer KEY``.
+        cors_origins: origins a browser page may call the service from (none by default).
+        docs: serve the interactive API documentation (``/docs``, ``/openapi.json``).
+    """
+
+    max_upload_bytes: int = 20 * 2**20
+    max_pixels: int = 40_000_000
+    max_decoded_bytes: int = 600 * 2**20
+    max_in_flight: int = 2
+    max_waiting: int = 32
+    body_timeout_s: float = 30.0
+    request_timeout_s: float = 120.0
+    api_keys: tuple[str, ...] = ()
+    cors_origins: tuple[str, ...] = ()
+    docs: bool = False
+
+    def __post_init__(self) -> None:
+        positive_int, positive = Number(int, 1), Number(float, 0, low_open=True)
+        for name, rule in (("max_upload_bytes", positive_int), ("max_pixels", positive_int),
+                           ("max_decoded_bytes", positive_int), ("max_in_flight", positive_int),
+                           ("max_waiting", Number(int, 0)), ("body_timeout_s", positive),
+                           ("request_timeout_s", positive)):
+            rule.check(name, getattr(self, name))
+
+
 class Scorer(ABC):
-    """Scores uploads with a model loaded once: decodes them (refusing more than
-    ``max_pixels`` pixels before decoding), preprocesses, runs the model behind a lock, and
-    answers with the decision. Safe to call from several threads."""
+    """Scores uploads with a model loaded once: decodes them (refusing, before decoding, more
+    pixels or more decoding memory than ``settings`` allow), preprocesses, runs the model
+    behind a lock, and answers with the decision. Safe to call from several threads."""
 
     def __init__(self, model_dir: Path, name: str, preprocess: Preprocess,
-                 calibration: Calibration | None, max_pixels: int) -> None:
-        self.model_dir, self.name, self.max_pixels = model_dir, name, max_pixels
+                 calibration: Calibration | None, settings: ServiceSettings) -> None:
+        self.model_dir, self.name, self.settings = model_dir, name, settings
         self.preprocess, self.calibration = preprocess, calibration
         self._lock = threading.Lock()
 
@@ -82,7 +132,9 @@ class Scorer(ABC):
         images. The anomalous regions (at the calibrated pixel threshold) and the heatmap are in
         the uploaded image's own pixel coordinates; ``category`` picks a unified model's
         per-category threshold."""
-        image = decode_image(data, name, self.max_pixels)
+        settings = self.settings
+        image = decode_image(data, name, settings.max_pixels, settings.max_decoded_bytes,
+                             keep_gray=True)
         preprocessed = self.preprocess.image_array(image)
         with self._lock:
             score, anomaly_map = self._run(preprocessed)
@@ -91,16 +143,27 @@ class Scorer(ABC):
                   "image_size": [int(width), int(height)], "regions": None}
         if self.calibration is not None:
             threshold = self.calibration.for_category(category).pixel_threshold
-            full = self.preprocess.map_to_original(anomaly_map, height, width)
-            result["regions"] = [r.to_dict() for r in find_regions(full, threshold)]
+            result["regions"] = [r.to_dict() for r in regions_in_original(
+                anomaly_map, self.preprocess, height, width, threshold)]
         if heatmap != "none":
+            if image.ndim == 2:
+                image = np.repeat(image[:, :, None], 3, axis=2)
             result["heatmap_png"] = overlay_png(image, anomaly_map, self.preprocess,
                                                 self.calibration)
         return result
 
     def _description(self, runtime: str, preset: str | None, params: dict[str, Any] | None,
                      training_data: dict[str, Any]) -> dict[str, Any]:
+        """What ``GET /model`` says: nothing of the server's file system (no model folder, no
+        weight file location)."""
         calibration = self.calibration
+        training_data = dict(training_data)
+        if isinstance(training_data.get("backbone_weights"), dict):
+            weights = training_data["backbone_weights"]
+            training_data["backbone_weights"] = {"source": weights.get("source"),
+                                                 "sha256": weights.get("sha256")}
+        params = {k: v for k, v in (params or {}).items()
+                  if k not in ("backbone_weights", "texture_dir", "base_checkpoint")}
         return {"method": self.name, "preset": preset, "params": params,
                 "input_size": self.preprocess.output_size,
                 "threshold": calibration.image_threshold if calibration else None,
@@ -110,8 +173,7 @@ class Scorer(ABC):
                     "interval": list(calibration.fpr_interval),
                     "confidence": calibration.confidence, "warning": calibration.warning,
                 } if calibration else None,
-                "training_data": training_data, "model_dir": str(self.model_dir),
-                "runtime": runtime}
+                "training_data": training_data, "runtime": runtime}
 
 
 class DetectorScorer(Scorer):
@@ -121,16 +183,20 @@ class DetectorScorer(Scorer):
     Args:
         model_dir: a saved detector's folder.
         device: overrides the saved device ("cpu", "cuda", ...).
-        max_pixels: larger images are refused before decoding.
+        settings: limits and access (:class:`ServiceSettings`).
+        accept_backbone_change: load although the backbone weights found here differ from
+            those the detector was fitted with (their SHA-256 is checked).
     """
 
     def __init__(self, model_dir: str | Path, device: str | None = None,
-                 max_pixels: int = 40_000_000) -> None:
+                 settings: ServiceSettings | None = None,
+                 accept_backbone_change: bool = False) -> None:
         from ..methods import Detector
 
-        self.detector = Detector.load(model_dir, device=device)
+        self.detector = Detector.load(model_dir, device=device,
+                                      accept_backbone_change=accept_backbone_change)
         super().__init__(Path(model_dir), self.detector.name, self.detector.preprocess,
-                         self.detector.calibration, max_pixels)
+                         self.detector.calibration, settings or ServiceSettings())
 
     def _run(self, image: np.ndarray) -> tuple[float, np.ndarray]:
         prediction = self.detector.predict(image[None])
@@ -150,14 +216,15 @@ class ExportedScorer(Scorer):
         export_dir: the folder holding ``model.onnx`` and ``inference.json``.
         runtime: "onnxruntime" or "openvino" (see :class:`OnnxInferencer`).
         threads: the runtime's intra-op threads (None: all cores).
-        max_pixels: larger images are refused before decoding.
+        settings: limits and access (:class:`ServiceSettings`).
     """
 
     def __init__(self, export_dir: str | Path, runtime: str = "onnxruntime",
-                 threads: int | None = None, max_pixels: int = 40_000_000) -> None:
+                 threads: int | None = None, settings: ServiceSettings | None = None) -> None:
         self.inferencer = OnnxInferencer(export_dir, threads, runtime)
         super().__init__(Path(export_dir), str(self.inferencer.config["method"]),
-                         self.inferencer.preprocess, self.inferencer.calibration, max_pixels)
+                         self.inferencer.preprocess, self.inferencer.calibration,
+                         settings or ServiceSettings())
 
     def _run(self, image: np.ndarray) -> tuple[float, np.ndarray]:
         maps, scores = self.inferencer.run(image[None])
@@ -170,8 +237,8 @@ class ExportedScorer(Scorer):
 
 
 def load_scorer(model_dir: str | Path, device: str | None = None, runtime: str | None = None,
-                threads: int | None = None, max_pixels: int = 40_000_000
-                ) -> Scorer:
+                threads: int | None = None, settings: ServiceSettings | None = None,
+                accept_backbone_change: bool = False) -> Scorer:
     """The scorer for a saved detector's folder (PyTorch) or an export's folder (``runtime``,
     default onnxruntime, with ``threads`` intra-op threads of its own)."""
     model_dir = Path(model_dir)
@@ -179,7 +246,7 @@ def load_scorer(model_dir: str | Path, device: str | None = None, runtime: str |
         if device not in (None, "cpu"):
             raise IadkitError(f"{model_dir} is an ONNX export, run on the CPU; --device "
                               f"{device} applies to saved detectors only")
-        return ExportedScorer(model_dir, runtime or "onnxruntime", threads, max_pixels)
+        return ExportedScorer(model_dir, runtime or "onnxruntime", threads, settings)
     if runtime is not None:
         raise IadkitError(f"{model_dir} is a saved detector, run by PyTorch; --runtime "
                           f"{runtime} needs an export (iadkit export {model_dir} --out DIR)")
@@ -187,35 +254,48 @@ def load_scorer(model_dir: str | Path, device: str | None = None, runtime: str |
         raise IadkitError("threads applies to an export's runtime; a saved detector runs with "
                           "torch's process-wide setting (torch.set_num_threads, or iadkit serve "
                           "--threads)")
-    return DetectorScorer(model_dir, device, max_pixels)
+    return DetectorScorer(model_dir, device, settings, accept_backbone_change)
 
 
-class BodyLimit:
-    """ASGI middleware: answer 413 as soon as a request body passes ``max_bytes`` (by its
-    Content-Length, or while it streams in), so an oversized upload is never buffered."""
+class RequestGuard:
+    """ASGI middleware in front of every request: the API key (when keys are set), the body
+    size (413 as soon as it passes ``max_upload_bytes``, by its Content-Length or while it
+    streams in, so an oversized upload is never buffered) and the body's pace (408 when it
+    stalls ``body_timeout_s``, so slow or stalled uploads do not hold the server)."""
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
+    def __init__(self, app: Any, settings: ServiceSettings) -> None:
         self.app = app
-        self.max_bytes = max_bytes
+        self.settings = settings
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(send)
+        headers = dict(scope.get("headers") or [])
+        if (self.settings.api_keys and scope.get("path") != "/health"
+                and not self._authorised(headers)):
+            await _answer(send, 401, "a valid API key is needed (X-API-Key header or "
+                          "Authorization: Bearer)", {"www-authenticate": "Bearer"})
+            return
+        max_bytes = self.settings.max_upload_bytes
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+            await _answer(send, 413, f"request body larger than {max_bytes} bytes")
             return
         received = 0
         started = False
 
-        async def limited_receive() -> dict:
+        async def guarded_receive() -> dict:
             nonlocal received
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.settings.body_timeout_s)
+            except asyncio.TimeoutError:
+                raise _Refusal(408, f"the request body stalled for "
+                               f"{self.settings.body_timeout_s:g} s") from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise _BodyTooLarge
+                if received > max_bytes:
+                    raise _Refusal(413, f"request body larger than {max_bytes} bytes")
             return message
 
         async def tracking_send(message: dict) -> None:
@@ -224,29 +304,75 @@ class BodyLimit:
             await send(message)
 
         try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _BodyTooLarge:
+            await self.app(scope, guarded_receive, tracking_send)
+        except _Refusal as refusal:
             if not started:
-                await self._refuse(send)
+                await _answer(send, refusal.status, refusal.detail, {"connection": "close"})
 
-    async def _refuse(self, send: Any) -> None:
-        response = JSONResponse({"detail": f"request body larger than {self.max_bytes} bytes"},
-                                status_code=413)
-        await response({"type": "http"}, None, send)
+    def _authorised(self, headers: dict[bytes, bytes]) -> bool:
+        offered = headers.get(b"x-api-key", b"")
+        authorization = headers.get(b"authorization", b"")
+        if not offered and authorization[:7].lower() == b"bearer ":
+            offered = authorization[7:].strip()
+        # Compared with every key in constant time, whichever matches.
+        matches = [hmac.compare_digest(offered, key.encode()) for key in self.settings.api_keys]
+        return bool(offered) and any(matches)
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _Refusal(Exception):
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.detail = status, detail
 
 
-def create_app(model_dir: str | Path, device: str | None = None,
-               max_upload_bytes: int = 20 * 2**20, max_pixels: int = 40_000_000,
-               runtime: str | None = None, threads: int | None = None) -> FastAPI:
+async def _answer(send: Any, status: int, detail: str,
+                  headers: dict[str, str] | None = None) -> None:
+    response = JSONResponse({"detail": detail}, status_code=status, headers=headers)
+    await response({"type": "http"}, None, send)
+
+
+class Admission:
+    """Counts the requests admitted to be scored (in flight or waiting for a slot) and refuses
+    more than ``limit`` at once."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._admitted = 0
+        self._lock = threading.Lock()
+
+    def enter(self) -> bool:
+        with self._lock:
+            if self._admitted >= self.limit:
+                return False
+            self._admitted += 1
+            return True
+
+    def leave(self) -> None:
+        with self._lock:
+            self._admitted -= 1
+
+
+def create_app(model_dir: str | Path, device: str | None = None, runtime: str | None = None,
+               threads: int | None = None, settings: ServiceSettings | None = None,
+               accept_backbone_change: bool = False) -> FastAPI:
     """The FastAPI application serving the detector saved in ``model_dir``, or the ONNX export
-    there (run by ``runtime``)."""
-    scorer = load_scorer(model_dir, device, runtime, threads, max_pixels)
-    app = FastAPI(title="iadkit", summary=f"{scorer.name} anomaly detector")
-    app.add_middleware(BodyLimit, max_bytes=max_upload_bytes)
+    there (run by ``runtime``), within ``settings`` (:class:`ServiceSettings`)."""
+    settings = settings or ServiceSettings()
+    scorer = load_scorer(model_dir, device, runtime, threads, settings,
+                         accept_backbone_change)
+    # iadkit applies max_pixels itself, before decoding; Pillow's own process-wide limit
+    # (89 M pixels) would otherwise cap it silently.
+    Image.MAX_IMAGE_PIXELS = None
+    app = FastAPI(title="iadkit", summary=f"{scorer.name} anomaly detector",
+                  docs_url="/docs" if settings.docs else None, redoc_url=None,
+                  openapi_url="/openapi.json" if settings.docs else None)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
+                           allow_methods=["GET", "POST"], allow_headers=["*"])
+    app.add_middleware(RequestGuard, settings=settings)
+    admission = Admission(settings.max_in_flight + settings.max_waiting)
+    # A request reads its body only once it holds a slot: waiting ones cost no memory.
+    slots = asyncio.Semaphore(settings.max_in_flight)
 
     @app.get("/health")
     def health() -> dict[str, str]:
@@ -256,29 +382,47 @@ def create_app(model_dir: str | Path, device: str | None = None,
     def model() -> dict[str, Any]:
         return scorer.describe()
 
-    @app.post("/predict")
-    async def predict(request: Request, heatmap: str = "none", category: str | None = None
-                      ) -> Any:
-        if heatmap not in HEATMAP_MODES:
-            raise HTTPException(400, f"heatmap must be one of {list(HEATMAP_MODES)}")
+    async def read_upload(request: Request) -> tuple[bytes, str]:
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type == "multipart/form-data":
             form = await request.form(max_files=1, max_fields=4)
             upload = form.get("file")
             if upload is None or isinstance(upload, str):
                 raise HTTPException(400, "send the image as a form field named 'file'")
-            data, name = await upload.read(), upload.filename or "upload"
-        elif content_type.startswith("image/") or content_type == "application/octet-stream":
-            data, name = await request.body(), "upload"
-        else:
-            raise HTTPException(415, f"content type {content_type or 'missing'!r}: send an "
-                                "image/* body or a multipart form with a 'file' field")
+            return await upload.read(), upload.filename or "upload"
+        if content_type.startswith("image/") or content_type == "application/octet-stream":
+            return await request.body(), "upload"
+        raise HTTPException(415, f"content type {content_type or 'missing'!r}: send an "
+                            "image/* body or a multipart form with a 'file' field")
+
+    async def read_and_score(request: Request, heatmap: str, category: str | None
+                             ) -> dict[str, Any]:
+        async with slots:
+            data, name = await read_upload(request)
+            try:
+                return await run_in_threadpool(scorer.score, data, name, heatmap, category)
+            except ImageTooLargeError as error:
+                raise HTTPException(413, str(error)) from None
+            except ImageReadError as error:
+                raise HTTPException(400, str(error)) from None
+
+    @app.post("/predict")
+    async def predict(request: Request, heatmap: str = "none", category: str | None = None
+                      ) -> Any:
+        if heatmap not in HEATMAP_MODES:
+            raise HTTPException(400, f"heatmap must be one of {list(HEATMAP_MODES)}")
+        # Admitted before the body is read: a refused request costs no memory.
+        if not admission.enter():
+            raise HTTPException(503, f"busy: {admission.limit} requests are being scored or "
+                                "waiting; try again shortly", headers={"Retry-After": "1"})
         try:
-            result = await run_in_threadpool(scorer.score, data, name, heatmap, category)
-        except ImageTooLargeError as error:
-            raise HTTPException(413, str(error)) from None
-        except ImageReadError as error:
-            raise HTTPException(400, str(error)) from None
+            result = await asyncio.wait_for(read_and_score(request, heatmap, category),
+                                            settings.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise HTTPException(503, f"not answered within {settings.request_timeout_s:g} s",
+                                headers={"Retry-After": "5"}) from None
+        finally:
+            admission.leave()
         png = result.pop("heatmap_png", None)
         if heatmap == "png":
             headers = {"X-Anomaly-Score": f"{result['score']:.6g}"}

@@ -20,7 +20,7 @@ from ..data.dataset import make_loader
 from ..data.preprocess import Preprocess
 from ..data.samples import SampleSet
 from ..data.settings import Task
-from ..errors import IadkitError
+from ..errors import DatasetError, IadkitError
 from ..methods import Detector
 from ..progress import progress
 
@@ -144,6 +144,17 @@ class TaskEvaluation:
     calibration: Calibration | None
 
 
+def _check_masks(name: str, group: SampleSet) -> None:
+    """Pixel metrics need a mask for every anomalous image of a group that has masks."""
+    anomalous = [s for s in group if s.label == 1]
+    missing = [s.image_path for s in anomalous if s.mask_path is None]
+    if missing and len(missing) < len(anomalous):
+        raise DatasetError(f"{missing[0]}: anomalous test image has no mask ({len(missing)} of "
+                           f"{len(anomalous)} in {name!r} lack one); pixel metrics need every "
+                           "mask: add them, or remove the ground_truth folder to evaluate this "
+                           "category at image level only")
+
+
 def evaluate_task(detector: Detector, task: Task, batch_size: int = 16, workers: int = 0,
                   show_progress: bool = False) -> TaskEvaluation:
     """Metrics per test group (and pooled for absolute-unified tasks), with the decision at
@@ -155,6 +166,7 @@ def evaluate_task(detector: Detector, task: Task, batch_size: int = 16, workers:
     for name, group in task.test_groups.items():
         if len(group) == 0:
             raise IadkitError(f"test group {name!r} of task {task.name!r} has no images")
+        _check_masks(name, group)
         predicted = predict_samples(detector, group, batch_size, workers, show_progress,
                                     f"test {name}")
         predictions[name] = predicted

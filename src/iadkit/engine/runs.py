@@ -7,6 +7,7 @@ cross-fitted), never on the test set.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -16,7 +17,8 @@ from typing import Any
 
 from ..data.dataset import make_loader
 from ..data.settings import Task
-from ..errors import IadkitError
+from ..errors import CheckpointError, IadkitError
+from ..files import read_json_record, write_text_atomic
 from ..methods import Detector
 from .calibrate import CalibrationPlan, calibrate, plan_calibration
 from .config import RunConfig
@@ -71,6 +73,10 @@ def fit_run(config: RunConfig, run_dir: str | Path, resume: bool = False) -> lis
     fitted.
     """
     run_dir = Path(run_dir)
+    # The run folder works from any directory: it records the data folder's absolute path
+    # (and the path as given, for display).
+    data_as_given = config.data
+    config = dataclasses.replace(config, data=str(Path(config.data).resolve()))
     # Fail fast, before any data is read or anything trained: a bad method, preset,
     # hyperparameter, search, backbone or folder.
     detector = config.new_detector()
@@ -80,16 +86,17 @@ def fit_run(config: RunConfig, run_dir: str | Path, resume: bool = False) -> lis
     tasks = config.tasks()
     plans = {task.name: plan_calibration(config, detector, task) for task in tasks}
     run_dir.mkdir(parents=True, exist_ok=True)
-    record = {"config": config.to_dict(), "tasks": [t.name for t in tasks],
-              "iadkit_version": _version()}
+    record = {"config": config.to_dict(), "data_as_given": data_as_given,
+              "tasks": [t.name for t in tasks], "iadkit_version": _version()}
     record_file = run_dir / RUN_FILE
     if resume and record_file.is_file():
-        before = RunConfig.from_dict(json.loads(record_file.read_text())["config"])
+        before, _ = read_run(run_dir)
+        before = dataclasses.replace(before, data=str(Path(before.data).resolve()))
         if before.model_settings() != config.model_settings():
             raise IadkitError(f"{run_dir} was fitted with other settings; use another --out "
                               "folder or drop --resume")
     # Written before fitting, so that a run interrupted at any point can be resumed.
-    record_file.write_text(json.dumps(record, indent=2))
+    write_text_atomic(record_file, json.dumps(record, indent=2))
     saved = []
     for task in tasks:
         model_dir = run_dir / "models" / task.name
@@ -114,11 +121,25 @@ def fit_run(config: RunConfig, run_dir: str | Path, resume: bool = False) -> lis
 
 
 def read_run(run_dir: str | Path) -> tuple[RunConfig, list[str]]:
+    """The configuration and model names of a run folder.
+
+    Raises:
+        CheckpointError: ``run.json`` missing, damaged, or holding settings this version
+            cannot read (the field named).
+    """
     path = Path(run_dir) / RUN_FILE
     if not path.is_file():
-        raise IadkitError(f"{path}: missing; {run_dir} is not a run folder made by 'iadkit fit'")
-    record = json.loads(path.read_text())
-    return RunConfig.from_dict(record["config"]), record["tasks"]
+        raise CheckpointError(f"{path}: missing; {run_dir} is not a run folder made by "
+                              "'iadkit fit'")
+    record = read_json_record(path, {"config": dict, "tasks": list})
+    tasks = record["tasks"]
+    if not tasks or not all(isinstance(name, str) and name for name in tasks):
+        raise CheckpointError(f"{path}: damaged, field 'tasks' must list the models' names")
+    try:
+        config = RunConfig.from_dict(record["config"])
+    except (IadkitError, TypeError) as error:
+        raise CheckpointError(f"{path}: damaged, field 'config': {error}") from None
+    return config, tasks
 
 
 def resolve_model_dir(path: str | Path, model: str | None = None) -> Path:
@@ -137,16 +158,24 @@ def resolve_model_dir(path: str | Path, model: str | None = None) -> Path:
 
 
 def test_run(run_dir: str | Path, data: str | None = None, categories: list[str] | None = None,
-             device: str | None = None, show_progress: bool = False
+             device: str | None = None, show_progress: bool = False,
+             accept_backbone_change: bool = False
              ) -> tuple[dict[str, Any], list[TaskEvaluation]]:
-    """Evaluate the saved detectors of a run folder on the test split of its setting."""
+    """Evaluate the saved detectors of a run folder on the test split of its setting
+    (``accept_backbone_change``: see :meth:`Detector.load`)."""
     config, task_names = read_run(run_dir)
     evaluations = []
     for task in config.tasks(data, categories):
         model_dir = Path(run_dir) / "models" / task.name
-        if task.name not in task_names or not model_dir.is_dir():
-            raise IadkitError(f"{run_dir}: no model for {task.name!r}; trained: {task_names}")
-        detector = Detector.load(model_dir, device=device or config.device)
+        if task.name not in task_names:
+            raise IadkitError(f"{run_dir}: no model for {task.name!r}; the run's models: "
+                              f"{task_names}")
+        if not (model_dir / "detector.json").is_file():
+            raise IadkitError(f"{run_dir}: the model for {task.name!r} was never saved (its fit "
+                              "did not finish); complete it with the same 'iadkit fit' command "
+                              "and --resume")
+        detector = Detector.load(model_dir, device=device or config.device,
+                                 accept_backbone_change=accept_backbone_change)
         evaluations.append(evaluate_task(detector, task, config.batch_size, config.workers,
                                          show_progress))
     return summarise(evaluations, config.setting), evaluations

@@ -35,6 +35,7 @@ from ..backbones import FeatureExtractor, is_backbone_name
 from ..calibration import Calibration
 from ..data.preprocess import Preprocess
 from ..errors import CheckpointError, ConfigError, IadkitError, NotFittedError
+from ..files import read_json_record
 from ..validation import Check, Choice, Either, Items, Number, Optional, Text
 from .hyperparameters import (
     Hyperparameter,
@@ -376,12 +377,18 @@ class Detector(ABC):
         return folder
 
     @staticmethod
-    def load(path: str | Path, device: str | None = None) -> Detector:
+    def load(path: str | Path, device: str | None = None,
+             accept_backbone_change: bool = False) -> Detector:
         """Load any saved detector; ``device`` overrides the saved one (e.g. "cpu").
 
+        The backbone weights found now must be the file the detector was fitted with (their
+        SHA-256 is compared with the one recorded at fit); ``accept_backbone_change`` loads
+        anyway, for a user who knows the new file is equivalent.
+
         Raises:
-            CheckpointError: a missing or unreadable file.
-            ConfigError: a saved hyperparameter this version does not allow (the file named).
+            CheckpointError: a missing, unreadable or damaged file (the file and the field
+                named), a saved hyperparameter this version does not allow, or tensors that do
+                not fit the model (checked by predicting one grey image).
         """
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -393,10 +400,7 @@ class Detector(ABC):
         for needed in (config_path, weights_path):
             if not needed.is_file():
                 raise CheckpointError(f"{needed}: missing; {folder} is not a saved detector")
-        try:
-            config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as error:
-            raise CheckpointError(f"{config_path}: not valid JSON ({error})") from None
+        config = read_json_record(config_path, {"method": str, "params": dict})
         if config.get("format") != CHECKPOINT_FORMAT or config.get("version") != CHECKPOINT_VERSION:
             raise CheckpointError(
                 f"{config_path}: not an iadkit detector of format version {CHECKPOINT_VERSION}"
@@ -407,17 +411,44 @@ class Detector(ABC):
         try:
             detector = get_method(config["method"])(**params)
         except ConfigError as error:
-            raise ConfigError(f"{config_path}: {error}") from None
+            raise CheckpointError(f"{config_path}: damaged or from another version, field "
+                                  f"'params': {error}") from None
         detector.preset = config.get("preset")
+        try:
+            detector.calibration = Calibration.from_dict(config.get("calibration"))
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise CheckpointError(f"{config_path}: damaged, field 'calibration': "
+                                  f"{type(error).__name__} {error}") from None
         try:
             tensors = load_file(str(weights_path))
         except (SafetensorError, OSError) as error:
             raise CheckpointError(f"{weights_path}: unreadable weights ({error})") from None
         # Detectors that wrap another one read how to rebuild it from their fit facts.
         detector.fit_info_ = config.get("fit_info") or {}
-        detector._load_state_tensors({k: v.to(detector.torch_device) for k, v in tensors.items()})
-        detector.calibration = Calibration.from_dict(config.get("calibration"))
+        try:
+            detector._load_state_tensors({k: v.to(detector.torch_device)
+                                          for k, v in tensors.items()})
+            detector._probe()
+        # (faiss checks a query's width with an assert)
+        except (KeyError, RuntimeError, ValueError, IndexError, AssertionError) as error:
+            raise CheckpointError(f"{weights_path}: the saved tensors do not fit the "
+                                  f"{detector.name} model of {config_path.name} "
+                                  f"({type(error).__name__}: {error})") from None
+        if not accept_backbone_change:
+            detector._check_backbone(config_path)
         return detector
+
+    def _check_backbone(self, config_path: Path) -> None:
+        """Raise :class:`CheckpointError` when the backbone weights in use are not the ones
+        recorded at fit (detectors with a backbone override this)."""
+
+    def _probe(self) -> None:
+        """Predict one plain grey image, so that weights that do not fit the model (a tensor
+        missing or of the wrong shape) fail at load, not at the first real prediction."""
+        if self.needs_categories:
+            return
+        size = self.preprocess.output_size
+        self.predict(torch.full((1, 3, size, size), 0.5))
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
@@ -479,6 +510,16 @@ class BackboneDetector(Detector):
     def backbone_facts(self) -> dict[str, Any]:
         """Where the backbone's weights came from (for the fit facts)."""
         return {"backbone_weights": vars(self.extractor.resolved_weights)}
+
+    def _check_backbone(self, config_path: Path) -> None:
+        recorded = (self.fit_info_ or {}).get("backbone_weights") or {}
+        expected, found = recorded.get("sha256"), self.extractor.resolved_weights.sha256
+        if expected and found and expected != found:
+            raise CheckpointError(
+                f"{config_path}: this detector was fitted with backbone weights of SHA-256 "
+                f"{expected[:12]}..., but {self.extractor.resolved_weights.location} has "
+                f"{found[:12]}...; its scores and threshold would not hold. Use the original "
+                "weights, or accept the change explicitly (--accept-backbone-change)")
 
 
 def _jsonable(value: Any) -> Any:

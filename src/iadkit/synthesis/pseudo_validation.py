@@ -127,7 +127,14 @@ def build_pseudo_validation(normals: SampleSet, folder: str | Path, synthesis: s
 def preview_grid(normals: SampleSet, destination: str | Path, synthesis: str = "draem",
                  count: int = 6, size: int = 192, textures: TextureSource | None = None,
                  seed: int = 0) -> Path:
-    """Write a PNG grid with one row per image: normal | synthetic | mask."""
+    """Write a PNG grid with one row per image: normal | synthetic | mask, to ``destination``
+    (an image path, or a folder to hold ``preview.png``); returns the file written."""
+    destination = Path(destination)
+    if destination.is_dir() or not destination.suffix:  # a folder: the grid goes inside
+        destination = destination / "preview.png"
+    elif destination.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
+        raise ConfigError(f"{destination}: the preview is an image; give a .png path or a "
+                          "folder")
     if len(normals) == 0:
         raise DatasetError("no normal images to preview")
     synthesize = make_synthesizer(synthesis, textures)
@@ -144,6 +151,5 @@ def preview_grid(normals: SampleSet, destination: str | Path, synthesis: str = "
         rows.append(torch.cat([image, gap, synthetic.image, gap, mask], dim=2))
     grid = torch.cat([torch.cat([row, torch.ones(3, 4, row.shape[2])], dim=1) for row in rows],
                      dim=1)
-    destination = Path(destination)
     _save(grid, destination)
     return destination
