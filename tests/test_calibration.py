@@ -76,3 +76,20 @@ def test_a_calibration_saved_by_an_earlier_version_still_decides() -> None:
     calibration = Calibration.from_dict(earlier)
     assert calibration.method == "quantile" and "earlier iadkit" in calibration.warning
     assert calibration.target_fpr == 0.01 and decide(3.5, calibration).anomalous
+
+
+def test_test_normals_that_score_unlike_the_calibration_ones_raise_a_shift_warning() -> None:
+    from iadkit.engine.evaluation import decision_statistics
+
+    rng = np.random.default_rng(3)
+    calibration = Calibration.fit(rng.normal(size=500), np.zeros(500), "synthetic", 0.05)
+    labels = np.r_[np.zeros(200, int), np.ones(50, int)]
+    same = np.r_[rng.normal(size=200), rng.normal(4, 1, size=50)]
+    shifted = same + np.r_[np.full(200, 1.0), np.zeros(50)]  # the normals drifted up
+    steady = decision_statistics(labels, same, calibration)
+    drifted = decision_statistics(labels, shifted, calibration)
+    assert steady["shift_warning"] is None
+    assert drifted["shift_warning"] and drifted["fpr"] > drifted["predicted_fpr_interval"][1]
+    assert steady["true_positives"] + steady["false_negatives"] == 50
+    low, high = steady["recall_interval"]
+    assert low <= steady["recall"] <= high

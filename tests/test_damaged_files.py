@@ -189,3 +189,21 @@ def test_synth_preview_into_an_existing_folder(toy_root: Path, tmp_path: Path, c
     assert main(["synth", "preview", "--data", str(toy_root), "--category", "alpha",
                  "--out", str(tmp_path / "grid.txt"), "-q"]) == 2
     assert "give a .png path or a folder" in capsys.readouterr().err
+
+
+def test_other_backbone_weights_are_refused_unless_accepted(saved_model: Path, toy_root: Path,
+                                                             tmp_path: Path, capsys) -> None:
+    from iadkit.methods import Detector
+
+    model = Path(shutil.copytree(saved_model, tmp_path / "model"))
+    recorded = json.loads((model / "detector.json").read_text())["fit_info"]["backbone_weights"]
+    assert recorded["sha256"]  # the packaged Lite0 file's
+    _edit_json(model / "detector.json", lambda r: {**r, "fit_info": {
+        **r["fit_info"], "backbone_weights": {**recorded, "sha256": "0" * 64}}})
+    with pytest.raises(CheckpointError, match="SHA-256 000000000000"):
+        Detector.load(model)
+    assert Detector.load(model, accept_backbone_change=True).is_fitted
+    arguments = [str(model), _image(toy_root), "--out", str(tmp_path / "o"), "-q"]
+    assert main(["predict", *arguments]) == 2
+    assert "--accept-backbone-change" in capsys.readouterr().err
+    assert main(["predict", *arguments, "--accept-backbone-change"]) == 0
