@@ -475,10 +475,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default 600)")
     serve.add_argument("--max-in-flight", type=int, default=2,
                        help="images decoded and scored at once (default 2)")
-    serve.add_argument("--max-waiting", type=int, default=8,
-                       help="requests waiting for a slot; more get 503 (default 8)")
+    serve.add_argument("--max-waiting", type=int, default=16,
+                       help="requests waiting for a slot; more get 503 (default 16)")
     serve.add_argument("--body-timeout", type=float, default=30.0,
-                       help="seconds an upload may stall before 408 (default 30)")
+                       help="seconds a request's whole body may take to arrive before 408 "
+                       "(default 30)")
     serve.add_argument("--request-timeout", type=float, default=120.0,
                        help="seconds before an unanswered request gets 503 (default 120)")
     serve.add_argument("--api-key-file", help="require one of the keys in this file (one per "

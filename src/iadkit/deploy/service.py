@@ -48,6 +48,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
+from starlette.requests import ClientDisconnect
 
 from ..calibration import Calibration, decide
 from ..data.image_io import decode_image
@@ -72,14 +73,13 @@ class ServiceSettings:
             Pillow's default).
         max_decoded_bytes: an image whose decoding would take more memory
             (:func:`~iadkit.data.image_io.decoded_bytes`) gets 413 before decoding.
-        max_in_flight: requests whose body is read, decoded and scored at once; the
-            service's memory is about its model plus this many times the largest upload and
-            decode.
-        max_waiting: requests admitted to wait for a slot (their bodies are not read while
-            they wait, so they cost a connection, not memory); beyond them a request gets 503
-            with ``Retry-After``.
-        body_timeout_s: a request body that stalls this long between chunks gets 408 and its
-            connection is dropped.
+        max_in_flight: images decoded and scored at once; the service's memory is about its
+            model, plus this many times the largest decode, plus the bodies of the admitted
+            requests (at most ``max_in_flight + max_waiting`` times ``max_upload_bytes``).
+        max_waiting: requests admitted to wait for a slot; beyond them a request gets 503
+            with ``Retry-After`` before its body is read.
+        body_timeout_s: a request whose whole body has not arrived this long after it began
+            (stalled or trickling) gets 408 and its connection is dropped.
         request_timeout_s: a request not answered in this time gets 503.
         api_keys: when given, every endpoint but ``/health`` needs one of them in an
             ``X-API-Key`` header or as ``Authorization: Bearer KEY``.
@@ -91,7 +91,7 @@ class ServiceSettings:
     max_pixels: int = 40_000_000
     max_decoded_bytes: int = 600 * 2**20
     max_in_flight: int = 2
-    max_waiting: int = 32
+    max_waiting: int = 16
     body_timeout_s: float = 30.0
     request_timeout_s: float = 120.0
     api_keys: tuple[str, ...] = ()
@@ -260,8 +260,9 @@ def load_scorer(model_dir: str | Path, device: str | None = None, runtime: str |
 class RequestGuard:
     """ASGI middleware in front of every request: the API key (when keys are set), the body
     size (413 as soon as it passes ``max_upload_bytes``, by its Content-Length or while it
-    streams in, so an oversized upload is never buffered) and the body's pace (408 when it
-    stalls ``body_timeout_s``, so slow or stalled uploads do not hold the server)."""
+    streams in, so an oversized upload is never buffered) and the body's pace (408 when it has
+    not all arrived ``body_timeout_s`` after the request began, so stalled or trickling
+    uploads do not hold the server)."""
 
     def __init__(self, app: Any, settings: ServiceSettings) -> None:
         self.app = app
@@ -284,13 +285,15 @@ class RequestGuard:
             return
         received = 0
         started = False
+        deadline = asyncio.get_running_loop().time() + self.settings.body_timeout_s
 
         async def guarded_receive() -> dict:
             nonlocal received
+            left = deadline - asyncio.get_running_loop().time()
             try:
-                message = await asyncio.wait_for(receive(), self.settings.body_timeout_s)
+                message = await asyncio.wait_for(receive(), max(left, 0.0))
             except asyncio.TimeoutError:
-                raise _Refusal(408, f"the request body stalled for "
+                raise _Refusal(408, f"the request body did not arrive within "
                                f"{self.settings.body_timeout_s:g} s") from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
@@ -371,7 +374,6 @@ def create_app(model_dir: str | Path, device: str | None = None, runtime: str | 
                            allow_methods=["GET", "POST"], allow_headers=["*"])
     app.add_middleware(RequestGuard, settings=settings)
     admission = Admission(settings.max_in_flight + settings.max_waiting)
-    # A request reads its body only once it holds a slot: waiting ones cost no memory.
     slots = asyncio.Semaphore(settings.max_in_flight)
 
     @app.get("/health")
@@ -397,8 +399,14 @@ def create_app(model_dir: str | Path, device: str | None = None, runtime: str | 
 
     async def read_and_score(request: Request, heatmap: str, category: str | None
                              ) -> dict[str, Any]:
-        async with slots:
+        # The body is read as soon as the request is admitted, so that its timeout runs
+        # from the start; decoding and scoring wait for one of the slots.
+        try:
             data, name = await read_upload(request)
+        except ClientDisconnect:
+            raise HTTPException(400, "the client went away before sending the whole body"
+                                ) from None
+        async with slots:
             try:
                 return await run_in_threadpool(scorer.score, data, name, heatmap, category)
             except ImageTooLargeError as error:
