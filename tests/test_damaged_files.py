@@ -207,3 +207,25 @@ def test_other_backbone_weights_are_refused_unless_accepted(saved_model: Path, t
     assert main(["predict", *arguments]) == 2
     assert "--accept-backbone-change" in capsys.readouterr().err
     assert main(["predict", *arguments, "--accept-backbone-change"]) == 0
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("truncated", "training.json: damaged, not valid JSON"),
+    ("no progress", "field 'progress' is missing"),
+])
+def test_a_damaged_training_checkpoint_is_one_clear_error(tmp_path: Path, damage: str,
+                                                          message: str) -> None:
+    from iadkit.methods import create_detector, get_method
+
+    folder = tmp_path / "training"
+    folder.mkdir()
+    record = {"progress": {"stage": "train", "epoch": 1}, "optimizers": {}}
+    if damage == "truncated":
+        (folder / "training.json").write_text(json.dumps(record)[:20])
+    else:
+        (folder / "training.json").write_text(json.dumps({"optimizers": {}}))
+    save_file({"x": torch.zeros(1)}, str(folder / "training.safetensors"))
+    detector = create_detector("rd", "cpu", **get_method("rd").tiny_params,
+                               backbone_weights="random", device="cpu")
+    with pytest.raises(CheckpointError, match=message):
+        detector.fit(torch.rand(4, 3, 64, 64), checkpoint_dir=folder)

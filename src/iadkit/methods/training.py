@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from ..files import read_json_record
 from ..progress import progress
 from ..validation import Number
 from .base import BackboneDetector
@@ -371,19 +372,25 @@ class TrainingCheckpoint:
             return None
         from safetensors.torch import load_file
 
+        again = "; delete the folder to start the training again"
+        record = read_json_record(self.folder / STATE_FILE, {"progress": dict,
+                                                             "optimizers": dict})
         try:
-            record = json.loads((self.folder / STATE_FILE).read_text())
             tensors = load_file(str(self.folder / TENSORS_FILE))
         except (OSError, ValueError) as error:
-            raise CheckpointError(f"{self.folder}: unreadable training checkpoint ({error}); "
-                                  "delete the folder to start the training again") from None
-        for name, module in modules.items():
-            prefix = f"module.{name}."
-            module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()
-                                    if k.startswith(prefix)})
-        for name, optimizer in optimizers.items():
-            optimizer.load_state_dict(_unflatten_optimizer(record["optimizers"][name], tensors,
-                                                           f"optimizer.{name}."))
+            raise CheckpointError(f"{self.folder / TENSORS_FILE}: unreadable training "
+                                  f"checkpoint ({error}){again}") from None
+        try:
+            for name, module in modules.items():
+                prefix = f"module.{name}."
+                module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()
+                                        if k.startswith(prefix)})
+            for name, optimizer in optimizers.items():
+                optimizer.load_state_dict(_unflatten_optimizer(
+                    record["optimizers"][name], tensors, f"optimizer.{name}."))
+        except (KeyError, RuntimeError, ValueError, TypeError) as error:
+            raise CheckpointError(f"{self.folder}: the training checkpoint does not fit this "
+                                  f"model ({type(error).__name__}: {error}){again}") from None
         return record["progress"]
 
     def maybe_save(self, progress: dict[str, Any], modules: dict[str, nn.Module],
