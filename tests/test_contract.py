@@ -22,7 +22,7 @@ import torch
 
 from iadkit.cli import main
 from iadkit.data import load_dataset, make_loader
-from iadkit.errors import ConfigError
+from iadkit.errors import CheckpointError, ConfigError
 from iadkit.methods import Detector, available_methods, get_method
 from iadkit.methods.base import BackboneDetector
 from iadkit.validation import Choice
@@ -209,7 +209,8 @@ def test_a_saved_detector_with_a_bad_hyperparameter_is_refused_naming_its_file(
     config = json.loads((folder / "detector.json").read_text())
     config["params"]["map_reduction"] = "avg"
     (folder / "detector.json").write_text(json.dumps(config))
-    with pytest.raises(ConfigError, match=r"detector\.json: rd: map_reduction='avg'"):
+    with pytest.raises(CheckpointError,
+                       match=r"detector\.json: .*field 'params': rd: map_reduction='avg'"):
         Detector.load(folder)
 
 
