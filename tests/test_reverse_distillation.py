@@ -246,7 +246,7 @@ def test_bad_settings_give_one_clear_error(toy_root: Path, tmp_path: Path, capsy
     (broken / "training.json").write_text("{")
     detector = create_detector("rd", "cpu", **{**TINY, "image_size": 32, "epochs": 1})
     train = load_dataset(toy_root, ["alpha"]).where(split="train")
-    with pytest.raises(CheckpointError, match="unreadable training checkpoint"):
+    with pytest.raises(CheckpointError, match="training.json: damaged, not valid JSON"):
         detector.fit(_loader(train, detector), checkpoint_dir=broken)
 
 
