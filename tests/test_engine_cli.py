@@ -283,3 +283,17 @@ def test_batch_prediction_resumes_after_a_crash_mid_write(fitted_patchcore, tmp_
     assert [r["path"] for r in rows] == [json.loads(line)["path"] for line in complete]
     assert rows == [json.loads(line) for line in complete]  # same scores as the full run
     assert len(list((out / "heatmaps").glob("*.png"))) == 12
+
+
+def test_serve_flags_default_to_the_service_settings_and_map_onto_them() -> None:
+    from iadkit.cli import build_parser, service_settings
+    from iadkit.deploy.settings import ServiceSettings
+
+    parser = build_parser()
+    assert service_settings(parser.parse_args(["serve", "run"])) == ServiceSettings()
+    given = service_settings(parser.parse_args(
+        ["serve", "run", "--max-upload-mb", "2", "--max-decoded-mb", "0.5", "--max-in-flight",
+         "3", "--max-waiting", "0", "--body-timeout", "5", "--cors-origin", "https://a.example"]))
+    assert (given.max_upload_bytes, given.max_decoded_bytes, given.max_in_flight,
+            given.max_waiting, given.body_timeout_s, given.cors_origins) == (
+        2 * 2**20, 2**19, 3, 0, 5.0, ("https://a.example",))

@@ -32,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from .deploy.settings import ServiceSettings
 from .errors import IadkitError
 
 log = logging.getLogger("iadkit")
@@ -308,6 +309,16 @@ def _read_api_keys(path: str | None) -> tuple[str, ...]:
     return keys
 
 
+def service_settings(args: argparse.Namespace) -> ServiceSettings:
+    """``iadkit serve``'s flags as the service's settings."""
+    return ServiceSettings(
+        max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels,
+        max_decoded_bytes=int(args.max_decoded_mb * 2**20), max_in_flight=args.max_in_flight,
+        max_waiting=args.max_waiting, body_timeout_s=args.body_timeout,
+        request_timeout_s=args.request_timeout, api_keys=_read_api_keys(args.api_key_file),
+        cors_origins=tuple(args.cors_origin or ()), docs=args.docs)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
@@ -315,7 +326,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise IadkitError("iadkit serve needs FastAPI and uvicorn: pip install 'iadkit[serve]'"
                           ) from None
     from .deploy.inferencer import CONFIG_FILE as EXPORT_CONFIG_FILE
-    from .deploy.service import ServiceSettings, create_app
+    from .deploy.service import create_app
 
     model_dir = Path(args.model_dir)
     threads = args.threads
@@ -328,14 +339,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if threads is not None:  # this process is the server: its torch threads are ours
             torch.set_num_threads(threads)
             threads = None
-    settings = ServiceSettings(
-        max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels,
-        max_decoded_bytes=int(args.max_decoded_mb * 2**20), max_in_flight=args.max_in_flight,
-        max_waiting=args.max_waiting, body_timeout_s=args.body_timeout,
-        request_timeout_s=args.request_timeout, api_keys=_read_api_keys(args.api_key_file),
-        cors_origins=tuple(args.cors_origin or ()), docs=args.docs)
     app = create_app(model_dir, device=args.device, runtime=args.runtime, threads=threads,
-                     settings=settings, accept_backbone_change=args.accept_backbone_change)
+                     settings=service_settings(args),
+                     accept_backbone_change=args.accept_backbone_change)
     uvicorn.run(app, host=args.host, port=args.port,
                 log_level="info" if args.verbose else "warning")
     return 0
@@ -466,22 +472,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default "
                        "127.0.0.1: this machine only; expose it behind --api-key-file)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--max-upload-mb", type=float, default=20.0,
-                       help="larger request bodies get 413 (default 20)")
-    serve.add_argument("--max-pixels", type=int, default=40_000_000,
-                       help="larger images get 413 before decoding (default 40 million)")
-    serve.add_argument("--max-decoded-mb", type=float, default=600.0,
+    limits = ServiceSettings()  # the defaults live there, once
+    serve.add_argument("--max-upload-mb", type=float, default=limits.max_upload_bytes / 2**20,
+                       help="larger request bodies get 413 (default %(default)g)")
+    serve.add_argument("--max-pixels", type=int, default=limits.max_pixels,
+                       help="larger images get 413 before decoding (default %(default)d)")
+    serve.add_argument("--max-decoded-mb", type=float,
+                       default=limits.max_decoded_bytes / 2**20,
                        help="images whose decoding takes more memory get 413 before decoding "
-                       "(default 600)")
-    serve.add_argument("--max-in-flight", type=int, default=2,
-                       help="images decoded and scored at once (default 2)")
-    serve.add_argument("--max-waiting", type=int, default=16,
-                       help="requests waiting for a slot; more get 503 (default 16)")
-    serve.add_argument("--body-timeout", type=float, default=30.0,
+                       "(default %(default)g)")
+    serve.add_argument("--max-in-flight", type=int, default=limits.max_in_flight,
+                       help="images decoded and scored at once (default %(default)d)")
+    serve.add_argument("--max-waiting", type=int, default=limits.max_waiting,
+                       help="requests waiting for a slot; more get 503 (default %(default)d)")
+    serve.add_argument("--body-timeout", type=float, default=limits.body_timeout_s,
                        help="seconds a request's whole body may take to arrive before 408 "
-                       "(default 30)")
-    serve.add_argument("--request-timeout", type=float, default=120.0,
-                       help="seconds before an unanswered request gets 503 (default 120)")
+                       "(default %(default)g)")
+    serve.add_argument("--request-timeout", type=float, default=limits.request_timeout_s,
+                       help="seconds before an unanswered request gets 503 (default %(default)g)")
     serve.add_argument("--api-key-file", help="require one of the keys in this file (one per "
                        "line) in an X-API-Key or Authorization: Bearer header")
     serve.add_argument("--cors-origin", action="append",
