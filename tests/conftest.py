@@ -31,8 +31,9 @@ def fitted_patchcore(toy_root: Path):
     from iadkit.methods import create_detector
 
     samples = load_dataset(toy_root, ["alpha"])
-    detector = create_detector("patchcore", "cpu", image_size=64, coreset_ratio=0.25,
-                               device="cpu")
+    # A centre crop (the cpu preset has none), so the tests also meet pixels the model never saw.
+    detector = create_detector("patchcore", "cpu", image_size=64, crop_size=56,
+                               coreset_ratio=0.25, device="cpu")
     detector.fit(make_loader(samples.where(split="train"), detector.preprocess, batch_size=8))
     return detector, samples
 

@@ -103,6 +103,6 @@ def test_the_inferencer_sees_the_bytes_the_detector_sees_for_every_image_mode(
         by_detector = detector.preprocess.load(path).numpy()
         by_inferencer = inferencer.preprocess.image_array(read_image(path))
         assert by_loader.tobytes() == by_detector.tobytes() == by_inferencer.tobytes(), path
-        assert by_inferencer.shape == (3, 56, 56) and by_inferencer.dtype == np.float32
+        assert by_inferencer.shape == (3, 64, 64) and by_inferencer.dtype == np.float32
         assert inferencer.predict_file(path).score == pytest.approx(
             float(detector.predict(by_detector[None]).scores[0]), rel=1e-4)

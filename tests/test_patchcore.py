@@ -75,9 +75,10 @@ def test_paper_preset_runs_with_random_weights_on_tiny_input() -> None:
 
 
 def test_overriding_image_size_scales_the_preset_crop() -> None:
-    detector = create_detector("patchcore", "cpu", image_size=64)
+    detector = create_detector("patchcore", "paper", image_size=64)
     assert (detector.image_size, detector.crop_size) == (64, 56)
-    assert create_detector("patchcore", "cpu", image_size=64, crop_size=None).crop_size is None
+    assert create_detector("patchcore", "paper", image_size=64, crop_size=None).crop_size is None
+    assert create_detector("patchcore", "cpu", image_size=64).crop_size is None
     with pytest.raises(ConfigError, match="crop_size=80 is larger than image_size=64"):
         _ = create_detector("patchcore", "cpu", image_size=64, crop_size=80).preprocess
 
