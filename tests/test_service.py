@@ -138,7 +138,7 @@ def test_health_and_model_description(served) -> None:
     with urllib.request.urlopen(f"{url}/model") as response:
         model = json.loads(response.read())
     assert model["method"] == "patchcore"
-    assert model["input_size"] == 56  # 64 px, centre-cropped like the preset's 256 -> 224
+    assert model["input_size"] == 64  # the cpu preset at 64 px, without a centre crop
     assert model["threshold"] is not None and "leave-one-out" in model["threshold_source"]
     assert model["false_positive_rate"]["target"] == 0.01
     assert "at least 230" in model["false_positive_rate"]["warning"]  # 16 normals only

@@ -12,9 +12,9 @@ with a pixel anomaly map::
     >>> batch = next(iter(make_loader(samples.where(split="test"), detector.preprocess)))
     >>> prediction = detector.predict(batch["image"])  # one map and one score per image
     >>> tuple(prediction.anomaly_maps.shape[1:]), len(prediction.scores) == len(batch["label"])
-    ((56, 56), True)
+    ((64, 64), True)
 
-(56 pixels: the cpu preset's centre crop of the 64-pixel images.)
+(The map covers the whole 64-pixel image: the cpu preset has no centre crop.)
 
 The names below load their module on first use, so that importing :mod:`iadkit.deploy.inferencer`
 needs no torch.
