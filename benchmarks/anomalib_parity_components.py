@@ -22,7 +22,14 @@ import torch
 import torch.nn.functional as F
 
 from iadkit import metrics
-from iadkit.backbones.extractor import FeatureExtractor
+from iadkit.backbones.extractor import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    LITE_MEAN,
+    LITE_STD,
+    FeatureExtractor,
+)
+from iadkit.data.image_io import read_mask
 from iadkit.data.preprocess import Preprocess
 from iadkit.methods.patchcore import PatchCore
 from iadkit.methods.patchcore.patch_features import LocalPatchFeatures
@@ -30,10 +37,6 @@ from iadkit.nn.anomaly_maps import gaussian_blur
 from iadkit.nn.coreset import greedy_coreset
 from iadkit.nn.knn import FlatIndex
 
-LITE_MEAN = torch.tensor((127.0 / 255.0,) * 3).view(1, 3, 1, 1)
-LITE_STD = torch.tensor((128.0 / 255.0,) * 3).view(1, 3, 1, 1)
-IMAGENET_MEAN = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
-IMAGENET_STD = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
 STAGES = ("preprocess", "features", "aggregate", "coreset", "image_score", "map")
 
 
@@ -77,7 +80,9 @@ class Stages:
                 return self.unfolded(images)
             mean, std = ((LITE_MEAN, LITE_STD) if normalisation == "lite0"
                          else (IMAGENET_MEAN, IMAGENET_STD))
-            return list(self.anomalib.feature_extractor((images - mean) / std).values())
+            normalised = (images - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(
+                1, 3, 1, 1)
+            return list(self.anomalib.feature_extractor(normalised).values())
 
     def aggregate(self, choice: str, levels: list[torch.Tensor]) -> torch.Tensor:
         with torch.no_grad():
@@ -128,7 +133,7 @@ def compare_components(manifest: dict[str, Any], seed: int) -> list[dict[str, An
     labels = np.array([t["label"] for t in manifest["test"]])
     masks = _anomalib_masks(manifest, stages.size).numpy()
     lines: list[dict[str, Any]] = []
-    lines.extend(_stage_differences(stages, manifest, seed))
+    lines.extend(_stage_differences(stages, manifest, masks, seed))
 
     features_cache: dict[tuple[str, str, str, str], list[torch.Tensor]] = {}
 
@@ -190,9 +195,10 @@ def compare_components(manifest: dict[str, Any], seed: int) -> list[dict[str, An
     return lines
 
 
-def _stage_differences(stages: Stages, manifest: dict[str, Any], seed: int
-                       ) -> list[dict[str, Any]]:
-    """Each stage of both libraries on identical input (the first 16 test images)."""
+def _stage_differences(stages: Stages, manifest: dict[str, Any], anomalib_masks: np.ndarray,
+                       seed: int) -> list[dict[str, Any]]:
+    """Each stage of both libraries on identical input (the first 16 test images; the
+    evaluation masks: all of them, ``anomalib_masks`` as anomalib's loader gives them)."""
     paths = [t["path"] for t in manifest["test"]][:16]
     out: list[dict[str, Any]] = []
     ours, theirs = stages.preprocess("iadkit", paths), stages.preprocess("anomalib", paths)
@@ -208,25 +214,27 @@ def _stage_differences(stages: Stages, manifest: dict[str, Any], seed: int
     theirs_agg = stages.aggregate("anomalib", anomalib_levels)
     out.append({"kind": "stage", "stage": "aggregate", "all": _relative(ours_agg, theirs_agg),
                 "interior": _relative(ours_agg[..., 4:-4, 4:-4], theirs_agg[..., 4:-4, 4:-4]),
-                "note": "3x3 average: at the border iadkit divides by the pixels inside the "
-                        "feature map, anomalib by 9 (zero padding counted); the coarser level "
-                        "carries it two fine cells in, hence the 4-cell margin of 'interior'"})
+                "note": "3x3 average: both count the outside of the map as zeros since "
+                        "2026-12-01 (iadkit averaged the inside positions before); a border "
+                        "difference reaches two fine cells in through the coarser level, hence "
+                        "the 4-cell margin of 'interior'"})
     train = torch.cat([stages.aggregate("anomalib", stages.features(
         "anomalib", stages.preprocess("anomalib", manifest["train"][i:i + 16])))
         for i in range(0, min(len(manifest["train"]), 64), 16)])
     flat = train.permute(0, 2, 3, 1).reshape(-1, train.shape[1])
-    coverage = {}
+    coverage, banks = {}, {}
     for choice in ("iadkit", "anomalib"):
         started = time.perf_counter()
-        bank = stages.coreset(choice, flat, seed)
+        banks[choice] = stages.coreset(choice, flat, seed)
         seconds = time.perf_counter() - started
-        distances, _ = FlatIndex(bank, "torch").search(flat)
-        coverage[choice] = {"bank": int(bank.shape[0]), "radius": round(float(distances.max()), 3),
+        distances, _ = FlatIndex(banks[choice], "torch").search(flat)
+        coverage[choice] = {"bank": int(banks[choice].shape[0]),
+                            "radius": round(float(distances.max()), 3),
                             "mean_distance": round(float(distances.mean()), 4),
                             "seconds": round(seconds, 1)}
     out.append({"kind": "stage", "stage": "coreset", "n_patches": int(flat.shape[0]), **coverage,
                 "note": "distance of every training patch to the nearest bank entry (64 images)"})
-    bank = stages.coreset("anomalib", flat, seed)
+    bank = banks["anomalib"]
     queries = theirs_agg.permute(0, 2, 3, 1).reshape(len(paths), -1, theirs_agg.shape[1])
     index = FlatIndex(bank, "torch")
     distances, nearest = (x[:, 0] for x in index.search(queries.reshape(-1, queries.shape[2])))
@@ -250,19 +258,10 @@ def _stage_differences(stages: Stages, manifest: dict[str, Any], seed: int
                                       theirs_map[:, border:-border, border:-border]),
                 "note": "iadkit: bilinear upsampling, scipy-style symmetric border; anomalib: "
                         "nearest upsampling, kornia reflect border; both Gaussian sigma 4"})
-    from anomalib_parity import _anomalib_masks
-
-    anomalib_masks = _anomalib_masks(manifest, stages.size).numpy()
-    ours_masks = np.stack([Preprocess(stages.size).mask_array(_read_mask(t["mask"]))
+    ours_masks = np.stack([stages.preprocess_iadkit.mask_array(read_mask(t["mask"]))
                            if t["mask"] else np.zeros((stages.size,) * 2, np.float32)
                            for t in manifest["test"]]) > 0.5
     out.append({"kind": "stage", "stage": "evaluation_masks",
                 "pixels_differing": int((ours_masks != anomalib_masks).sum()),
                 "anomalous_pixels": int(anomalib_masks.sum())})
     return out
-
-
-def _read_mask(path: str) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.open(path).convert("L")) > 0
