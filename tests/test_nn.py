@@ -83,6 +83,15 @@ def test_local_patch_features_grid_and_width() -> None:
     assert LocalPatchFeatures(3, grid_level=1)(levels).shape == (2, 176, 8, 8)
 
 
+def test_local_patch_features_count_the_outside_of_the_map_as_zeros() -> None:
+    # As the official code's zero-padded unfold and anomalib: a constant map is damped at the
+    # border (6 of 9 neighbours inside at an edge, 4 of 9 at a corner), unchanged inside.
+    features = LocalPatchFeatures(3)([torch.ones(1, 2, 6, 6)])
+    assert torch.allclose(features[0, :, 2:4, 2:4], torch.ones(2, 2, 2))
+    assert torch.allclose(features[0, :, 0, 2], torch.full((2,), 6 / 9))
+    assert torch.allclose(features[0, :, 0, 0], torch.full((2,), 4 / 9))
+
+
 def test_flat_index_backends_agree_with_brute_force() -> None:
     from iadkit.nn.knn import FlatIndex, faiss_available
 
