@@ -65,9 +65,11 @@ from . import (  # noqa: F401
     cada,
     cse,
     lafite,
+    padim,
     patchcore,
     reverse_distillation,
     simplenet,
+    stfpm,
     uniad,
 )
 

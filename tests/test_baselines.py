@@ -1,0 +1,96 @@
+"""The classic baselines (PaDiM, STFPM): their pieces against references, and each separating
+the synthetic defects of the toy data (the contract tests cover fit, save, export, options)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from iadkit import metrics
+from iadkit.data import load_dataset, make_loader
+from iadkit.methods import Detector, create_detector
+from iadkit.methods.padim.gaussian import PositionGaussians, mahalanobis_maps
+
+
+def test_position_gaussians_merged_over_batches_equal_numpy_mean_covariance_and_distance() -> None:
+    generator = torch.Generator().manual_seed(0)
+    # A large common offset: a naive sum of squares in float32 would lose the covariance.
+    features = torch.randn(37, 5, 3, 2, generator=generator) * 0.1 + 100.0
+    gaussians = PositionGaussians()
+    for batch in features.split((16, 16, 5)):
+        gaussians.add(batch)
+    mean, precision = gaussians.mean_and_precision(regularisation=0.01)
+    vectors = features.double().flatten(2).permute(2, 0, 1).numpy()  # (P, N, D)
+    query = torch.randn(2, 5, 3, 2, generator=generator) * 0.1 + 100.0
+    expected = np.empty((2, 6))
+    for position, samples in enumerate(vectors):
+        covariance = np.cov(samples, rowvar=False) + 0.01 * np.eye(5)
+        np.testing.assert_allclose(mean[position].numpy(), samples.mean(axis=0), rtol=1e-6)
+        np.testing.assert_allclose(precision[position].numpy(), np.linalg.inv(covariance),
+                                   rtol=1e-3, atol=1e-3)
+        for image in range(2):
+            centred = query[image].double().flatten(1)[:, position].numpy() - samples.mean(0)
+            expected[image, position] = np.sqrt(centred @ np.linalg.inv(covariance) @ centred)
+    distances = mahalanobis_maps(query, mean, precision)
+    np.testing.assert_allclose(distances.flatten(1).numpy(), expected, rtol=1e-3)
+
+
+def test_position_gaussians_refuse_a_single_image() -> None:
+    gaussians = PositionGaussians()
+    gaussians.add(torch.zeros(1, 2, 1, 1))
+    with pytest.raises(ValueError, match="at least two"):
+        gaussians.mean_and_precision(0.01)
+
+
+@pytest.fixture(scope="module")
+def alpha(toy_root):
+    samples = load_dataset(toy_root, ["alpha"])
+    return samples.where(split="train"), samples.where(split="test")
+
+
+def _separation(detector: Detector, train, test) -> tuple[float, float]:
+    detector.fit(make_loader(train, detector.preprocess, batch_size=8))
+    maps, scores, masks, labels = [], [], [], []
+    for batch in make_loader(test, detector.preprocess, batch_size=8):
+        prediction = detector.predict(batch["image"])
+        maps.append(prediction.anomaly_maps)
+        scores.append(prediction.scores)
+        masks.append(batch["mask"])
+        labels.append(batch["label"])
+    image_auroc = metrics.auroc(torch.cat(labels).numpy(), torch.cat(scores).numpy())
+    pixel = metrics.pixel_metrics(torch.cat(masks).numpy(), torch.cat(maps).numpy())
+    return image_auroc, pixel["pixel_auroc"]
+
+
+def test_padim_separates_synthetic_defects(alpha) -> None:
+    detector = create_detector("padim", image_size=64, feature_dim=32, device="cpu")
+    image_auroc, pixel_auroc = _separation(detector, *alpha)
+    assert image_auroc >= 0.9 and pixel_auroc >= 0.85, (image_auroc, pixel_auroc)
+
+
+def test_padim_refuses_more_channels_than_its_layers_have_before_fitting(alpha) -> None:
+    from iadkit.errors import ConfigError
+
+    detector = create_detector("padim", image_size=64, feature_dim=1000, device="cpu")
+    with pytest.raises(ConfigError, match="feature_dim=1000 is more than the 176 channels"):
+        detector.fit(torch.rand(2, 3, 64, 64))
+
+
+def test_pyramid_distances_are_one_minus_the_cosine_similarity() -> None:
+    from iadkit.methods.stfpm.stfpm import pyramid_distances
+
+    generator = torch.Generator().manual_seed(0)
+    teacher = [torch.randn(2, 8, 4, 4, generator=generator), torch.randn(2, 16, 2, 2)]
+    student = [torch.randn(2, 8, 4, 4, generator=generator), torch.randn(2, 16, 2, 2)]
+    for distance, t, s in zip(pyramid_distances(teacher, student), teacher, student):
+        torch.testing.assert_close(distance, 1 - torch.cosine_similarity(t, s, dim=1))
+
+
+def test_stfpm_separates_synthetic_defects_after_ten_epochs(alpha) -> None:
+    detector = create_detector("stfpm", image_size=64, epochs=10, device="cpu")
+    image_auroc, pixel_auroc = _separation(detector, *alpha)
+    assert image_auroc >= 0.9 and pixel_auroc >= 0.9, (image_auroc, pixel_auroc)
+    # the student trains from scratch: the loss falls steeply from its first epoch
+    losses = detector.fit_info_["loss_history"]["match"]
+    assert losses[-1] < 0.5 * losses[0]
