@@ -94,3 +94,62 @@ def test_stfpm_separates_synthetic_defects_after_ten_epochs(alpha) -> None:
     # the student trains from scratch: the loss falls steeply from its first epoch
     losses = detector.fit_info_["loss_history"]["match"]
     assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("size", ["small", "medium"])
+def test_the_pdn_output_grid_is_the_one_efficientad_sizes_its_autoencoder_for(size: str) -> None:
+    from iadkit.methods.efficientad.efficientad import pdn_output_size
+    from iadkit.methods.efficientad.networks import AutoEncoder, PatchDescriptionNetwork
+
+    network = PatchDescriptionNetwork(8, size)
+    for image_size in (64, 96, 160):
+        images = torch.rand(1, 3, image_size, image_size)
+        grid = pdn_output_size(image_size)
+        assert network(images).shape == (1, 8, grid, grid)
+        assert AutoEncoder(8, image_size, grid)(images).shape == (1, 8, grid, grid)
+
+
+def test_the_hard_feature_loss_averages_the_errors_above_their_quantile() -> None:
+    from iadkit.methods.efficientad.efficientad import hard_feature_loss
+
+    errors = torch.rand(2, 16, 32, 32, generator=torch.Generator().manual_seed(0))
+    values = errors.flatten().numpy()
+    expected = values[values >= np.quantile(values, 0.999)].mean()
+    assert float(hard_feature_loss(errors, 0.999)) == pytest.approx(expected, rel=1e-3)
+
+
+def test_colour_jitter_changes_one_property_within_the_papers_range() -> None:
+    from iadkit.methods.efficientad.efficientad import colour_jitter
+
+    images = torch.rand(64, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.5
+    torch.manual_seed(0)
+    jittered = colour_jitter(images)
+    assert jittered.shape == images.shape and 0 <= float(jittered.min())
+    ratio = jittered.mean(dim=(1, 2, 3)) / images.mean(dim=(1, 2, 3))
+    assert float(ratio.min()) > 0.75 and float(ratio.max()) < 1.25
+    assert not torch.equal(jittered, images)
+
+
+def test_efficientad_reuses_a_distilled_teacher_and_refuses_a_file_without_one(
+        tmp_path, alpha) -> None:
+    from iadkit.errors import ConfigError
+
+    train, _ = alpha
+    tiny = dict(image_size=64, distillation_steps=2, distillation_batch_size=2, max_steps=1,
+                device="cpu")
+    first = create_detector("efficientad", **tiny)
+    first.fit(make_loader(train, first.preprocess, batch_size=8))
+    weights = first.save(tmp_path / "first") / "weights.safetensors"
+    second = create_detector("efficientad", teacher_weights=str(weights), seed=1, **tiny)
+    second.fit(make_loader(train, second.preprocess, batch_size=8))
+    for name, tensor in first.teacher_.state_dict().items():
+        torch.testing.assert_close(second.teacher_.state_dict()[name], tensor)
+    assert second.fit_info_["teacher"].startswith("reused from")
+    assert "distill" not in second.fit_info_["loss_history"]
+
+    padim = create_detector("padim", image_size=64, feature_dim=8, device="cpu")
+    padim_weights = padim.fit(torch.rand(2, 3, 64, 64)).save(tmp_path / "padim")
+    wrong = create_detector("efficientad", teacher_weights=str(padim_weights /
+                                                               "weights.safetensors"), **tiny)
+    with pytest.raises(ConfigError, match="holds no small teacher of 384 channels"):
+        wrong.fit(torch.rand(2, 3, 64, 64))

@@ -64,6 +64,7 @@ def create_detector(name: str, preset: str = "cpu", **overrides: Any) -> Detecto
 from . import (  # noqa: F401
     cada,
     cse,
+    efficientad,
     lafite,
     padim,
     patchcore,

@@ -53,9 +53,13 @@ class PyramidStudent(nn.Module):
                                                 **location)
         self.register_buffer("mean", teacher.mean.clone(), persistent=False)
         self.register_buffer("std", teacher.std.clone(), persistent=False)
+        # Channels-last: the convolutions' backward pass is about 9 times faster on the CPU.
+        self.model.to(memory_format=torch.channels_last)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return list(self.model((images - self.mean) / self.std))
+        normalised = ((images - self.mean) / self.std).contiguous(
+            memory_format=torch.channels_last)
+        return [level.contiguous() for level in self.model(normalised)]
 
 
 def pyramid_distances(teacher: list[torch.Tensor], student: list[torch.Tensor]
@@ -77,9 +81,11 @@ class STFPM(TrainedDetector):
     name = "stfpm"
     summary = "a student from scratch matches a frozen teacher's feature pyramid"
     presets = {
-        # Lite0's stages 1-3 (strides 4, 8, 16), no centre crop; 30 epochs on two CPU cores.
+        # Lite0's stages 1-3 (strides 4, 8, 16), no centre crop. Training the student costs
+        # about half a second per image and epoch on two CPU cores (its BatchNorm layers train):
+        # 10 epochs of 16 images, a budget, not a convergence point.
         "cpu": dict(backbone="tf_efficientnet_lite0", layers=(1, 2, 3), image_size=256,
-                    crop_size=None, epochs=30),
+                    crop_size=None, epochs=10, batch_size=16),
         # The paper: ResNet-18's conv2_x..conv4_x, 256 px, SGD 0.4, 100 epochs of 32 images.
         "paper": dict(backbone="resnet18", layers=("layer1", "layer2", "layer3"),
                       image_size=256, crop_size=None, epochs=100, batch_size=32),
