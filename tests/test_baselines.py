@@ -153,3 +153,26 @@ def test_efficientad_reuses_a_distilled_teacher_and_refuses_a_file_without_one(
                                                                "weights.safetensors"), **tiny)
     with pytest.raises(ConfigError, match="holds no small teacher of 384 channels"):
         wrong.fit(torch.rand(2, 3, 64, 64))
+
+
+def test_efficientad_distils_on_a_folder_of_images_and_refuses_a_missing_one(tmp_path) -> None:
+    from PIL import Image
+
+    from iadkit.errors import DatasetError
+
+    folder = tmp_path / "distillation"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for number in range(3):
+        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(
+            folder / f"{number}.png")
+    tiny = dict(image_size=64, distillation_steps=2, distillation_batch_size=2, max_steps=1,
+                device="cpu")
+    detector = create_detector("efficientad", distillation_dir=str(folder), **tiny)
+    detector.fit(torch.rand(4, 3, 64, 64))
+    assert detector.fit_info_["teacher"].endswith(f"on {folder}")
+    # 3 training images (one held out) in batches of 2 make one step per epoch
+    assert len(detector.fit_info_["loss_history"]["distill"]) == 2
+    missing = create_detector("efficientad", distillation_dir=str(tmp_path / "none"), **tiny)
+    with pytest.raises(DatasetError, match="texture folder not found"):
+        missing.fit(torch.rand(4, 3, 64, 64))

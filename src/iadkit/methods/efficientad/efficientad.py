@@ -23,7 +23,7 @@ of the training images held out of the student's training, never from test image
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...backbones.extractor import IMAGENET_MEAN, IMAGENET_STD
-from ...data.preprocess import Preprocess
 from ...errors import ConfigError, IadkitError
 from ...synthesis.textures import TextureSource
 from ...validation import Choice, Number, Optional, Text
@@ -238,26 +237,35 @@ class EfficientAD(TrainedDetector):
         flat = F.adaptive_avg_pool1d(flat, self.channels)
         return flat.view(batch, height, height, self.channels).permute(0, 3, 1, 2)
 
-    def _distillation_images(self, data: TrainingImages) -> TrainingImages:
+    def _distillation_batches(self, data: TrainingImages
+                              ) -> Callable[[torch.Tensor, int], torch.Tensor]:
+        """(a step's indices of ``data``, a seed) -> the images the teacher distils on: those
+        training images, or as many random images of ``distillation_dir`` (decoded as needed,
+        so the folder may be as large as ImageNet)."""
         if self.distillation_dir is None:
-            return data
+            return lambda indices, _: data.get(indices, self.torch_device)
         source = TextureSource(self.distillation_dir)
-        load = Preprocess(self.output_size).load
-        images = torch.stack([(load(path) * 255).round().to(torch.uint8)
-                              for path in source.files])
-        return TrainingImages(images, [""] * len(images), [""] * len(images))
+
+        def from_folder(indices: torch.Tensor, seed: int) -> torch.Tensor:
+            generator = torch.Generator().manual_seed(seed)
+            return torch.stack([source.sample(self.output_size, generator)
+                                for _ in range(len(indices))]).to(self.torch_device)
+        return from_folder
 
     def _distill(self, data: TrainingImages, training: Training) -> None:
-        """Stage 1: the teacher learns the backbone's channel-normalised patch features."""
-        images = self._distillation_images(data)
-        epochs, _, _ = step_schedule(len(images), self.distillation_batch_size, 1,
+        """Stage 1: the teacher learns the backbone's channel-normalised patch features. Its
+        steps are counted over the training images; with ``distillation_dir`` each step draws
+        its images from the folder instead."""
+        epochs, _, _ = step_schedule(len(data), self.distillation_batch_size, 1,
                                      self.distillation_steps)
         if training.done("distill", epochs):
             return
+        images_of = self._distillation_batches(data)
         sums = torch.zeros(self.channels, device=self.torch_device)
         squares, count = torch.zeros_like(sums), 0
-        for indices in list(images.in_order(self.distillation_batch_size))[:64]:
-            targets = self.backbone_targets(images.get(indices, self.torch_device))
+        for number, indices in enumerate(list(data.in_order(self.distillation_batch_size))[:64]):
+            seed = epoch_seed(self.seed, "distillation statistics", number)
+            targets = self.backbone_targets(images_of(indices, seed))
             sums += targets.sum(dim=(0, 2, 3))
             squares += targets.pow(2).sum(dim=(0, 2, 3))
             count += targets.shape[0] * targets.shape[2] * targets.shape[3]
@@ -265,7 +273,7 @@ class EfficientAD(TrainedDetector):
         std = (squares / count - mean.flatten() ** 2).clamp_min(1e-12).sqrt().view(1, -1, 1, 1)
 
         def loss(indices: torch.Tensor, step: int) -> torch.Tensor:
-            batch = images.get(indices, self.torch_device)
+            batch = images_of(indices, epoch_seed(self.seed, "distillation images", step))
             flip = torch.rand(batch.shape[0], 1, 1, 1, device=batch.device) < 0.5
             batch = torch.where(flip, batch.flip(-1), batch)
             grey = torch.rand(batch.shape[0], 1, 1, 1, device=batch.device) < 0.1
@@ -273,7 +281,7 @@ class EfficientAD(TrainedDetector):
             targets = (self.backbone_targets(batch) - mean) / std
             return F.mse_loss(self.teacher_(self._pdn_input(batch)), targets)
 
-        training.run(Stage("distill", images, loss, [training.optimizers["distill"]],
+        training.run(Stage("distill", data, loss, [training.optimizers["distill"]],
                            [self.teacher_], 1, self.distillation_batch_size,
                            max_steps=self.distillation_steps))
 
