@@ -29,7 +29,9 @@ class PositionGaussians:
     def add(self, features: torch.Tensor) -> None:
         """Merge a batch of (B, D, h, w) feature maps."""
         batch = features.shape[0]
-        vectors = features.flatten(2).permute(2, 0, 1).float()  # (P, B, D)
+        # Position-major and contiguous: a batched matmul over a permuted view is about 15
+        # times slower on the CPU.
+        vectors = features.flatten(2).permute(2, 0, 1).float().contiguous()  # (P, B, D)
         batch_mean = vectors.mean(dim=1)
         centred = vectors - batch_mean.unsqueeze(1)
         batch_scatter = centred.transpose(1, 2) @ centred  # (P, D, D)
@@ -71,6 +73,6 @@ def mahalanobis_maps(features: torch.Tensor, mean: torch.Tensor, precision: torc
         tensor([[[1.4142]]])
     """
     batch, _, height, width = features.shape
-    centred = features.flatten(2).permute(2, 0, 1) - mean.unsqueeze(1)  # (P, B, D)
+    centred = features.flatten(2).permute(2, 0, 1).contiguous() - mean.unsqueeze(1)  # (P, B, D)
     squared = ((centred @ precision) * centred).sum(dim=2)  # (P, B)
     return squared.clamp_min(0).sqrt().transpose(0, 1).reshape(batch, height, width)
