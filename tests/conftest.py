@@ -15,6 +15,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+def predict_all(detector, samples) -> tuple:
+    """(maps, scores, masks, labels) as NumPy arrays for every sample, in order."""
+    import torch
+
+    from iadkit.data import make_loader
+
+    maps, scores, masks, labels = [], [], [], []
+    for batch in make_loader(samples, detector.preprocess, batch_size=8):
+        prediction = detector.predict(batch["image"])
+        maps.append(prediction.anomaly_maps)
+        scores.append(prediction.scores)
+        masks.append(batch["mask"])
+        labels.append(batch["label"])
+    return (torch.cat(maps).numpy(), torch.cat(scores).numpy(), torch.cat(masks).numpy(),
+            torch.cat(labels).numpy())
+
+
 @pytest.fixture(scope="session")
 def toy_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two generated categories in the MVTec AD layout, 64 px, with masks."""

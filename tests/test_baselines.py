@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import predict_all
 
 from iadkit import metrics
 from iadkit.data import load_dataset, make_loader
@@ -51,16 +52,9 @@ def alpha(toy_root):
 
 def _separation(detector: Detector, train, test) -> tuple[float, float]:
     detector.fit(make_loader(train, detector.preprocess, batch_size=8))
-    maps, scores, masks, labels = [], [], [], []
-    for batch in make_loader(test, detector.preprocess, batch_size=8):
-        prediction = detector.predict(batch["image"])
-        maps.append(prediction.anomaly_maps)
-        scores.append(prediction.scores)
-        masks.append(batch["mask"])
-        labels.append(batch["label"])
-    image_auroc = metrics.auroc(torch.cat(labels).numpy(), torch.cat(scores).numpy())
-    pixel = metrics.pixel_metrics(torch.cat(masks).numpy(), torch.cat(maps).numpy())
-    return image_auroc, pixel["pixel_auroc"]
+    maps, scores, masks, labels = predict_all(detector, test)
+    return (metrics.auroc(labels, scores),
+            metrics.pixel_metrics(masks, maps)["pixel_auroc"])
 
 
 def test_padim_separates_synthetic_defects(alpha) -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from conftest import predict_all
 
 from iadkit import metrics
 from iadkit.data import make_loader
@@ -14,21 +14,9 @@ from iadkit.errors import CheckpointError, ConfigError, NotFittedError
 from iadkit.methods import Detector, create_detector
 
 
-def _predict_all(detector: Detector, samples) -> tuple[np.ndarray, ...]:
-    maps, scores, masks, labels = [], [], [], []
-    for batch in make_loader(samples, detector.preprocess, batch_size=8):
-        prediction = detector.predict(batch["image"])
-        maps.append(prediction.anomaly_maps)
-        scores.append(prediction.scores)
-        masks.append(batch["mask"])
-        labels.append(batch["label"])
-    return (torch.cat(maps).numpy(), torch.cat(scores).numpy(), torch.cat(masks).numpy(),
-            torch.cat(labels).numpy())
-
-
 def test_patchcore_separates_synthetic_defects(fitted_patchcore) -> None:
     detector, samples = fitted_patchcore
-    maps, scores, masks, labels = _predict_all(detector, samples.where(split="test"))
+    maps, scores, masks, labels = predict_all(detector, samples.where(split="test"))
     assert maps.shape == (12, 56, 56) and scores.shape == (12,)
     assert metrics.auroc(labels, scores) >= 0.95
     assert metrics.pixel_metrics(masks, maps)["pixel_auroc"] >= 0.85
