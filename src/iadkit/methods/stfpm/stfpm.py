@@ -82,8 +82,9 @@ class STFPM(TrainedDetector):
     summary = "a student from scratch matches a frozen teacher's feature pyramid"
     presets = {
         # Lite0's stages 1-3 (strides 4, 8, 16), no centre crop. Training the student costs
-        # about half a second per image and epoch on two CPU cores (its BatchNorm layers train):
-        # 10 epochs of 16 images, a budget, not a convergence point.
+        # about 0.1 s per image and epoch on two quiet CPU cores (its BatchNorm layers train;
+        # 5-9 times more beside another busy process): 10 epochs of 16 images, a budget, not a
+        # convergence point.
         "cpu": dict(backbone="tf_efficientnet_lite0", layers=(1, 2, 3), image_size=256,
                     crop_size=None, epochs=10, batch_size=16),
         # The paper: ResNet-18's conv2_x..conv4_x, 256 px, SGD 0.4, 100 epochs of 32 images.
