@@ -34,6 +34,7 @@ from torch import nn
 
 from ...backbones.extractor import IMAGENET_MEAN, IMAGENET_STD
 from ...errors import ConfigError, IadkitError
+from ...nn.anomaly_maps import image_scores
 from ...synthesis.textures import TextureSource
 from ...validation import Choice, Number, Optional, Text
 from .. import register
@@ -76,6 +77,26 @@ def colour_jitter(images: torch.Tensor) -> torch.Tensor:
     saturation = grey + (images - grey) * factors
     jittered = torch.where(kinds == 0, brightness, torch.where(kinds == 1, contrast, saturation))
     return jittered.clamp(0, 1)
+
+
+def channel_statistics(feature_maps: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and standard deviation (C,) over every image and position of a stream
+    of (B, C, h, w) maps, accumulated in float64."""
+    totals = [(values.sum(dim=(0, 2, 3)), values.pow(2).sum(dim=(0, 2, 3)),
+               values.shape[0] * values.shape[2] * values.shape[3])
+              for values in (maps.detach().double() for maps in feature_maps)]
+    if not totals:
+        raise ValueError("no feature maps to take statistics of")
+    sums, squares = (torch.stack(column).sum(dim=0) for column in list(zip(*totals))[:2])
+    count = sum(total[2] for total in totals)
+    mean = sums / count
+    return mean.float(), (squares / count - mean**2).clamp_min(1e-12).sqrt().float()
+
+
+def sample_images(source: TextureSource, count: int, size: int, seed: int) -> torch.Tensor:
+    """``count`` random (3, size, size) images of ``source``, drawn from ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.stack([source.sample(size, generator) for _ in range(count)])
 
 
 def hard_feature_loss(distances: torch.Tensor, quantile: float) -> torch.Tensor:
@@ -151,7 +172,7 @@ class EfficientAD(TrainedDetector):
 
     @property
     def output_size(self) -> int:
-        return self.crop_size or self.image_size
+        return self.preprocess.output_size
 
     def check_resources(self) -> None:
         super().check_resources()
@@ -232,10 +253,10 @@ class EfficientAD(TrainedDetector):
         if features.shape[-1] != grid:
             features = F.interpolate(features, size=(grid, grid), mode="bilinear",
                                      align_corners=False)
-        batch, width, height, _ = features.shape
-        flat = features.permute(0, 2, 3, 1).reshape(-1, 1, width)
+        batch, backbone_channels = features.shape[:2]
+        flat = features.permute(0, 2, 3, 1).reshape(-1, 1, backbone_channels)
         flat = F.adaptive_avg_pool1d(flat, self.channels)
-        return flat.view(batch, height, height, self.channels).permute(0, 3, 1, 2)
+        return flat.view(batch, grid, grid, self.channels).permute(0, 3, 1, 2)
 
     def _distillation_batches(self, data: TrainingImages
                               ) -> Callable[[torch.Tensor, int], torch.Tensor]:
@@ -246,11 +267,8 @@ class EfficientAD(TrainedDetector):
             return lambda indices, _: data.get(indices, self.torch_device)
         source = TextureSource(self.distillation_dir)
 
-        def from_folder(indices: torch.Tensor, seed: int) -> torch.Tensor:
-            generator = torch.Generator().manual_seed(seed)
-            return torch.stack([source.sample(self.output_size, generator)
-                                for _ in range(len(indices))]).to(self.torch_device)
-        return from_folder
+        return lambda indices, seed: sample_images(source, len(indices), self.output_size,
+                                                   seed).to(self.torch_device)
 
     def _distill(self, data: TrainingImages, training: Training) -> None:
         """Stage 1: the teacher learns the backbone's channel-normalised patch features. Its
@@ -261,16 +279,11 @@ class EfficientAD(TrainedDetector):
         if training.done("distill", epochs):
             return
         images_of = self._distillation_batches(data)
-        sums = torch.zeros(self.channels, device=self.torch_device)
-        squares, count = torch.zeros_like(sums), 0
-        for number, indices in enumerate(list(data.in_order(self.distillation_batch_size))[:64]):
-            seed = epoch_seed(self.seed, "distillation statistics", number)
-            targets = self.backbone_targets(images_of(indices, seed))
-            sums += targets.sum(dim=(0, 2, 3))
-            squares += targets.pow(2).sum(dim=(0, 2, 3))
-            count += targets.shape[0] * targets.shape[2] * targets.shape[3]
-        mean = (sums / count).view(1, -1, 1, 1)
-        std = (squares / count - mean.flatten() ** 2).clamp_min(1e-12).sqrt().view(1, -1, 1, 1)
+        batches = list(data.in_order(self.distillation_batch_size))[:64]
+        targets = (self.backbone_targets(images_of(
+            indices, epoch_seed(self.seed, "distillation statistics", number)))
+            for number, indices in enumerate(batches))
+        mean, std = (statistic.view(1, -1, 1, 1) for statistic in channel_statistics(targets))
 
         def loss(indices: torch.Tensor, step: int) -> torch.Tensor:
             batch = images_of(indices, epoch_seed(self.seed, "distillation images", step))
@@ -300,9 +313,8 @@ class EfficientAD(TrainedDetector):
             teacher = self._teacher_output(inputs)
             student = self.student_(inputs)[:, :channels]
             hard = hard_feature_loss((teacher - student) ** 2, self.hard_quantile)
-            generator = torch.Generator().manual_seed(epoch_seed(self.seed, "penalty", step))
-            others = torch.stack([penalty.sample(self.output_size, generator)
-                                  for _ in range(images.shape[0])]).to(self.torch_device)
+            others = sample_images(penalty, images.shape[0], self.output_size,
+                                   epoch_seed(self.seed, "penalty", step)).to(self.torch_device)
             penalised = self.student_(self._pdn_input(others))[:, :channels].pow(2).mean()
             jittered = self._pdn_input(colour_jitter(images))
             target = self._teacher_output(jittered)
@@ -343,17 +355,10 @@ class EfficientAD(TrainedDetector):
                               map_quantiles=[round(float(q), 6) for q in self.quantiles_])
 
     def _teacher_statistics(self, data: TrainingImages) -> tuple[torch.Tensor, torch.Tensor]:
-        sums = torch.zeros(self.channels, dtype=torch.float64, device=self.torch_device)
-        squares, count = torch.zeros_like(sums), 0
         with torch.no_grad():
-            for indices in data.in_order(16):
-                outputs = self.teacher_(self._pdn_input(data.get(indices, self.torch_device)))
-                sums += outputs.double().sum(dim=(0, 2, 3))
-                squares += outputs.double().pow(2).sum(dim=(0, 2, 3))
-                count += outputs.shape[0] * outputs.shape[2] * outputs.shape[3]
-        mean = sums / count
-        std = (squares / count - mean**2).clamp_min(1e-12).sqrt()
-        return mean.float(), std.float()
+            return channel_statistics(
+                self.teacher_(self._pdn_input(data.get(indices, self.torch_device)))
+                for indices in data.in_order(16))
 
     def _map_quantiles(self, validation: TrainingImages) -> torch.Tensor:
         student_teacher, autoencoder = [], []
@@ -386,7 +391,7 @@ class EfficientAD(TrainedDetector):
                     + 0.05 * (logical - low_logical) / (high_logical - low_logical))
         maps = F.interpolate(combined.unsqueeze(1), size=images.shape[-2:], mode="bilinear",
                              align_corners=False).squeeze(1)
-        return Prediction(maps, maps.flatten(1).amax(dim=1))
+        return Prediction(maps, image_scores(maps))
 
     def _state_tensors(self) -> dict[str, torch.Tensor]:
         return {**super()._state_tensors(), "teacher_mean": self.teacher_mean_.flatten(),

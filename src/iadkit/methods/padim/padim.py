@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import IadkitError
-from ...nn.anomaly_maps import gaussian_blur
+from ...nn.anomaly_maps import gaussian_blur, image_scores
 from ...progress import progress
 from ...validation import Number, Optional
 from .. import register
@@ -124,7 +124,7 @@ class PaDiM(BackboneDetector):
         maps = F.interpolate(distances.unsqueeze(1), size=images.shape[-2:], mode="bilinear",
                              align_corners=False).squeeze(1)
         maps = gaussian_blur(maps, self.smoothing_sigma)
-        return Prediction(maps, maps.flatten(1).amax(dim=1))
+        return Prediction(maps, image_scores(maps))
 
     def _state_tensors(self) -> dict[str, torch.Tensor]:
         return {"channel_indices": self.channel_indices_, "mean": self.mean_,

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..._torchvision_compat import import_timm
 from ...backbones import FeatureExtractor
-from ...nn.anomaly_maps import gaussian_blur
+from ...nn.anomaly_maps import gaussian_blur, image_scores
 from ...validation import Choice, Number
 from .. import register
 from ..base import Prediction
@@ -154,4 +154,4 @@ class STFPM(TrainedDetector):
         for level in upsampled[1:]:
             maps = maps * level if self.level_fusion == "product" else maps + level
         maps = gaussian_blur(maps, self.smoothing_sigma)
-        return Prediction(maps, maps.flatten(1).amax(dim=1))
+        return Prediction(maps, image_scores(maps))
