@@ -152,7 +152,7 @@ def test_efficientad_reuses_a_distilled_teacher_and_refuses_a_file_without_one(
 def test_efficientad_distils_on_a_folder_of_images_and_refuses_a_missing_one(tmp_path) -> None:
     from PIL import Image
 
-    from iadkit.errors import DatasetError
+    from iadkit.errors import ConfigError
 
     folder = tmp_path / "distillation"
     folder.mkdir()
@@ -168,5 +168,5 @@ def test_efficientad_distils_on_a_folder_of_images_and_refuses_a_missing_one(tmp
     # 3 training images (one held out) in batches of 2 make one step per epoch
     assert len(detector.fit_info_["loss_history"]["distill"]) == 2
     missing = create_detector("efficientad", distillation_dir=str(tmp_path / "none"), **tiny)
-    with pytest.raises(DatasetError, match="texture folder not found"):
+    with pytest.raises(ConfigError, match="distillation_dir: .*none: texture folder not found"):
         missing.fit(torch.rand(4, 3, 64, 64))

@@ -240,7 +240,8 @@ def test_bad_settings_give_one_clear_error(toy_root: Path, tmp_path: Path, capsy
     code = main(["fit", "--method", "aand", "--data", str(toy_root), "--category", "alpha",
                  "--out", str(tmp_path / "run"), "--param", "texture_dir=" + str(tmp_path / "none"),
                  "--param", "image_size=32", "--quiet"])
-    assert code == 2 and "texture folder not found" in capsys.readouterr().err
+    assert code == 2 and "texture_dir: " in (err := capsys.readouterr().err)
+    assert "texture folder not found" in err
     broken = tmp_path / "training"
     broken.mkdir()
     (broken / "training.json").write_text("{")

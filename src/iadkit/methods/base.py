@@ -34,8 +34,9 @@ import torch
 from ..backbones import FeatureExtractor, is_backbone_name
 from ..calibration import Calibration
 from ..data.preprocess import Preprocess
-from ..errors import CheckpointError, ConfigError, IadkitError, NotFittedError
+from ..errors import CheckpointError, ConfigError, DatasetError, IadkitError, NotFittedError
 from ..files import read_json_record
+from ..synthesis.textures import TextureSource
 from ..validation import Check, Choice, Either, Items, Number, Optional, Text
 from .hyperparameters import (
     Hyperparameter,
@@ -186,6 +187,14 @@ class Detector(ABC):
     def _refuse(self, message: str) -> ConfigError:
         """A :class:`ConfigError` for this method: ``raise self._refuse("...")``."""
         return ConfigError(f"{self._label}: {message}")
+
+    def _image_folder(self, option: str) -> TextureSource:
+        """The images of the folder named by hyperparameter ``option`` (procedural textures
+        when it is null); a missing or empty folder is refused naming the option."""
+        try:
+            return TextureSource(getattr(self, option))
+        except DatasetError as error:
+            raise self._refuse(f"{option}: {error}") from None
 
     # -- construction --------------------------------------------------------------------
     @classmethod

@@ -37,7 +37,6 @@ from torch import nn
 from ...errors import IadkitError
 from ...nn.anomaly_maps import upsample_blur_operator
 from ...synthesis.cse_defects import KINDS, CseDefectSynthesizer
-from ...synthesis.textures import TextureSource
 from ...validation import Choice, Flag, Items, Number, Optional, Text
 from .. import register
 from ..base import Prediction
@@ -150,7 +149,7 @@ class CSE(TrainedDetector):
 
     def check_resources(self) -> None:
         super().check_resources()
-        TextureSource(self.texture_dir)
+        self._image_folder("texture_dir")
 
     @functools.cached_property
     def _map_operators(self) -> dict[tuple, torch.Tensor]:
@@ -257,7 +256,7 @@ class CSE(TrainedDetector):
                                                 *self.decoder_.parameters()])
         _, steps_per_epoch, _ = step_schedule(len(train_data), self.batch_size, 1)
         epochs = max(self.epochs, -(-self.min_steps // steps_per_epoch))
-        synthesizer = CseDefectSynthesizer(TextureSource(self.texture_dir),
+        synthesizer = CseDefectSynthesizer(self._image_folder("texture_dir"),
                                            self.defect_probability, kinds=self.defect_kinds)
         normal_features: FrozenFeatures | None = None
         with self.training(checkpoint_dir, show_progress, modules, optimizers) as training:

@@ -179,7 +179,7 @@ class EfficientAD(TrainedDetector):
         if self.teacher_weights is not None:
             self._read_teacher(self.teacher_weights)
         elif self.distillation_dir is not None:
-            TextureSource(self.distillation_dir)
+            self._image_folder("distillation_dir")
 
     def _read_teacher(self, path: str) -> dict[str, torch.Tensor]:
         """The teacher's tensors of a saved EfficientAD model (``teacher.*`` keys)."""
@@ -265,7 +265,7 @@ class EfficientAD(TrainedDetector):
         so the folder may be as large as ImageNet)."""
         if self.distillation_dir is None:
             return lambda indices, _: data.get(indices, self.torch_device)
-        source = TextureSource(self.distillation_dir)
+        source = self._image_folder("distillation_dir")
 
         return lambda indices, seed: sample_images(source, len(indices), self.output_size,
                                                    seed).to(self.torch_device)
@@ -304,7 +304,7 @@ class EfficientAD(TrainedDetector):
             return (self.teacher_(pdn_input) - self.teacher_mean_) / self.teacher_std_
 
     def _train_students(self, data: TrainingImages, training: Training) -> None:
-        penalty = TextureSource(self.distillation_dir)
+        penalty = self._image_folder("distillation_dir")
         channels = self.channels
 
         def loss(indices: torch.Tensor, step: int) -> torch.Tensor:

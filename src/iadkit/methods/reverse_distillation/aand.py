@@ -21,7 +21,6 @@ from torch import nn
 
 from ...synthesis.draem import DraemSynthesizer
 from ...synthesis.foreground import foreground_mask, rule_for
-from ...synthesis.textures import TextureSource
 from ...validation import Check, Choice, Number, Optional, Text
 from .. import register
 from ..hyperparameters import hyperparameter
@@ -120,7 +119,7 @@ class AAND(ReverseDistillation):
 
     def check_resources(self) -> None:
         super().check_resources()
-        TextureSource(self.texture_dir)
+        self._image_folder("texture_dir")
 
     # -- networks -----------------------------------------------------------------------------
     def _create_networks(self, channels: list[int], strides: list[int]) -> None:
@@ -173,7 +172,7 @@ class AAND(ReverseDistillation):
             return
         device, cpu = self.torch_device, torch.device("cpu")
         foregrounds = self._foreground_masks(data)
-        synthesizer = DraemSynthesizer(TextureSource(self.texture_dir), self.anomaly_probability)
+        synthesizer = DraemSynthesizer(self._image_folder("texture_dir"), self.anomaly_probability)
         draws: dict[str, torch.Generator] = {}
 
         def start_epoch(epoch: int) -> None:
