@@ -1,4 +1,4 @@
-"""The classic baselines (PaDiM, STFPM): their pieces against references, and each separating
+"""The classic baselines (PaDiM, STFPM, EfficientAD): their pieces against references, and each separating
 the synthetic defects of the toy data (the contract tests cover fit, save, export, options)."""
 
 from __future__ import annotations
@@ -88,6 +88,18 @@ def test_stfpm_separates_synthetic_defects_after_ten_epochs(alpha) -> None:
     # the student trains from scratch: the loss falls steeply from its first epoch
     losses = detector.fit_info_["loss_history"]["match"]
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_efficientad_separates_synthetic_defects_and_both_stages_learn(alpha) -> None:
+    detector = create_detector("efficientad", image_size=64, distillation_steps=10,
+                               distillation_batch_size=8, max_steps=30, device="cpu")
+    image_auroc, pixel_auroc = _separation(detector, *alpha)
+    assert image_auroc >= 0.9 and pixel_auroc >= 0.9, (image_auroc, pixel_auroc)
+    # The toy defects are plain enough for untrained networks to light up, so the test also
+    # asks that the teacher's distillation and the student + autoencoder's training progress.
+    history = detector.fit_info_["loss_history"]
+    assert history["distill"][-1] < 0.5 * history["distill"][0]
+    assert history["train"][-1] < history["train"][0]
 
 
 @pytest.mark.parametrize("size", ["small", "medium"])
