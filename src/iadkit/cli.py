@@ -26,12 +26,14 @@ import argparse
 import glob
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from . import distributed
 from .deploy.settings import ServiceSettings
 from .errors import IadkitError
 
@@ -175,8 +177,9 @@ def cmd_test(args: argparse.Namespace) -> int:
     results, evaluations = test_run(args.run_dir, args.data, args.category, args.device,
                                     show_progress=not args.quiet,
                                     accept_backbone_change=args.accept_backbone_change)
-    _write_outputs(results, evaluations, args.json, args.report,
-                   title=f"iadkit test: {args.run_dir}")
+    if distributed.is_main():
+        _write_outputs(results, evaluations, args.json, args.report,
+                       title=f"iadkit test: {args.run_dir}")
     return 0
 
 
@@ -554,6 +557,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        # Under torchrun: join the other ranks; rank 0 alone reports (and writes files).
+        if distributed.init_from_environment(getattr(args, "device", None)) \
+                and not distributed.is_main():
+            args.quiet = True
+            logging.getLogger().setLevel(logging.ERROR)
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the process's lifetime)
         return args.func(args)
     except IadkitError as error:
         print(f"iadkit: error: {error}", file=sys.stderr)

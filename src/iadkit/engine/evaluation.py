@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
-from .. import metrics
+from .. import distributed, metrics
 from ..calibration import Calibration, rate_interval
 from ..data.dataset import make_loader
 from ..data.preprocess import Preprocess
@@ -56,23 +57,32 @@ class ScoredSamples:
 def predict_samples(detector: Detector, samples: SampleSet, batch_size: int = 16,
                     workers: int = 0, show_progress: bool = False,
                     description: str = "predict") -> ScoredSamples:
-    """Run a fitted detector over samples, keeping maps, scores and ground-truth masks."""
+    """Run a fitted detector over samples, keeping maps, scores and ground-truth masks.
+
+    Under torchrun each rank predicts its contiguous share of the samples and every rank gets
+    all the predictions back, in sample order (``seconds``: the slowest rank's).
+    """
     size = detector.preprocess.output_size
-    n = len(samples)
-    scores = np.empty(n, dtype=np.float32)
-    maps = np.empty((n, size, size), dtype=np.float32)
-    masks = np.empty((n, size, size), dtype=bool)
-    loader = make_loader(samples, detector.preprocess, batch_size, workers)
+    positions = distributed.shard(torch.arange(len(samples)))
+    mine = SampleSet(samples[i] for i in positions.tolist())
+    n = len(mine)
+    scores = torch.empty(n, dtype=torch.float32)
+    maps = torch.empty((n, size, size), dtype=torch.float32)
+    masks = torch.empty((n, size, size), dtype=torch.uint8)
+    loader = make_loader(mine, detector.preprocess, batch_size, workers)
     started = time.perf_counter()
     total = -(-n // batch_size)
     for batch in progress(loader, description, show_progress, total=total):
-        index = batch["index"].numpy()
+        index = batch["index"]
         prediction = detector.predict(batch["image"], categories=batch["category"])
-        scores[index] = prediction.scores.numpy()
-        maps[index] = prediction.anomaly_maps.numpy()
-        masks[index] = batch["mask"].numpy() > 0.5
-    return ScoredSamples(samples, scores, maps, masks, time.perf_counter() - started,
-                       detector.preprocess)
+        scores[index] = prediction.scores.float().cpu()
+        maps[index] = prediction.anomaly_maps.float().cpu()
+        masks[index] = (batch["mask"] > 0.5).to(torch.uint8)
+    seconds = distributed.all_reduce_max(torch.tensor(time.perf_counter() - started))
+    return ScoredSamples(samples, distributed.all_gather_shards(scores, len(samples)).numpy(),
+                         distributed.all_gather_shards(maps, len(samples)).numpy(),
+                         distributed.all_gather_shards(masks, len(samples)).numpy() > 0,
+                         float(seconds), detector.preprocess)
 
 
 def score_predictions(predictions: ScoredSamples, pixel: bool) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .. import distributed
 from ..data.dataset import make_loader
 from ..data.settings import Task
 from ..errors import CheckpointError, IadkitError
@@ -95,8 +96,12 @@ def fit_run(config: RunConfig, run_dir: str | Path, resume: bool = False) -> lis
         if before.model_settings() != config.model_settings():
             raise IadkitError(f"{run_dir} was fitted with other settings; use another --out "
                               "folder or drop --resume")
+    # Under torchrun every rank fits (each its share of the work) and rank 0 alone writes;
+    # the others wait for its files before they read them.
+    distributed.barrier()
     # Written before fitting, so that a run interrupted at any point can be resumed.
-    write_text_atomic(record_file, json.dumps(record, indent=2))
+    if distributed.is_main():
+        write_text_atomic(record_file, json.dumps(record, indent=2))
     saved = []
     for task in tasks:
         model_dir = run_dir / "models" / task.name
@@ -106,15 +111,19 @@ def fit_run(config: RunConfig, run_dir: str | Path, resume: bool = False) -> lis
             continue
         log.info("fitting %s on %d images (%s)", config.method, len(task.train), task.name)
         training_dir = model_dir.with_name(model_dir.name + ".training")
-        if not resume and training_dir.exists():
+        if not resume and training_dir.exists() and distributed.is_main():
             shutil.rmtree(training_dir)
+        distributed.barrier()
         detector = fit_detector(config, task, training_dir, plans[task.name])
-        # Save to a temporary folder, then rename: an interruption never leaves half a model.
-        partial = model_dir.with_name(model_dir.name + ".partial")
-        detector.save(partial)
-        if model_dir.exists():
-            shutil.rmtree(model_dir)
-        partial.rename(model_dir)
+        if distributed.is_main():
+            # Save to a temporary folder, then rename: an interruption never leaves half a
+            # model.
+            partial = model_dir.with_name(model_dir.name + ".partial")
+            detector.save(partial)
+            if model_dir.exists():
+                shutil.rmtree(model_dir)
+            partial.rename(model_dir)
+        distributed.barrier()
         saved.append(model_dir)
         log.info("saved %s (%.1f s)", model_dir, (detector.fit_info_ or {})["seconds_fit"])
     return saved

@@ -2,8 +2,9 @@
 frozen features, learning-rate schedules and resumable training checkpoints.
 
 Every method trained by gradient descent describes its training as :class:`Stage` objects and
-runs them in a :class:`Training`; no method has a loop of its own. This is where mixed
-precision and distributed training go.
+runs them in a :class:`Training`; no method has a loop of its own. Under ``torchrun`` this loop
+is data-parallel (every batch split over the ranks, see :meth:`Training.run`), for every
+method at once.
 
 Training images are decoded once and kept as uint8, so an epoch costs only the network, and the
 order of every epoch is drawn from ``(seed, epoch)``: a run resumed from a checkpoint sees the
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import distributed
 from ..errors import CheckpointError
 from ..files import read_json_record
 from ..progress import progress
@@ -84,13 +86,14 @@ class TrainingImages:
     def epoch_batches(self, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
         """Shuffled index batches of one epoch, drawn from ``(seed, epoch)``.
 
-        A last batch of a single image joins the one before it: batch normalisation cannot
-        train on one sample, and no image is left out.
+        A last batch smaller than :func:`smallest_batch` joins the one before it: batch
+        normalisation cannot train on one sample, every rank needs an image, and no image is
+        left out.
         """
         generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
         order = torch.randperm(len(self), generator=generator)
         batches = list(order.split(batch_size))
-        if len(batches) > 1 and len(batches[-1]) == 1:
+        if len(batches) > 1 and len(batches[-1]) < smallest_batch():
             batches[-2:] = [torch.cat(batches[-2:])]
         return batches
 
@@ -180,12 +183,19 @@ def one_cycle(pct_start: float = 0.3, div_factor: float = 25.0, final_div_factor
     return schedule
 
 
+def smallest_batch() -> int:
+    """The fewest images a training batch may have: two (batch normalisation), and one per
+    rank when training is distributed."""
+    return max(2, distributed.world_size())
+
+
 def step_schedule(n_images: int, batch_size: int, epochs: int, max_steps: int | None = None
                   ) -> tuple[int, int, int]:
     """(epochs, steps per epoch, total steps) of a schedule given in epochs or, when
     ``max_steps`` is set, in optimisation steps (the last epoch then stops early)."""
     steps_per_epoch = math.ceil(n_images / batch_size)
-    if steps_per_epoch > 1 and n_images % batch_size == 1:  # see TrainingImages.epoch_batches
+    # see TrainingImages.epoch_batches
+    if steps_per_epoch > 1 and 0 < n_images % batch_size < smallest_batch():
         steps_per_epoch -= 1
     if max_steps:
         return math.ceil(max_steps / steps_per_epoch), steps_per_epoch, max_steps
@@ -261,12 +271,17 @@ class Training:
                 group.setdefault("base_lr", group["lr"])
         self.checkpoint = TrainingCheckpoint(folder, every_seconds)
         self.history: dict[str, list[float]] = self.checkpoint.restore(modules, optimizers) or {}
+        # Under torchrun: every rank starts from rank 0's weights, and trained BatchNorm
+        # layers normalise with the whole batch's statistics.
+        distributed.broadcast_modules(modules.values())
+        self._synchronised = distributed.synchronise_batch_norms(list(modules.values()))
         self.started = time.perf_counter()
 
     def __enter__(self) -> Training:  # noqa: PYI034 (Self needs Python 3.11)
         return self
 
     def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        distributed.restore_batch_norms(self._synchronised)
         if kind is None:
             self.checkpoint.clear()
             for module in self.modules.values():
@@ -278,16 +293,25 @@ class Training:
 
     def run(self, stage: Stage) -> None:
         """Run the epochs of ``stage`` not done yet, recording one mean loss per epoch and
-        saving a checkpoint after each when it is due (and after the last)."""
+        saving a checkpoint after each when it is due (and after the last).
+
+        Under torchrun each rank computes the loss of its part of every batch, weighted by its
+        share of the batch's images (a loss that sums over images needs no weight), and the
+        ranks' gradients are summed: every rank then takes the single-process step.
+        """
         epochs, steps_per_epoch, total_steps = stage.steps
+        distributed.check_batch_splits(stage.batch_size, len(stage.data))
         losses = self.history.setdefault(stage.name, [])
         parameters = [p for optimizer in stage.optimizers for group in optimizer.param_groups
                       for p in group["params"]]
         for epoch in progress(range(len(losses), epochs), stage.name, self.show_progress,
                               total=epochs - len(losses)):
-            torch.manual_seed(epoch_seed(self.seed, stage.name, epoch))
+            seed = epoch_seed(self.seed, stage.name, epoch)
+            torch.manual_seed(seed)
             if stage.start_epoch is not None:
                 stage.start_epoch(epoch)
+            if distributed.is_distributed():  # each rank its own draws for its own images
+                torch.manual_seed(seed + distributed.rank())
             for module in stage.modules:
                 module.train()
             total, count = 0.0, 0
@@ -300,21 +324,26 @@ class Training:
                     factor, momentum = stage.schedule(step, total_steps)
                     for optimizer in stage.optimizers:
                         _set_rate(optimizer, factor, momentum)
-                loss = stage.loss(indices, step)
+                mine = distributed.shard(indices)
+                loss = stage.loss(mine, step)
                 for optimizer in stage.optimizers:
                     optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                share = 1.0 if stage.loss_is_sum else len(mine) / len(indices)
+                (loss * share if share != 1.0 else loss).backward()
+                distributed.reduce_gradients(parameters)
                 if stage.clip_norm > 0:
                     nn.utils.clip_grad_norm_(parameters, stage.clip_norm)
                 for optimizer in stage.optimizers:
                     optimizer.step()
                 if stage.after_step is not None:
                     stage.after_step()
-                total += float(loss.detach()) * (1 if stage.loss_is_sum else len(indices))
-                count += len(indices)
+                total += float(loss.detach()) * (1 if stage.loss_is_sum else len(mine))
+                count += len(mine)
             if stage.end_epoch is not None:
                 stage.end_epoch(epoch)
-            losses.append(round(total / count, 6))
+            sums = distributed.all_reduce_sum(torch.tensor([total, float(count)],
+                                                           dtype=torch.float64))
+            losses.append(round(float(sums[0] / sums[1]), 6))
             self.checkpoint.maybe_save(self.history, self.modules, self.optimizers,
                                        force=epoch == epochs - 1)
 
@@ -395,7 +424,9 @@ class TrainingCheckpoint:
 
     def maybe_save(self, progress: dict[str, Any], modules: dict[str, nn.Module],
                    optimizers: dict[str, torch.optim.Optimizer], force: bool = False) -> None:
-        if self.folder is None:
+        """Save when ``every_seconds`` have passed since the last save, or ``force``; under
+        torchrun rank 0 alone writes (every rank holds the same state)."""
+        if self.folder is None or not distributed.is_main():
             return
         if not force and time.monotonic() - self._last_save < self.every_seconds:
             return
@@ -420,7 +451,7 @@ class TrainingCheckpoint:
         self._last_save = time.monotonic()
 
     def clear(self) -> None:
-        if self.folder is not None and self.folder.exists():
+        if self.folder is not None and distributed.is_main() and self.folder.exists():
             shutil.rmtree(self.folder)
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ... import distributed
 from ...errors import IadkitError
 from ...nn.anomaly_maps import gaussian_blur
 from ...nn.coreset import greedy_coreset
@@ -112,28 +113,42 @@ class PatchCore(BackboneDetector):
     def _fit(self, train: Iterable[Any] | torch.Tensor, show_progress: bool,
              checkpoint_dir: str | Path | None = None) -> dict[str, Any]:
         started = time.perf_counter()
-        chunks, n_images, grid = [], 0, (0, 0)
-        for images in progress(image_batches(train, self.batch_size), "features", show_progress):
-            features = self.patch_features(images.to(self.torch_device))
-            grid = tuple(features.shape[-2:])
-            chunks.append(features.permute(0, 2, 3, 1).reshape(-1, features.shape[1]))
+        # Under torchrun each rank takes every world_size-th batch and keeps where its images
+        # sit in the training order: the coreset is then selected over all ranks' patches.
+        ranks, rank = distributed.world_size(), distributed.rank()
+        chunks, first_images, n_images = [], [], 0
+        grid = torch.zeros(3, dtype=torch.long)  # (channels, height, width) of the features
+        batches = image_batches(train, self.batch_size)
+        for number, images in enumerate(progress(batches, "features", show_progress)):
+            if number % ranks == rank:
+                features = self.patch_features(images.to(self.torch_device))
+                chunks.append(features.permute(0, 2, 3, 1).reshape(-1, features.shape[1]))
+                first_images.append(torch.arange(n_images, n_images + images.shape[0]))
+                grid = torch.tensor(features.shape[1:])
             n_images += images.shape[0]
         if n_images == 0:
             raise IadkitError("patchcore: no training images")
-        all_features = torch.cat(chunks)
+        shape = distributed.all_reduce_max(grid)  # known to every rank
+        channels, patches_per_image = int(shape[0]), int(shape[1] * shape[2])
+        local_features = torch.cat(chunks) if chunks else torch.empty(
+            0, channels, device=self.torch_device)
         del chunks
-        extracted = time.perf_counter()
-        indices = greedy_coreset(all_features, self.coreset_ratio, self.projection_dim,
-                                 seed=self.seed, show_progress=show_progress)
-        self._set_memory_bank(all_features[indices].contiguous())
+        images_here = torch.cat(first_images) if first_images else torch.empty(0, dtype=torch.long)
         # Rows are image-major: a patch's training image is its row over the patches per image.
-        self.memory_bank_sources_ = (indices.cpu() // (grid[0] * grid[1])).to(torch.int32)
+        rows = (images_here[:, None] * patches_per_image
+                + torch.arange(patches_per_image)).flatten()
+        extracted = time.perf_counter()
+        indices = greedy_coreset(local_features, self.coreset_ratio, self.projection_dim,
+                                 seed=self.seed, show_progress=show_progress, rows=rows)
+        bank = distributed.gather_rows(local_features, rows, indices)
+        self._set_memory_bank(bank.contiguous())
+        self.memory_bank_sources_ = (indices.cpu() // patches_per_image).to(torch.int32)
         return {
             "n_train_images": n_images,
-            "n_patches": int(all_features.shape[0]),
+            "n_patches": n_images * patches_per_image,
             "memory_bank_size": int(self.memory_bank_.shape[0]),
-            "feature_dim": int(all_features.shape[1]),
-            "feature_grid": list(grid),
+            "feature_dim": channels,
+            "feature_grid": [int(shape[1]), int(shape[2])],
             **self.backbone_facts(),
             "seconds_features": round(extracted - started, 2),
             "seconds_coreset": round(time.perf_counter() - extracted, 2),

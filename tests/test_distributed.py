@@ -1,0 +1,163 @@
+"""Data-parallel work on torch.distributed (gloo, two processes on the CPU): each piece gives
+the single-process result, and torchrun runs of the command line give the one-process run's
+files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from iadkit import distributed
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _rank_main(rank: int, world: int, store: str, work: Callable[..., Any], args: tuple,
+               out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        result = work(*args)
+        torch.save(result, f"{out}.{rank}") if rank == 0 else None
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(work: Callable[..., Any], *args: Any, world: int = 2) -> Any:
+    """``work(*args)`` on ``world`` gloo ranks; rank 0's return value (tensors, lists...)."""
+    with tempfile.TemporaryDirectory() as folder:
+        store, out = os.path.join(folder, "store"), os.path.join(folder, "result")
+        mp.spawn(_rank_main, args=(world, store, work, args, out), nprocs=world)
+        return torch.load(f"{out}.0")
+
+
+def _batch_norm_step(inputs: torch.Tensor, weights: dict[str, torch.Tensor]) -> dict:
+    layer = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    layer.load_state_dict(weights)
+    swapped = distributed.synchronise_batch_norms([layer])
+    output = layer(distributed.shard(inputs))
+    # the loss of the whole batch is the mean over its images: each rank its share
+    share = output.shape[0] / inputs.shape[0]
+    (output.pow(2).mean() * share).backward()
+    distributed.reduce_gradients(layer.parameters())
+    distributed.restore_batch_norms(swapped)
+    return {"output": distributed.all_gather_shards(output.detach(), inputs.shape[0]),
+            "gradients": [p.grad for p in layer.parameters()],
+            "buffers": [b.clone() for b in layer[1].buffers()],
+            "class": type(layer[1]).__name__}
+
+
+def test_synchronised_batch_norm_on_two_ranks_gives_the_whole_batch_forward_and_backward(
+) -> None:
+    torch.manual_seed(0)
+    inputs = torch.randn(5, 3, 6, 6) * 3 + 1  # five images: shares of 3 and 2
+    reference = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    weights = {k: v.clone() for k, v in reference.state_dict().items()}
+    output = reference(inputs)
+    output.pow(2).mean().backward()
+    ranks = run_ranks(_batch_norm_step, inputs, weights)
+    torch.testing.assert_close(ranks["output"], output.detach(), rtol=1e-5, atol=1e-5)
+    for got, expected in zip(ranks["gradients"], [p.grad for p in reference.parameters()]):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    for got, expected in zip(ranks["buffers"], reference[1].buffers()):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert ranks["class"] == "BatchNorm2d"  # restored after training
+
+
+def _reverse_distillation_fit(images: torch.Tensor, epochs: int) -> dict[str, Any]:
+    from iadkit.methods import create_detector
+
+    detector = create_detector("rd", "cpu", image_size=64, epochs=epochs,
+                               batch_size=images.shape[0], device="cpu")
+    detector.fit(images)
+    # The last step's gradients stay on the parameters (zeroed before the next step only).
+    return {"gradients": [p.grad.clone() for p in detector.student_.parameters()],
+            "losses": detector.fit_info_["loss_history"]["distill"]}
+
+
+def _reverse_distillation_gradients_in_float64(images: torch.Tensor) -> list[torch.Tensor]:
+    """The first step's gradients of the same RD fit, computed in float64 in one process."""
+    from iadkit.methods import create_detector
+    from iadkit.methods.training import TrainingImages
+
+    detector = create_detector("rd", "cpu", image_size=64, batch_size=images.shape[0],
+                               device="cpu")
+    with detector.seeded():
+        detector._build_networks()
+    stored = TrainingImages.collect(images)  # the fit's uint8 copy
+    features = [f.double() for f in detector.teacher_features(
+        stored.get(torch.arange(len(stored)), torch.device("cpu")))]
+    student = detector.student_.double().train()
+    detector._distillation_loss(features, student(features)).backward()
+    return [p.grad.float() for p in student.parameters()]
+
+
+def _worst_relative_error(got: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    return max(float((g - r).abs().max() / r.abs().max()) for g, r in zip(got, reference))
+
+
+def test_reverse_distillation_on_two_ranks_takes_the_one_rank_step() -> None:
+    """The batch split over the ranks with its loss shares, BatchNorm synchronised and the
+    gradients summed give the single-process step: as close to the exact (float64) gradients
+    as one float32 process is. (RD's gradients at initialisation are ill-conditioned: on some
+    images float32 rounding alone moves them by a percent, so no fixed tolerance would do.
+    Weights after many Adam steps are not compared either: Adam turns rounding noise in
+    near-zero gradients into steps of the learning rate's size, in one process as in two.)"""
+    torch.manual_seed(0)
+    images = torch.rand(7, 3, 64, 64)  # shares of 4 and 3
+    one = _reverse_distillation_fit(images, epochs=1)
+    two = run_ranks(_reverse_distillation_fit, images, 1)
+    exact = _reverse_distillation_gradients_in_float64(images)
+    one_process = _worst_relative_error(one["gradients"], exact)
+    assert _worst_relative_error(two["gradients"], exact) <= 3 * one_process + 1e-4
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
+
+
+def _iadkit(*args: str, ranks: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+    """The command line in one process, or under torchrun on ``ranks`` gloo processes."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc-per-node", str(ranks)] if ranks > 1 else [sys.executable]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*launcher, "-m", "iadkit", *args, "--quiet", "--device", "cpu"],
+                          check=False, capture_output=True, text=True, env=env, timeout=600)
+    if check:
+        assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _metrics(path: Path) -> dict[str, Any]:
+    """A test JSON without its timings."""
+    results = json.loads(path.read_text())
+    for group in results["per_category"].values():
+        group.pop("ms_per_image")
+    return results
+
+
+def test_patchcore_fitted_and_tested_on_two_ranks_gives_the_one_process_files(
+        toy_root: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    fit = ["fit", "--method", "patchcore", "--data", str(toy_root), "--category", "alpha",
+           "--param", "image_size=64", "--param", "coreset_ratio=0.1", "--batch-size", "4"]
+    _iadkit(*fit, "--out", str(tmp_path / "one"))
+    _iadkit(*fit, "--out", str(tmp_path / "two"), ranks=2)
+    one = load_file(str(tmp_path / "one/models/alpha/weights.safetensors"))
+    two = load_file(str(tmp_path / "two/models/alpha/weights.safetensors"))
+    assert one.keys() == two.keys()
+    for key in one:  # the memory bank selected over both ranks' patches is the same bank
+        assert torch.equal(one[key], two[key]), key
+    _iadkit("test", str(tmp_path / "one"), "--json", str(tmp_path / "one.json"))
+    _iadkit("test", str(tmp_path / "one"), "--json", str(tmp_path / "split.json"), ranks=2)
+    assert _metrics(tmp_path / "split.json") == _metrics(tmp_path / "one.json")
