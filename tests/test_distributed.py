@@ -8,7 +8,9 @@ import json
 import os
 import subprocess
 import sys
+import signal
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -161,3 +163,41 @@ def test_patchcore_fitted_and_tested_on_two_ranks_gives_the_one_process_files(
     _iadkit("test", str(tmp_path / "one"), "--json", str(tmp_path / "one.json"))
     _iadkit("test", str(tmp_path / "one"), "--json", str(tmp_path / "split.json"), ranks=2)
     assert _metrics(tmp_path / "split.json") == _metrics(tmp_path / "one.json")
+
+
+def test_a_two_rank_training_killed_midway_resumes_from_its_checkpoint(
+        toy_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    fit = ["fit", "--method", "rd", "--data", str(toy_root), "--category", "alpha", "--out",
+           str(out), "--param", "image_size=64", "--param", "epochs=40", "--param",
+           "checkpoint_every_s=0", "--batch-size", "8"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc-per-node", "2", "-m", "iadkit", *fit, "--quiet", "--device", "cpu"]
+    checkpoint = out / "models" / "alpha.training" / "training.json"
+    running = subprocess.Popen(launcher, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not checkpoint.is_file() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert checkpoint.is_file(), "no training checkpoint written"
+    finally:  # a crash: both ranks and the launcher die at once
+        os.killpg(running.pid, signal.SIGKILL)
+        running.wait()
+    assert not (out / "models" / "alpha" / "detector.json").is_file()
+    done = _iadkit(*fit, "--resume", "--verbose", ranks=2)
+    assert "resuming the training from" in done.stderr
+    history = json.loads((out / "models" / "alpha" / "detector.json").read_text())
+    assert len(history["fit_info"]["loss_history"]["distill"]) == 40
+
+
+def test_a_batch_too_small_for_the_ranks_is_refused_with_one_clear_error(
+        toy_root: Path, tmp_path: Path) -> None:
+    done = _iadkit("fit", "--method", "rd", "--data", str(toy_root), "--category", "alpha",
+                   "--out", str(tmp_path / "run"), "--param", "image_size=64",
+                   "--param", "batch_size=1", ranks=2, check=False)
+    assert done.returncode != 0
+    assert "batch_size=1 with 14 training images cannot give each of the 2 ranks an image" \
+        in done.stderr
+    assert not (tmp_path / "run" / "models" / "alpha").exists()

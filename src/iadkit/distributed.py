@@ -3,7 +3,7 @@
 ``torchrun --nproc-per-node N -m iadkit fit ...`` starts N copies of the command line; each
 finds its rank in the environment torchrun sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
 ``MASTER_ADDR``...), and :func:`init_from_environment` joins them in one process group (gloo on
-the CPU, NCCL on CUDA, one GPU per local rank). Everything else asks this module who it is:
+the CPU; with CUDA, NCCL for GPU tensors and gloo for CPU ones, one GPU per local rank). Everything else asks this module who it is:
 
 - the training loop (:mod:`iadkit.methods.training`) splits every batch over the ranks and sums
   their gradients, so N ranks take the single-process step (:func:`reduce_gradients`);
@@ -85,7 +85,9 @@ def init_from_environment(device: str | None = None, timeout_minutes: float = 30
     use_cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
     if use_cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl" if use_cuda else "gloo",
+    # With CUDA, NCCL carries the GPU tensors and gloo the small CPU ones (counts, losses,
+    # the gathered predictions).
+    dist.init_process_group("cpu:gloo,cuda:nccl" if use_cuda else "gloo",
                             timeout=datetime.timedelta(minutes=timeout_minutes))
     return is_distributed()
 

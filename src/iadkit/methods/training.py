@@ -14,6 +14,7 @@ same batches as one that was never interrupted.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import time
@@ -34,6 +35,8 @@ from ..progress import progress
 from ..validation import Number
 from .base import BackboneDetector
 from .hyperparameters import hyperparameter
+
+log = logging.getLogger("iadkit")
 
 STATE_FILE = "training.json"
 TENSORS_FILE = "training.safetensors"
@@ -271,6 +274,10 @@ class Training:
                 group.setdefault("base_lr", group["lr"])
         self.checkpoint = TrainingCheckpoint(folder, every_seconds)
         self.history: dict[str, list[float]] = self.checkpoint.restore(modules, optimizers) or {}
+        if self.history:
+            log.info("resuming the training from %s after %s", folder,
+                     ", ".join(f"{len(losses)} epochs of {stage}"
+                               for stage, losses in self.history.items()))
         # Under torchrun: every rank starts from rank 0's weights, and trained BatchNorm
         # layers normalise with the whole batch's statistics.
         distributed.broadcast_modules(modules.values())
