@@ -2,18 +2,18 @@
 .PHONY: demo test test-slow bench
 
 demo:
-	scripts/bootstrap.sh test,demo,faiss,serve,onnx,openvino
+	scripts/bootstrap.sh test,demo,faiss,serve,onnx,openvino,ray
 	.venv/bin/iadkit demo --out demo_out
 
 test:
-	scripts/bootstrap.sh test,demo,faiss,serve,onnx,openvino
+	scripts/bootstrap.sh test,demo,faiss,serve,onnx,openvino,ray
 	.venv/bin/ruff check src tests benchmarks
 	.venv/bin/python -m pytest -q tests
 
 test-slow:
-	scripts/bootstrap.sh test,demo,faiss,serve,onnx,openvino
+	scripts/bootstrap.sh test,demo,faiss,serve,onnx,openvino,ray
 	.venv/bin/python -m pytest -q -m slow tests
 
 bench:
-	scripts/bootstrap.sh test,demo,faiss,serve,onnx,openvino
+	scripts/bootstrap.sh test,demo,faiss,serve,onnx,openvino,ray
 	.venv/bin/python benchmarks/patchcore_magnetic_tile.py

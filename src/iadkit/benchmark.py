@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import re
 import resource
 import subprocess
@@ -42,6 +43,7 @@ import yaml
 from .data.settings import SETTINGS
 from .engine.config import RunConfig
 from .errors import IadkitError
+from .fanout import check_executor, start_ray
 from .progress import progress
 
 OPTION_KEYS = ("device", "batch_size", "seed", "validation_fraction", "workers")
@@ -135,35 +137,64 @@ def load_grid(path: str | Path) -> list[Cell]:
     return cells
 
 
-def run_grid(cells: list[Cell], out_dir: str | Path, show_progress: bool = True
+def run_grid(cells: list[Cell], out_dir: str | Path, show_progress: bool = True,
+             executor: str = "local", address: str | None = None, cpus_per_cell: int = 1
              ) -> list[dict[str, Any]]:
     """Run the cells that have no result yet, each in a child process; returns every record.
 
     A cell that fails records ``status: "failed"`` and its error, and is tried again the next
-    time the grid runs; the others go on.
+    time the grid runs; the others go on. With ``executor="ray"`` the cells run as Ray tasks
+    (``cpus_per_cell`` CPUs each, and a GPU for a cell on CUDA) on the cluster at ``address``
+    or a local Ray instance; the results files are the same.
     """
+    check_executor(executor, address)
     out_dir = Path(out_dir)
     (out_dir / "cells").mkdir(parents=True, exist_ok=True)
-    for cell in progress(cells, "benchmark cells", show_progress):
+    pending = []
+    for cell in cells:
         cell_dir = out_dir / "cells" / cell.id
         result = _read_result(cell_dir)
         if result is not None and result.get("status") == "ok":
             continue
         cell_dir.mkdir(parents=True, exist_ok=True)
         (cell_dir / "cell.json").write_text(json.dumps(cell.to_dict(), indent=2))
-        completed = subprocess.run([sys.executable, "-m", "iadkit.benchmark",
-                                    str(cell_dir / "cell.json")],
-                                   capture_output=True, text=True, check=False)
-        (cell_dir / "log.txt").write_text(completed.stdout + completed.stderr)
-        if _read_result(cell_dir) is None:  # the child died before it could write a result
-            tail = (completed.stderr or completed.stdout).strip().splitlines()[-1:]
-            _write_result(cell_dir, {**_identity(cell), "status": "failed",
-                                     "error": f"exit code {completed.returncode}: "
-                                              f"{tail[0] if tail else 'no output'}"})
-        write_outputs(out_dir, _collect(cells, out_dir))
+        pending.append((cell, cell_dir))
+    if executor == "ray":
+        ray = start_ray(address)
+        task = ray.remote(run_cell_process)
+        waiting = {task.options(num_cpus=cpus_per_cell,
+                                num_gpus=1 if cell.config.device.startswith("cuda") else 0)
+                   .remote(cell.to_dict(), str(cell_dir), cpus_per_cell): cell
+                   for cell, cell_dir in pending}
+        bar = progress(range(len(waiting)), "benchmark cells", show_progress)
+        for _ in bar:
+            finished, _ = ray.wait(list(waiting), num_returns=1)
+            ray.get(finished[0])  # a cell's own failures are in its result; this re-raises Ray's
+            del waiting[finished[0]]
+            write_outputs(out_dir, _collect(cells, out_dir))
+    else:
+        for cell, cell_dir in progress(pending, "benchmark cells", show_progress):
+            run_cell_process(cell.to_dict(), str(cell_dir), None)
+            write_outputs(out_dir, _collect(cells, out_dir))
     records = _collect(cells, out_dir)
     write_outputs(out_dir, records)
     return records
+
+
+def run_cell_process(cell: dict[str, Any], cell_dir: str, threads: int | None) -> None:
+    """Run one cell (its ``cell.json`` written) in a child process, with ``threads`` torch
+    threads; a child that dies before writing its result gets a failed one."""
+    cell_dir_path = Path(cell_dir)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+    completed = subprocess.run([sys.executable, "-m", "iadkit.benchmark",
+                                str(cell_dir_path / "cell.json")],
+                               capture_output=True, text=True, check=False, env=env)
+    (cell_dir_path / "log.txt").write_text(completed.stdout + completed.stderr)
+    if _read_result(cell_dir_path) is None:  # the child died before it could write a result
+        tail = (completed.stderr or completed.stdout).strip().splitlines()[-1:]
+        _write_result(cell_dir_path, {**_identity(Cell.from_dict(cell)), "status": "failed",
+                                      "error": f"exit code {completed.returncode}: "
+                                               f"{tail[0] if tail else 'no output'}"})
 
 
 def run_cell(cell_file: str | Path) -> dict[str, Any]:

@@ -5,8 +5,9 @@ Stable commands (scripts and CI rely on them)::
     iadkit fit --method NAME --preset cpu|paper --data ROOT --category NAME --out RUN_DIR
     iadkit test RUN_DIR [--data ROOT --category NAME] --json FILE [--report DIR]
     iadkit predict RUN_DIR IMAGES... --out DIR [--format csv|jsonl] [--resume]
+                   [--executor ray [--address HOST:PORT] [--actors N]]
     iadkit demo --out DIR
-    iadkit benchmark GRID.yaml --out DIR
+    iadkit benchmark GRID.yaml --out DIR [--executor ray [--address HOST:PORT]]
     iadkit serve RUN_DIR|EXPORT_DIR [--port 8000] [--runtime onnxruntime|openvino]
     iadkit export RUN_DIR --format onnx --out DIR
     iadkit data prepare elpv DEST | iadkit data generate DEST
@@ -18,6 +19,9 @@ Settings come from ``--config FILE.yaml`` (keys of :class:`iadkit.engine.RunConf
 ``params:`` for hyperparameters), then flags override them; ``--param key=value`` overrides one
 hyperparameter (the value is read as YAML: ``--param coreset_ratio=0.02``). Every bad setting
 or hyperparameter is refused with one line on stderr and exit code 2, before any work.
+
+``fit``, ``test`` and ``predict`` also run data-parallel under ``torchrun``
+(``torchrun --standalone --nproc-per-node N -m iadkit fit ...``; docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import yaml
 from . import distributed
 from .deploy.settings import ServiceSettings
 from .errors import IadkitError
+from .fanout import check_executor, start_ray
 
 log = logging.getLogger("iadkit")
 
@@ -214,12 +219,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .engine import resolve_model_dir
     from .methods import Detector
 
-    detector = Detector.load(resolve_model_dir(args.run_dir, args.model), device=args.device,
+    _start_executor(args)
+    model_dir = resolve_model_dir(args.run_dir, args.model)
+    detector = Detector.load(model_dir, device=args.device,
                              accept_backbone_change=args.accept_backbone_change)
     summary = predict_files(detector, _collect_images(args.inputs), Path(args.out),
                             output_format=args.format, resume=args.resume,
                             heatmaps=not args.no_heatmaps, batch_size=args.batch_size,
-                            show_progress=not args.quiet)
+                            show_progress=not args.quiet, executor=args.executor,
+                            address=args.address, actors=args.actors, model_dir=model_dir)
     resumed = f", {summary.skipped} already done" if summary.skipped else ""
     print(f"{summary.scored} images scored, {summary.failed} unreadable{resumed}: "
           f"{summary.output}")
@@ -266,8 +274,10 @@ def cmd_data(args: argparse.Namespace) -> int:
 def cmd_benchmark(args: argparse.Namespace) -> int:
     from .benchmark import load_grid, run_grid
 
+    _start_executor(args)
     cells = load_grid(args.grid)
-    records = run_grid(cells, args.out, show_progress=not args.quiet)
+    records = run_grid(cells, args.out, show_progress=not args.quiet, executor=args.executor,
+                       address=args.address, cpus_per_cell=args.cpus_per_cell)
     failed = [r["id"] for r in records if r.get("status") != "ok"]
     print((Path(args.out) / "results.md").read_text(), end="")
     print(f"{len(records) - len(failed)} of {len(cells)} cells done; results in {args.out}")
@@ -403,6 +413,20 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
                         "procedural textures without it")
 
 
+def _start_executor(args: argparse.Namespace) -> None:
+    """Refuse a bad --executor/--address, and connect to Ray, before any work."""
+    check_executor(args.executor, args.address)
+    if args.executor == "ray":
+        start_ray(args.address)
+
+
+def _add_executor_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--executor", default="local",
+                        help="local (default) or ray: fan the work out on a Ray cluster")
+    parser.add_argument("--address", help="the Ray cluster's HOST:PORT (default: start a "
+                        "local Ray instance)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iadkit", description=__doc__.split("\n")[0])
     common = argparse.ArgumentParser(add_help=False)
@@ -445,6 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="scores.csv (default) or scores.jsonl")
     predict.add_argument("--resume", action="store_true",
                          help="skip the files already in the output and append the rest")
+    _add_executor_flags(predict)
+    predict.add_argument("--actors", type=int, default=2,
+                         help="with --executor ray: actors, each holding the model once")
     predict.set_defaults(func=cmd_predict)
 
     benchmark = add_command("benchmark", "run a grid of methods x datasets x settings "
@@ -452,6 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     benchmark.add_argument("grid", help="grid YAML file (see iadkit.benchmark)")
     benchmark.add_argument("--out", required=True,
                            help="results folder; run again to finish an interrupted grid")
+    _add_executor_flags(benchmark)
+    benchmark.add_argument("--cpus-per-cell", type=int, default=1,
+                           help="with --executor ray: CPUs (and torch threads) per cell")
     benchmark.set_defaults(func=cmd_benchmark)
 
     export = add_command("export", "export a trained detector's inference as ONNX")

@@ -25,8 +25,10 @@ Example:
 from __future__ import annotations
 
 import datetime
+import json
 import os
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -189,6 +191,22 @@ def all_gather_shards(local: torch.Tensor, total: int) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded)
     return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
+
+def all_gather_json(value: Any) -> list[Any]:
+    """Every rank's JSON-serialisable ``value``, in rank order (``[value]`` in one process).
+    Sent as JSON text in a byte tensor: nothing is pickled."""
+    if not is_distributed():
+        return [value]
+    data = torch.frombuffer(bytearray(json.dumps(value).encode()), dtype=torch.uint8)
+    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(world_size())]
+    dist.all_gather(sizes, torch.tensor([len(data)]))
+    padded = torch.zeros(int(max(sizes)), dtype=torch.uint8)
+    padded[:len(data)] = data
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return [json.loads(bytes(part[:int(size)].tolist()).decode())
+            for part, size in zip(parts, sizes)]
 
 
 class _SummedOverRanks(torch.autograd.Function):

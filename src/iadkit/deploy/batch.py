@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -29,10 +30,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import distributed
 from ..calibration import decide
 from ..data.image_io import read_image
 from ..data.preprocess import Preprocess
 from ..errors import ConfigError, ImageReadError
+from ..fanout import check_executor
 from ..files import write_text_atomic
 from ..methods import Detector
 from ..overlay import save_overlay
@@ -96,7 +99,9 @@ class BatchSummary:
 
 def predict_files(detector: Detector, paths: Sequence[Path], out_dir: Path,
                   output_format: str = "csv", resume: bool = False, heatmaps: bool = True,
-                  batch_size: int = 16, show_progress: bool = False) -> BatchSummary:
+                  batch_size: int = 16, show_progress: bool = False,
+                  executor: str = "local", address: str | None = None, actors: int = 2,
+                  model_dir: Path | None = None) -> BatchSummary:
     """Score ``paths`` into ``out_dir/scores.jsonl`` (the durable record), ``scores.csv`` when
     asked, and ``out_dir/heatmaps/``.
 
@@ -111,54 +116,130 @@ def predict_files(detector: Detector, paths: Sequence[Path], out_dir: Path,
     at most the line being written, which ``resume`` detects and drops. The CSV is written
     from it, whole and atomically, at the end of every run (resumed or not), with a header and
     text cells that a spreadsheet would read as a formula neutralised.
+
+    With ``executor="ray"``, ``actors`` Ray actors each load the saved detector of
+    ``model_dir`` once and score chunks of the files (writing their heatmaps); this process
+    writes their records in the files' order, so the outputs are the local path's.
     """
     if output_format not in FORMATS:
         raise ConfigError(f"output format must be one of {FORMATS}, got {output_format!r}")
+    check_executor(executor, address)
+    if executor == "ray" and model_dir is None:
+        raise ConfigError("prediction on Ray needs the saved detector's folder (model_dir)")
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / LOG_FILE
-    done = _finished(log_path) if resume and log_path.is_file() else set()
-    if not resume:
-        log_path.write_text("")
+    # Under torchrun rank 0 prepares and writes the log; every rank reads what is done.
+    if distributed.is_main():
+        done = _finished(log_path) if resume and log_path.is_file() else set()
+        if not resume:
+            log_path.write_text("")
+    distributed.barrier()
+    if not distributed.is_main():
+        done = _finished(log_path) if resume and log_path.is_file() else set()
     # Heatmaps are numbered by the file's position in the full list: files of the same name in
     # different folders never collide, and a resumed run numbers the same way.
     numbers = {str(path): number for number, path in enumerate(paths)}
-    todo = [path for path in paths if str(path) not in done]
-    calibration = detector.calibration
+    todo = [(path, numbers[str(path)]) for path in paths if str(path) not in done]
+    if executor == "ray":
+        assert model_dir is not None
+        records = _records_on_ray(model_dir, todo, out_dir, heatmaps, batch_size, address,
+                                  actors, detector.device)
+    elif distributed.is_distributed():
+        records = _records_over_ranks(detector, todo, out_dir, heatmaps, batch_size)
+    else:
+        records = file_records(detector, todo, out_dir, heatmaps, batch_size)
     scored = failed = 0
-    with log_path.open("a", encoding="ascii", newline="\n") as log:
-        items = iter_predictions(detector, todo, batch_size)
-        for item in progress(items, "predict", show_progress, total=len(todo)):
-            record: dict[str, Any] = dict.fromkeys(FIELDS, "")
-            record["path"], record["path_encoding"] = encode_path(str(item.path))
-            if item.error is not None:
+    writing = log_path.open("a", encoding="ascii", newline="\n") if distributed.is_main() \
+        else contextlib.nullcontext()
+    with writing as log:
+        for record in progress(records, "predict", show_progress, total=len(todo)):
+            if record["error"]:
                 failed += 1
-                record["error"] = item.error
             else:
                 scored += 1
-                decision = decide(item.score, calibration)
-                record["score"] = f"{decision.score:.6g}"
-                if decision.anomalous is not None:
-                    record["normalised_score"] = f"{decision.normalised_score:.4f}"
-                    record["threshold"] = f"{decision.threshold:.6g}"
-                    record["anomalous"] = int(decision.anomalous)
-                    record["regions"] = _regions(item, detector.preprocess,
-                                                 calibration.pixel_threshold)
-                if heatmaps:
-                    name = (f"heatmaps/{numbers[str(item.path)]:06d}_"
-                            f"{_safe_stem(item.path.stem)}.png")
-                    save_overlay(item.path, item.anomaly_map, detector.preprocess, calibration,
-                                 out_dir / name)
-                    record["heatmap"] = name
-            # ASCII JSON (ensure_ascii): no character of a name can break the line.
-            log.write(json.dumps(record) + "\n")
-            log.flush()
+            if log is not None:
+                # ASCII JSON (ensure_ascii): no character of a name can break the line.
+                log.write(json.dumps(record) + "\n")
+                log.flush()
     output = log_path
-    if output_format == "csv":
+    if output_format == "csv" and distributed.is_main():
         output = out_dir / "scores.csv"
         _write_csv(log_path, output)
     return BatchSummary(output, scored, failed, len(paths) - len(todo))
 
 
+def file_records(detector: Detector, files: Sequence[tuple[Path, int]], out_dir: Path,
+                 heatmaps: bool, batch_size: int) -> Iterator[dict[str, Any]]:
+    """The log records of ``files`` (path, its number in the whole list), in order; writes
+    their heatmaps under ``out_dir``."""
+    numbers = {str(path): number for path, number in files}
+    calibration = detector.calibration
+    for item in iter_predictions(detector, [path for path, _ in files], batch_size):
+        record: dict[str, Any] = dict.fromkeys(FIELDS, "")
+        record["path"], record["path_encoding"] = encode_path(str(item.path))
+        if item.error is not None:
+            record["error"] = item.error
+            yield record
+            continue
+        decision = decide(item.score, calibration)
+        record["score"] = f"{decision.score:.6g}"
+        if decision.anomalous is not None:
+            record["normalised_score"] = f"{decision.normalised_score:.4f}"
+            record["threshold"] = f"{decision.threshold:.6g}"
+            record["anomalous"] = int(decision.anomalous)
+            record["regions"] = _regions(item, detector.preprocess, calibration.pixel_threshold)
+        if heatmaps:
+            name = f"heatmaps/{numbers[str(item.path)]:06d}_{_safe_stem(item.path.stem)}.png"
+            save_overlay(item.path, item.anomaly_map, detector.preprocess, calibration,
+                         out_dir / name)
+            record["heatmap"] = name
+        yield record
+
+
+def _records_over_ranks(detector: Detector, files: Sequence[tuple[Path, int]], out_dir: Path,
+                        heatmaps: bool, batch_size: int) -> Iterator[dict[str, Any]]:
+    """The records of ``files`` under torchrun, in order: each chunk of files is split over
+    the ranks (each writes its heatmaps) and its records gathered on every rank."""
+    size = 4 * batch_size * distributed.world_size()
+    for start in range(0, len(files), size):
+        chunk = files[start:start + size]
+        mine = [chunk[i] for i in distributed.shard(torch.arange(len(chunk))).tolist()]
+        local = list(file_records(detector, mine, out_dir, heatmaps, batch_size))
+        for part in distributed.all_gather_json(local):
+            yield from part
+
+
+class PredictionActor:
+    """A Ray actor's work: one saved detector, loaded once, scoring chunks of files."""
+
+    def __init__(self, model_dir: str, device: str) -> None:
+        self.detector = Detector.load(model_dir, device=device)
+
+    def score(self, files: list[tuple[str, int]], out_dir: str, heatmaps: bool,
+              batch_size: int) -> list[dict[str, Any]]:
+        return list(file_records(self.detector, [(Path(p), n) for p, n in files],
+                                 Path(out_dir), heatmaps, batch_size))
+
+
+def _records_on_ray(model_dir: Path, files: Sequence[tuple[Path, int]], out_dir: Path,
+                    heatmaps: bool, batch_size: int, address: str | None, actors: int,
+                    device: str) -> Iterator[dict[str, Any]]:
+    """The records of ``files`` scored by a pool of Ray actors, in the files' order."""
+    from ..fanout import start_ray
+
+    ray = start_ray(address)
+    from ray.util import ActorPool
+
+    remote = ray.remote(num_gpus=1 if device.startswith("cuda") else 0)(PredictionActor)
+    pool = ActorPool([remote.remote(str(model_dir), device) for _ in range(max(1, actors))])
+    # Chunks of a few batches: large enough to keep an actor busy, small enough that a
+    # killed run loses little (the log is written as chunks come back, in order).
+    size = 4 * batch_size
+    chunks = [[(str(path), number) for path, number in files[start:start + size]]
+              for start in range(0, len(files), size)]
+    for records in pool.map(lambda actor, chunk: actor.score.remote(
+            chunk, str(out_dir), heatmaps, batch_size), chunks):
+        yield from records
 def encode_path(name: str) -> tuple[str, str]:
     """(text, encoding) of a file name: itself when it is clean text, else its bytes
     percent-encoded (every byte outside printable ASCII, and ``%``) with encoding "percent"."""
