@@ -13,7 +13,7 @@ repository root::
 
     .venv/bin/python benchmarks/anomalib_parity.py --anomalib-python ../anomalib-env/bin/python
         [--sets magnetic_tile deeppcb elpv-mono elpv-poly] [--max-train 200] [--seeds 0 1 2]
-        [--components]
+        [--components [--ladders both|reverse]] [--sides iadkit anomalib]
 
 For every set and seed, each side runs in a child process of its own, one after the other:
 ``iadkit`` (our PatchCore through ``Detector.fit`` / ``predict``) and ``anomalib`` (anomalib's
@@ -107,9 +107,10 @@ def _export_backbone(path: Path) -> None:
 
 
 def _run_side(python: str, side: str, manifest: Path, out: Path, seed: int,
-              extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+              extra_env: dict[str, str] | None = None, extra_args: tuple[str, ...] = ()
+              ) -> dict[str, Any]:
     command = [python, str(Path(__file__).resolve()), "--side", side, "--manifest", str(manifest),
-               "--out", str(out), "--seed", str(seed)]
+               "--out", str(out), "--seed", str(seed), *extra_args]
     env = {**os.environ, "TQDM_DISABLE": "1", **(extra_env or {})}
     result = subprocess.run(command, check=False, env=env, capture_output=True, text=True)
     if result.returncode != 0:
@@ -148,7 +149,7 @@ def parent(args: argparse.Namespace) -> None:
             manifest_path.write_text(json.dumps(manifest))
             common = {"set": set_name, "seed": seed, "n_train": len(manifest["train"]),
                       "n_test": len(manifest["test"])}
-            for side in sides:
+            for side in (s for s in sides if s.startswith(tuple(args.sides))):
                 python = args.anomalib_python if side == "anomalib" else sys.executable
                 facts = _run_side(python, side, manifest_path, work, seed)
                 quality = _score(work, side, manifest["has_masks"])
@@ -156,7 +157,8 @@ def parent(args: argparse.Namespace) -> None:
         if args.components:
             path = work / f"{set_name}-{args.seeds[0]}.json"
             env = {"PYTHONPATH": str(REPO / "src")}
-            facts = _run_side(args.anomalib_python, "components", path, work, args.seeds[0], env)
+            facts = _run_side(args.anomalib_python, "components", path, work, args.seeds[0], env,
+                              ("--ladders", args.ladders))
             for line in facts["lines"]:
                 print(json.dumps({"set": set_name, **line}), flush=True)
 
@@ -331,6 +333,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--components", action="store_true",
                         help="also compare the pipelines stage by stage")
+    parser.add_argument("--ladders", choices=("both", "reverse"), default="both",
+                        help="with --components: both ladders, or only the reverse one "
+                        "(iadkit everywhere but one stage: minutes, no anomalib coreset)")
+    parser.add_argument("--sides", nargs="+", choices=("iadkit", "anomalib"),
+                        default=["iadkit", "anomalib"], help="the sides to run per seed")
     parser.add_argument("--side", choices=["iadkit", "iadkit-preset", "anomalib", "components"],
                         help=argparse.SUPPRESS)
     parser.add_argument("--manifest", help=argparse.SUPPRESS)
@@ -350,7 +357,8 @@ def main() -> None:
     elif args.side == "components":
         from anomalib_parity_components import compare_components
 
-        facts = {"lines": compare_components(manifest, args.seed)}
+        facts = {"lines": compare_components(manifest, args.seed,
+                                             first_ladder=args.ladders == "both")}
     else:
         facts = iadkit_side(manifest, out, args.seed, preset=args.side == "iadkit-preset")
     print(json.dumps(facts))
