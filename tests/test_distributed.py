@@ -201,3 +201,22 @@ def test_a_batch_too_small_for_the_ranks_is_refused_with_one_clear_error(
     assert "batch_size=1 with 14 training images cannot give each of the 2 ranks an image" \
         in done.stderr
     assert not (tmp_path / "run" / "models" / "alpha").exists()
+
+
+@pytest.mark.parametrize("method", ["cada", "cse"])
+def test_methods_with_nested_fits_or_batch_coupled_losses_fit_on_two_ranks(
+        method: str, toy_root: Path, tmp_path: Path) -> None:
+    """CADA fits its base inside its own fit (rank 0 alone keeps the base's files); CSE's
+    contrastive loss couples the images of a batch (each rank's term covers its share)."""
+    import yaml
+
+    from iadkit.methods import get_method
+
+    tiny = get_method(method).tiny_params
+    flags = [flag for key, value in tiny.items()
+             for flag in ("--param", f"{key}={yaml.safe_dump(value, default_flow_style=True)}"
+                          .removesuffix("\n...\n").strip())]
+    _iadkit("fit", "--method", method, "--data", str(toy_root), "--category", "alpha",
+            "--out", str(tmp_path / "run"), "--batch-size", "4", *flags, ranks=2)
+    assert (tmp_path / "run" / "models" / "alpha" / "detector.json").is_file()
+    assert not (tmp_path / "run" / "models" / "alpha.training").exists()

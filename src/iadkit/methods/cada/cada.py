@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ... import distributed
 from ...backbones import FeatureExtractor
 from ...data.preprocess import Preprocess
 from ...errors import ConfigError, IadkitError
@@ -210,7 +211,8 @@ class CADA(Detector):
         if self.alignment != "class":
             info = self._train_network(data, features, statistics, labels, len(classes),
                                        show_progress, checkpoint_dir)
-        if checkpoint_dir is not None and Path(checkpoint_dir).exists():
+        distributed.barrier()  # under torchrun rank 0 removes what every rank may read
+        if checkpoint_dir is not None and distributed.is_main() and Path(checkpoint_dir).exists():
             shutil.rmtree(checkpoint_dir)
         return {
             "n_train_images": len(data),
@@ -237,7 +239,7 @@ class CADA(Detector):
         base = self.base_detector
         base.fit(data.batches(self.batch_size), show_progress=show_progress,
                  checkpoint_dir=Path(checkpoint_dir) / BASE_TRAINING if checkpoint_dir else None)
-        if saved is not None:
+        if saved is not None and distributed.is_main():
             base.save(saved)
         return base
 
