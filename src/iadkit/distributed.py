@@ -101,7 +101,7 @@ def shard(items: torch.Tensor) -> torch.Tensor:
 
 
 def check_batch_splits(batch_size: int, n_images: int, option: str = "batch_size") -> None:
-    """Refuse a batch too small to give every rank an image (before any training)."""
+    """Refuse a batch too small to give every rank an image (before the first step)."""
     ranks = world_size()
     if ranks > 1 and min(batch_size, n_images) < ranks:
         raise ConfigError(f"{option}={batch_size} with {n_images} training images cannot give "
@@ -120,7 +120,7 @@ def reduce_gradients(parameters: Iterable[nn.Parameter]) -> None:
     """Sum the gradients of ``parameters`` over the ranks, in one collective.
 
     Each rank's loss was scaled to its share of the batch (see the training loop), so the sum
-    is the single-process batch's gradient. A parameter without a gradient on every rank stays
+    is the single-process batch's gradient. A parameter no rank computed a gradient for stays
     without one (an optimizer skips it, as in one process).
     """
     if not is_distributed():
