@@ -81,6 +81,22 @@ def test_pyramid_distances_are_one_minus_the_cosine_similarity() -> None:
         torch.testing.assert_close(distance, 1 - torch.cosine_similarity(t, s, dim=1))
 
 
+def test_recomputed_batch_norm_statistics_are_the_training_images_averages() -> None:
+    from torch import nn
+
+    from iadkit.methods.training import TrainingImages, recompute_batch_norm_statistics
+
+    network = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    network[1].running_mean.fill_(100.0)  # stale, as after training at a high rate
+    data = TrainingImages.collect(torch.rand(8, 3, 6, 6))
+    assert recompute_batch_norm_statistics(network, data, 4, torch.device("cpu")) == 1
+    with torch.no_grad():
+        outputs = network[0](data.get(torch.arange(8), torch.device("cpu")))
+    batch_means = torch.stack([half.mean(dim=(0, 2, 3)) for half in outputs.split(4)])
+    torch.testing.assert_close(network[1].running_mean, batch_means.mean(dim=0))
+    assert network[1].momentum == 0.1 and not network.training
+
+
 def test_stfpm_separates_synthetic_defects_after_ten_epochs(alpha) -> None:
     detector = create_detector("stfpm", image_size=64, epochs=10, device="cpu")
     image_auroc, pixel_auroc = _separation(detector, *alpha)

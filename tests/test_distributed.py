@@ -4,6 +4,7 @@ files."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -134,8 +135,10 @@ def _iadkit(*args: str, ranks: int = 1, check: bool = True) -> subprocess.Comple
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([*launcher, "-m", "iadkit", *args, "--quiet", "--device", "cpu"],
                           check=False, capture_output=True, text=True, env=env, timeout=600)
-    if check:
-        assert done.returncode == 0, done.stderr[-3000:]
+    if check:  # the ranks' own errors first: torchrun's report of them comes last
+        errors = [line for line in done.stderr.splitlines()
+                  if "iadkit: error" in line or "Error" in line]
+        assert done.returncode == 0, "\n".join(errors[:20]) + done.stderr[-2000:]
     return done
 
 
@@ -182,8 +185,15 @@ def test_a_two_rank_training_killed_midway_resumes_from_its_checkpoint(
         while not checkpoint.is_file() and time.monotonic() < deadline:
             time.sleep(0.2)
         assert checkpoint.is_file(), "no training checkpoint written"
-    finally:  # a crash: both ranks and the launcher die at once
-        os.killpg(running.pid, signal.SIGKILL)
+    finally:  # a crash: the launcher and both ranks (each in a process group of its own)
+        for process in Path("/proc").iterdir():
+            try:
+                command = (process / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if process.name.isdigit() and str(out).encode() in command:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(process.name), signal.SIGKILL)
         running.wait()
     assert not (out / "models" / "alpha" / "detector.json").is_file()
     done = _iadkit(*fit, "--resume", "--verbose", ranks=2)

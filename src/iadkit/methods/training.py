@@ -150,6 +150,31 @@ class FrozenFeatures:
         return [level[indices.to(level.device)] for level in self.cached]
 
 
+def recompute_batch_norm_statistics(module: nn.Module, data: TrainingImages, batch_size: int,
+                                    device: torch.device) -> int:
+    """Replace the running means and variances of ``module``'s BatchNorm layers by their
+    averages over ``data`` with the final weights (one pass, no gradients); returns how many
+    layers there are.
+
+    A network trained at a high rate moves faster than its running averages follow (momentum
+    0.1 averages over the last few dozen steps of changing weights), so in eval mode it
+    normalises with statistics of weights it no longer has.
+    """
+    layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [layer.momentum for layer in layers]
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None  # a cumulative average over the pass
+    module.train()
+    with torch.no_grad():
+        for indices in data.in_order(batch_size):
+            module(data.get(indices, device))
+    for layer, momentum in zip(layers, momenta):
+        layer.momentum = momentum
+    module.eval()
+    return len(layers)
+
+
 #: A learning-rate schedule: (optimisation step, total steps) -> (factor of every parameter
 #: group's base rate, the first Adam beta / SGD momentum or None to leave it).
 Schedule = Callable[[int, int], tuple[float, float | None]]
@@ -404,17 +429,23 @@ class TrainingCheckpoint:
     def restore(self, modules: dict[str, nn.Module],
                 optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, Any] | None:
         """Load a saved state into ``modules`` and ``optimizers``; its progress, or None."""
-        if self.folder is None or not (self.folder / STATE_FILE).is_file():
+        if self.folder is None:
+            return None
+        # Read-only (every rank of a torchrun restores): the folder, or the previous checkpoint
+        # when a kill came between the two renames of a save.
+        folder = next((f for f in (self.folder, self._previous) if (f / STATE_FILE).is_file()),
+                      None)
+        if folder is None:
             return None
         from safetensors.torch import load_file
 
         again = "; delete the folder to start the training again"
-        record = read_json_record(self.folder / STATE_FILE, {"progress": dict,
+        record = read_json_record(folder / STATE_FILE, {"progress": dict,
                                                              "optimizers": dict})
         try:
-            tensors = load_file(str(self.folder / TENSORS_FILE))
+            tensors = load_file(str(folder / TENSORS_FILE))
         except (OSError, ValueError) as error:
-            raise CheckpointError(f"{self.folder / TENSORS_FILE}: unreadable training "
+            raise CheckpointError(f"{folder / TENSORS_FILE}: unreadable training "
                                   f"checkpoint ({error}){again}") from None
         try:
             for name, module in modules.items():
@@ -425,7 +456,7 @@ class TrainingCheckpoint:
                 optimizer.load_state_dict(_unflatten_optimizer(
                     record["optimizers"][name], tensors, f"optimizer.{name}."))
         except (KeyError, RuntimeError, ValueError, TypeError) as error:
-            raise CheckpointError(f"{self.folder}: the training checkpoint does not fit this "
+            raise CheckpointError(f"{folder}: the training checkpoint does not fit this "
                                   f"model ({type(error).__name__}: {error}){again}") from None
         return record["progress"]
 
@@ -452,10 +483,21 @@ class TrainingCheckpoint:
         save_file(tensors, str(partial / TENSORS_FILE))
         (partial / STATE_FILE).write_text(json.dumps(
             {"progress": progress, "optimizers": optimizer_records}))
+        # Renames only, so that a kill at any point leaves one complete checkpoint: the folder,
+        # or (between the renames) the previous one under ".previous".
+        previous = self._previous
+        if previous.exists():
+            shutil.rmtree(previous)
         if self.folder.exists():
-            shutil.rmtree(self.folder)
+            self.folder.rename(previous)
         partial.rename(self.folder)
+        shutil.rmtree(previous, ignore_errors=True)
         self._last_save = time.monotonic()
+
+    @property
+    def _previous(self) -> Path:
+        assert self.folder is not None
+        return self.folder.with_name(self.folder.name + ".previous")
 
     def clear(self) -> None:
         if self.folder is not None and distributed.is_main() and self.folder.exists():

@@ -23,11 +23,17 @@ from torch import nn
 from ..._torchvision_compat import import_timm
 from ...backbones import FeatureExtractor
 from ...nn.anomaly_maps import gaussian_blur, image_scores
-from ...validation import Choice, Number
+from ...validation import Choice, Flag, Number
 from .. import register
 from ..base import Prediction
 from ..hyperparameters import hyperparameter
-from ..training import FrozenFeatures, Stage, TrainedDetector, TrainingImages
+from ..training import (
+    FrozenFeatures,
+    Stage,
+    TrainedDetector,
+    TrainingImages,
+    recompute_batch_norm_statistics,
+)
 
 #: How the levels' distance maps become one map.
 LEVEL_FUSIONS = ("product", "sum")
@@ -89,7 +95,8 @@ class STFPM(TrainedDetector):
                     crop_size=None, epochs=10, batch_size=16),
         # The paper: ResNet-18's conv2_x..conv4_x, 256 px, SGD 0.4, 100 epochs of 32 images.
         "paper": dict(backbone="resnet18", layers=("layer1", "layer2", "layer3"),
-                      image_size=256, crop_size=None, epochs=100, batch_size=32),
+                      image_size=256, crop_size=None, epochs=100, batch_size=32,
+                      recompute_statistics=False),
     }
     tiny_params = dict(image_size=64, epochs=1)
 
@@ -104,6 +111,10 @@ class STFPM(TrainedDetector):
     smoothing_sigma: float = hyperparameter(0.0, Number(float, 0), "Gaussian sigma of the map "
                                             "smoothing (0: off, as in the paper)",
                                             inference=True)
+    recompute_statistics: bool = hyperparameter(
+        True, Flag(), "after training, recompute the student's BatchNorm statistics over the "
+        "training images with its final weights (at SGD 0.4 the running averages lag behind "
+        "the weights; the paper keeps them)")
     feature_cache_mb: float = hyperparameter(4096.0, Number(float, 0), "keep the frozen "
                                              "teacher's training features in memory up to this "
                                              "many MB")
@@ -142,6 +153,9 @@ class STFPM(TrainedDetector):
                 training.run(Stage("match", data, loss, [training.optimizers["student"]],
                                    [self.student_], self.epochs, self.batch_size,
                                    loss_is_sum=True))
+        if self.recompute_statistics:
+            recompute_batch_norm_statistics(self.student_, data, self.batch_size,
+                                            self.torch_device)
         return self.fit_facts(data, training, teacher_features_cached=teacher_cached)
 
     # -- inference ----------------------------------------------------------------------------
