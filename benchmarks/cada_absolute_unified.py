@@ -36,7 +36,7 @@ def main() -> None:
     from iadkit.data import generate_dataset
     from iadkit.data.elpv import prepare_elpv
     from iadkit.engine import RunConfig, fit_run, test_run
-    from iadkit.methods.cada import PAPER_BASE_CHANGES
+    from iadkit.methods.cada.cada import PAPER_BASE_CHANGES
     from iadkit.report import write_comparison_report
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

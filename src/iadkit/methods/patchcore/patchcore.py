@@ -116,14 +116,14 @@ class PatchCore(BackboneDetector):
         # Under torchrun each rank takes every world_size-th batch and keeps where its images
         # sit in the training order: the coreset is then selected over all ranks' patches.
         ranks, rank = distributed.world_size(), distributed.rank()
-        chunks, first_images, n_images = [], [], 0
+        chunks, image_indices, n_images = [], [], 0
         grid = torch.zeros(3, dtype=torch.long)  # (channels, height, width) of the features
         batches = image_batches(train, self.batch_size)
         for number, images in enumerate(progress(batches, "features", show_progress)):
             if number % ranks == rank:
                 features = self.patch_features(images.to(self.torch_device))
                 chunks.append(features.permute(0, 2, 3, 1).reshape(-1, features.shape[1]))
-                first_images.append(torch.arange(n_images, n_images + images.shape[0]))
+                image_indices.append(torch.arange(n_images, n_images + images.shape[0]))
                 grid = torch.tensor(features.shape[1:])
             n_images += images.shape[0]
         if n_images == 0:
@@ -133,7 +133,7 @@ class PatchCore(BackboneDetector):
         local_features = torch.cat(chunks) if chunks else torch.empty(
             0, channels, device=self.torch_device)
         del chunks
-        images_here = torch.cat(first_images) if first_images else torch.empty(0, dtype=torch.long)
+        images_here = torch.cat(image_indices) if image_indices else torch.empty(0, dtype=torch.long)
         # Rows are image-major: a patch's training image is its row over the patches per image.
         rows = (images_here[:, None] * patches_per_image
                 + torch.arange(patches_per_image)).flatten()
