@@ -1,29 +1,41 @@
-"""SimpleNet vs Adapted-MoE ablation in the unseen-subclass setting, on data available here.
+"""SimpleNet vs Adapted-MoE (the paper's four configurations) on unseen subclasses.
 
-``--split elpv`` (real data): ELPV solar cells (``mono``, ``poly``, from ``elpv-dataset``) and
-Magnetic Tile (``magnetic_tile``, one subclass). The model trains on the normal images of ``mono``
-and ``magnetic_tile`` (two visibly different subclasses, so two experts) and is tested on the
-unseen ``poly`` cells (image labels only: ELPV has no masks, so no pixel AUROC).
+Splits (``--splits``), each training on the normal images of the seen subclasses and testing
+on the unseen one only:
 
-``--split generated``: three generated texture styles with masks (``style0..2``, different stripe
-angles and frequencies); trains on ``style0`` and ``style1``, tests on the unseen ``style2`` with
-image and pixel AUROC.
+- ``elpv-poly`` (real): seen ELPV ``mono`` cells and ``magnetic_tile`` (two visibly different
+  subclasses, so two experts), unseen ``poly`` cells (image labels only: no pixel AUROC).
+- ``elpv-mono`` (real): seen ``poly`` and ``magnetic_tile``, unseen ``mono``.
+- ``deeppcb`` (real product variants): DeepPCB's board designs (the first five digits of an
+  image's name) are its subclasses; seen: every design but ``--deeppcb-unseen``, unseen: that
+  one (box masks, so pixel AUROC too).
+- ``shifted-tile`` (the sanity case of test-time adaption): seen Magnetic Tile as it is, unseen
+  the same tiles' test images under a global intensity change (``x -> 0.55 x + 90``: less
+  contrast, brighter). The unseen subclass differs from a seen one only in the statistics TTA
+  re-styles, so TTA must help here if it works at all.
+- ``generated``: three procedural texture styles with masks; seen ``style0``, ``style1``,
+  unseen ``style2``.
 
-Prints one JSON line per configuration:
+Configurations: the paper's Table 3 (baseline = SimpleNet, +MoE, +TTA, full). Prints one JSON
+line per (split, configuration), then one per configuration with the mean over the real splits;
+resumable (results under ``--out`` are kept: delete it to measure afresh). Usage::
 
-    .venv/bin/python benchmarks/adapted_moe_unseen_subclass.py [--split elpv] [--epochs 8]
-
-Configurations follow the paper's Table 3: baseline (SimpleNet), +MoE, +TTA, full.
+    .venv/bin/python benchmarks/adapted_moe_unseen_subclass.py [--splits elpv-poly deeppcb]
+        [--epochs 8] [--out /tmp/iadkit-moe] [--elpv DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import resource
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -33,53 +45,158 @@ CONFIGS = {
     "tta": {"use_moe": False, "use_tta": True},
     "full": {"use_moe": True, "use_tta": True},
 }
+REAL_SPLITS = ("elpv-poly", "elpv-mono", "deeppcb")
+SPLITS = (*REAL_SPLITS, "shifted-tile", "generated")
+
+
+def link(source: Path, destination: Path) -> None:
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    destination.symlink_to(source.resolve())
+
+
+def write_subclasses(category: Path, subclass_of: dict[str, str]) -> None:
+    with open(category / "subclasses.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "subclass"])
+        writer.writerows(sorted(subclass_of.items()))
+
+
+def deeppcb_by_design(source: Path, root: Path) -> list[str]:
+    """DeepPCB linked under ``root/deeppcb`` with each image's board design as its subclass."""
+    category = root / "deeppcb"
+    subclass_of = {}
+    for image in sorted(source.glob("*/*/*.png")):
+        split = image.parent.parent.name
+        if split not in ("train", "test"):
+            continue
+        relative = image.relative_to(source).as_posix()
+        link(image, category / relative)
+        subclass_of[relative] = image.name[:5]
+    (category / "ground_truth").symlink_to((source / "ground_truth").resolve())
+    write_subclasses(category, subclass_of)
+    return sorted(set(subclass_of.values()))
+
+
+def shifted_tile(source: Path, root: Path) -> None:
+    """Magnetic Tile's training images (subclass ``original``) and its test images under a
+    global intensity change (subclass ``shifted``), masks linked."""
+    category = root / "tile"
+    subclass_of = {}
+    for image in sorted((source / "train" / "good").iterdir()):
+        relative = f"train/good/{image.name}"
+        link(image, category / relative)
+        subclass_of[relative] = "original"
+    for image in sorted((source / "test").glob("*/*")):
+        relative = image.relative_to(source).as_posix()
+        values = np.asarray(Image.open(image).convert("L"), dtype=np.float32)
+        shifted = np.clip(0.55 * values + 90, 0, 255).round().astype(np.uint8)
+        (category / relative).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(shifted).save((category / relative).with_suffix(".png"))
+        subclass_of[Path(relative).with_suffix(".png").as_posix()] = "shifted"
+    for mask in sorted((source / "ground_truth").glob("*/*")):
+        link(mask, category / mask.relative_to(source))
+    write_subclasses(category, subclass_of)
+
+
+def prepare(split: str, root: Path, elpv: Path, deeppcb_unseen: str
+            ) -> tuple[list[str], list[str]]:
+    """Make the split's data under ``root`` (once); its seen and unseen subclasses."""
+    ready = (root / ".ready").is_file()
+    if split.startswith("elpv-"):
+        if not ready:
+            from iadkit.data.elpv import prepare_elpv
+
+            if not (elpv / "elpv").is_dir():
+                prepare_elpv(elpv)
+            (root / "elpv").parent.mkdir(parents=True, exist_ok=True)
+            (root / "elpv").symlink_to((elpv / "elpv").resolve())
+            (root / "magnetic_tile").symlink_to((SHARED / "magnetic_tile").resolve())
+        unseen = split.split("-", 1)[1]
+        seen = ["poly" if unseen == "mono" else "mono", "magnetic_tile"]
+    elif split == "deeppcb":
+        designs = (sorted({p.name[:5] for p in (SHARED / "deeppcb").glob("*/*/*.png")})
+                   if ready else deeppcb_by_design(SHARED / "deeppcb", root))
+        if deeppcb_unseen not in designs:
+            raise SystemExit(f"--deeppcb-unseen {deeppcb_unseen}: DeepPCB's designs are "
+                             f"{designs}")
+        seen, unseen = [d for d in designs if d != deeppcb_unseen], deeppcb_unseen
+    elif split == "shifted-tile":
+        if not ready:
+            shifted_tile(SHARED / "magnetic_tile", root)
+        seen, unseen = ["original"], "shifted"
+    else:
+        if not ready:
+            from iadkit.data import generate_dataset
+
+            generate_dataset(root, categories=("style0", "style1", "style2"), n_train=120,
+                             n_test_good=40, n_test_defect=40, size=256, seed=0)
+        seen, unseen = ["style0", "style1"], "style2"
+    (root / ".ready").touch()
+    return seen, [unseen]
+
+
+def run(split: str, name: str, root: Path, seen: list[str], unseen: list[str], epochs: int,
+        out: Path) -> dict[str, object]:
+    from iadkit.engine import RunConfig, fit_run, test_run
+
+    result_file = out / "results" / f"{split}-{name}.json"
+    if result_file.is_file():
+        return json.loads(result_file.read_text())
+    config = RunConfig(method="adapted_moe", data=str(root), setting="unseen-subclass",
+                       seen_subclasses=seen, unseen_subclasses=unseen, calibration="none",
+                       validation_fraction=0, params={**CONFIGS[name], "epochs": epochs},
+                       device="auto", show_progress=False)
+    run_dir = out / "runs" / split / name
+    started = time.perf_counter()
+    fit_run(config, run_dir, resume=True)
+    fit_seconds = time.perf_counter() - started
+    results, _ = test_run(run_dir)
+    tested = results["per_category"][unseen[0]]
+    record = {
+        "benchmark": "adapted_moe_unseen_subclass", "split": split, "config": name,
+        "params": config.params, "seen": seen, "unseen": unseen,
+        **{key: None if tested[key] is None else round(tested[key], 4)
+           for key in ("image_auroc", "image_ap", "pixel_auroc")},
+        "n_test": tested["n_images"],
+        "fit_seconds": round(fit_seconds, 1),
+        "ms_per_image": tested["ms_per_image"],
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+    }
+    result_file.parent.mkdir(parents=True, exist_ok=True)
+    result_file.write_text(json.dumps(record))
+    return record
 
 
 def main() -> None:
-    from iadkit.data import generate_dataset
-    from iadkit.data.elpv import prepare_elpv
-    from iadkit.engine import RunConfig, fit_run, test_run
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--split", choices=("elpv", "generated"), default="elpv")
-    parser.add_argument("--magnetic-tile", default=str(SHARED / "magnetic_tile"))
+    parser.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS))
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS))
+    parser.add_argument("--deeppcb-unseen", default="20085",
+                        help="the DeepPCB board design kept unseen")
+    parser.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "iadkit-moe"))
+    parser.add_argument("--elpv", default=str(Path(tempfile.gettempdir()) / "iadkit-elpv"))
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as scratch:
-        root = Path(scratch) / "data"
-        if args.split == "elpv":
-            prepare_elpv(root)
-            (root / "magnetic_tile").symlink_to(Path(args.magnetic_tile).resolve())
-            seen, unseen = ["mono", "magnetic_tile"], "poly"
-        else:
-            generate_dataset(root, categories=("style0", "style1", "style2"), n_train=120,
-                             n_test_good=40, n_test_defect=40, size=256, seed=0)
-            seen, unseen = ["style0", "style1"], "style2"
+    out = Path(args.out)
+    records = []
+    for split in args.splits:
+        root = out / "data" / split
+        seen, unseen = prepare(split, root, Path(args.elpv), args.deeppcb_unseen)
         for name in args.configs:
-            config = RunConfig(method="adapted_moe", data=str(root), setting="unseen-subclass",
-                               seen_subclasses=seen, unseen_subclasses=[unseen],
-                               validation_fraction=0,
-                               params={**CONFIGS[name], "epochs": args.epochs}, device="auto",
-                               show_progress=False)
-            run = Path(scratch) / name
-            started = time.perf_counter()
-            fit_run(config, run)
-            fit_seconds = time.perf_counter() - started
-            results, _ = test_run(run)
-            tested = results["per_category"][unseen]
-            print(json.dumps({
-                "benchmark": "adapted_moe_unseen_subclass", "split": args.split, "config": name,
-                "params": config.params, "seen": seen, "unseen": [unseen],
-                "image_auroc": round(tested["image_auroc"], 4),
-                "image_ap": round(tested["image_ap"], 4),
-                "pixel_auroc": None if tested["pixel_auroc"] is None
-                else round(tested["pixel_auroc"], 4),
-                "n_test": tested["n_images"],
-                "fit_seconds": round(fit_seconds, 1),
-                "ms_per_image": tested["ms_per_image"],
-                "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
-            }), flush=True)
+            record = run(split, name, root, seen, unseen, args.epochs, out)
+            records.append(record)
+            print(json.dumps(record), flush=True)
+    for name in args.configs:
+        real = [r for r in records if r["config"] == name and r["split"] in REAL_SPLITS]
+        if not real:
+            continue
+        pixel = [r["pixel_auroc"] for r in real if r["pixel_auroc"] is not None]
+        print(json.dumps({
+            "benchmark": "adapted_moe_unseen_subclass", "config": name,
+            "real_splits": [r["split"] for r in real],
+            "mean_image_auroc": round(float(np.mean([r["image_auroc"] for r in real])), 4),
+            "mean_pixel_auroc": round(float(np.mean(pixel)), 4) if pixel else None}),
+            flush=True)
 
 
 if __name__ == "__main__":
