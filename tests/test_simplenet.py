@@ -84,8 +84,11 @@ def test_tta_output_has_the_target_statistics(statistics: str) -> None:
                                    atol=1e-5, rtol=0)
         torch.testing.assert_close(adapted.std(dim=(1, 2, 3)), overall_std.expand(3),
                                    atol=1e-4, rtol=1e-4)
+    # Normalised, each position's feature has the target's root-mean-square norm: adapted
+    # features keep the size of the expert's training features.
     normalised = adapt_statistics(features, target_mean, target_std, statistics, normalize=True)
-    torch.testing.assert_close(normalised.norm(dim=1), torch.full((3, 7, 7), 6**0.5))
+    expected = float((target_mean**2 + target_std**2).sum().sqrt())
+    torch.testing.assert_close(normalised.norm(dim=1), torch.full((3, 7, 7), expected))
 
 
 def test_fusion_weights_sum_to_one_over_the_top_k() -> None:

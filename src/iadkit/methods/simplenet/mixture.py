@@ -78,8 +78,10 @@ def adapt_statistics(features: torch.Tensor, target_mean: torch.Tensor, target_s
         statistics: what the source and target statistics are taken over: "channel" (per
             channel, over each image's positions; AdaIN-style), "scalar" (one mean and std per
             image over all values) or "batch" (per channel over the whole batch).
-        normalize: then L2-normalise each position's feature (Eq. 6), scaled by sqrt(C) so the
-            values keep unit root-mean-square and the experts' noise level stays meaningful.
+        normalize: then L2-normalise each position's feature (Eq. 6) and scale it to the
+            target's root-mean-square norm, ``sqrt(sum(target_mean**2 + target_std**2))``, so
+            adapted features keep the size of the expert's training features and SimpleNet's
+            fixed noise (std 0.015) stays as large relative to them as without adaption.
 
     Example:
         >>> x = torch.rand(2, 8, 5, 5)
@@ -89,6 +91,7 @@ def adapt_statistics(features: torch.Tensor, target_mean: torch.Tensor, target_s
     """
     if statistics not in TTA_STATISTICS:
         raise ValueError(f"statistics must be one of {TTA_STATISTICS}, got {statistics!r}")
+    target_norm = (target_mean.pow(2) + target_std.pow(2)).sum().sqrt()
     if statistics == "channel":
         mean = features.mean(dim=(2, 3), keepdim=True)
         std = features.std(dim=(2, 3), keepdim=True)
@@ -106,7 +109,9 @@ def adapt_statistics(features: torch.Tensor, target_mean: torch.Tensor, target_s
         target_mean, target_std = overall_mean, overall_var.clamp_min(0).sqrt()
     adapted = (features - mean) / (std + eps) * target_std + target_mean
     if normalize:
-        adapted = F.normalize(adapted, dim=1) * adapted.shape[1] ** 0.5
+        # Not unit values (sqrt(C)): that rescaled Lite0's features (root-mean-square 0.5) to
+        # twice their size, halving the noise's relative size and the pixel AUROC with it.
+        adapted = F.normalize(adapted, dim=1) * target_norm
     return adapted
 
 
