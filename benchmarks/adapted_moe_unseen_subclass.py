@@ -10,9 +10,11 @@ on the unseen one only:
   image's name) are its subclasses; seen: every design but ``--deeppcb-unseen``, unseen: that
   one (box masks, so pixel AUROC too).
 - ``shifted-tile`` (the sanity case of test-time adaption): seen Magnetic Tile as it is, unseen
-  the same tiles' test images under a global intensity change (``x -> 0.55 x + 90``: less
-  contrast, brighter). The unseen subclass differs from a seen one only in the statistics TTA
-  re-styles, so TTA must help here if it works at all.
+  the same tiles' test images, each under its own global intensity change ``x -> a x + b``
+  (contrast ``a`` from [0.35, 1], brightness ``b`` keeping the range inside [0, 255], seeded
+  per image). A normal image made brighter or flatter then competes with a defective one made
+  darker, so one score scale fails the baseline; the images differ from the seen subclass only
+  in the statistics TTA re-styles, so TTA must help here if it works at all.
 - ``shifted-generated``: the same sanity case on one procedural texture (120 training images:
   minutes instead of Magnetic Tile's hour).
 - ``generated``: three procedural texture styles with masks; seen ``style0``, ``style1``,
@@ -79,9 +81,10 @@ def deeppcb_by_design(source: Path, root: Path) -> list[str]:
     return sorted(set(subclass_of.values()))
 
 
-def shifted(source: Path, root: Path) -> None:
-    """A category's training images (subclass ``original``) and its test images under a
-    global intensity change (subclass ``shifted``), masks linked."""
+def shifted(source: Path, root: Path, seed: int = 0) -> None:
+    """A category's training images (subclass ``original``) and its test images, each under
+    its own random global intensity change (subclass ``shifted``), masks linked."""
+    rng = np.random.default_rng(seed)
     category = root / "shifted"
     subclass_of = {}
     for image in sorted((source / "train" / "good").iterdir()):
@@ -91,9 +94,11 @@ def shifted(source: Path, root: Path) -> None:
     for image in sorted((source / "test").glob("*/*")):
         relative = image.relative_to(source).as_posix()
         values = np.asarray(Image.open(image).convert("RGB"), dtype=np.float32)
-        shifted = np.clip(0.55 * values + 90, 0, 255).round().astype(np.uint8)
+        contrast = rng.uniform(0.35, 1.0)
+        brightness = rng.uniform(0.0, 255.0 * (1.0 - contrast))
+        changed = np.clip(contrast * values + brightness, 0, 255).round().astype(np.uint8)
         (category / relative).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(shifted).save((category / relative).with_suffix(".png"))
+        Image.fromarray(changed).save((category / relative).with_suffix(".png"))
         subclass_of[Path(relative).with_suffix(".png").as_posix()] = "shifted"
     for mask in sorted((source / "ground_truth").glob("*/*")):
         link(mask, category / mask.relative_to(source))
