@@ -138,3 +138,56 @@ def test_pixel_metrics_match_sklearn_on_pooled_pixels() -> None:
 def test_shape_mismatch_is_reported() -> None:
     with pytest.raises(MetricError, match="must both be"):
         metrics.pixel_metrics(np.zeros((2, 4, 4)), np.zeros((2, 4, 5)))
+
+
+def _aupimo_on_a_threshold_grid(masks: np.ndarray, maps: np.ndarray, bounds: tuple[float, float],
+                                 n_thresholds: int) -> np.ndarray:
+    """AUPIMO as the reference implementation computes it: a linear threshold grid over the
+    normal images' scores, the shared rate as the mean of per-image rates, the bounds snapped
+    to the nearest grid rate, trapezoids in log rate."""
+    anomalous = masks.reshape(len(masks), -1).any(axis=1)
+    normal = maps[~anomalous]
+    thresholds = np.linspace(normal.min(), normal.max(), n_thresholds)
+    shared = np.mean([(image.ravel()[None, :] >= thresholds[:, None]).mean(axis=1)
+                      for image in normal], axis=0)
+    low = int(np.argmin(np.abs(shared - bounds[0])))
+    high = int(np.argmin(np.abs(shared - bounds[1])))
+    x = np.log(shared[high:low + 1][::-1])
+    values = []
+    for image, mask in zip(maps[anomalous], masks[anomalous]):
+        positives = image[mask]
+        tpr = (positives[None, :] >= thresholds[high:low + 1, None]).mean(axis=1)[::-1]
+        values.append(np.trapezoid(tpr, x) / np.log(bounds[1] / bounds[0]))
+    return np.clip(np.array(values), 0, 1)
+
+
+def test_aupimo_is_the_limit_of_the_reference_threshold_grid() -> None:
+    rng = np.random.default_rng(7)
+    masks = np.zeros((7, 30, 30), bool)
+    masks[4, 5:12, 5:15] = True
+    masks[5, 20:28, 3:9] = True
+    masks[6, :4, :] = True
+    maps = rng.normal(size=masks.shape)
+    maps[masks] += rng.uniform(0.5, 3.0, size=masks.sum())  # overlapping score ranges
+    bounds = (0.01, 0.1)
+    exact = metrics.aupimo(masks, maps, bounds)
+    assert exact.shape == (3,) and 0.05 < exact.min() < exact.max() < 0.95
+    grid = _aupimo_on_a_threshold_grid(masks, maps, bounds, 20_000)
+    np.testing.assert_allclose(exact, grid, atol=2e-3)
+
+
+def test_aupimo_perfect_inverted_and_bad_input() -> None:
+    masks = np.zeros((4, 400, 300), bool)  # 360 000 normal pixels reach 1e-5
+    masks[2, 10:20, 10:20] = True
+    masks[3, 100:150, 5:9] = True
+    maps = np.random.default_rng(1).random(masks.shape)
+    perfect = maps + 2 * masks
+    np.testing.assert_allclose(metrics.aupimo(masks, perfect), [1.0, 1.0])
+    inverted = maps - 2 * masks
+    np.testing.assert_allclose(metrics.aupimo(masks, inverted), [0.0, 0.0])
+    with pytest.raises(MetricError, match="cannot reach a false-positive rate of 1e-05"):
+        metrics.aupimo(masks[:, :100, :100], perfect[:, :100, :100])
+    with pytest.raises(MetricError, match="normal images"):
+        metrics.aupimo(masks[2:], perfect[2:])
+    with pytest.raises(MetricError, match="fpr_bounds"):
+        metrics.aupimo(masks, perfect, (1e-3, 1e-4))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -27,7 +29,7 @@ def test_tiles_cover_every_pixel_and_stay_inside(height: int, width: int, overla
     assert covered.all()
     # Neighbours never overlap less than asked (only the last ones more).
     lefts = sorted({left for _, left in grid.origins})
-    assert all(b - a <= grid.stride for a, b in zip(lefts, lefts[1:]))
+    assert all(b - a <= grid.stride for a, b in itertools.pairwise(lefts))
 
 
 def test_cut_tiles_hold_the_image_and_small_images_are_padded() -> None:
