@@ -61,16 +61,27 @@ def test_nan_scores_raise_a_clear_error() -> None:
 def reference_aupro(masks: np.ndarray, maps: np.ndarray, limit: float) -> float:
     """Brute force: PRO and FPR at every distinct threshold, trapezoid, interpolated at limit."""
     structure = np.ones((3, 3), dtype=int)
-    owners = []
+    regions = []
     for index, mask in enumerate(masks):
         labelled, count = ndimage.label(mask, structure=structure)
-        owners += [(index, labelled == i) for i in range(1, count + 1)]
-    negatives = ~masks
+        regions += [(index, labelled == i, (labelled == i).sum()) for i in range(1, count + 1)]
+    return reference_saturated_pro(maps, regions, limit)
+
+
+def reference_saturated_pro(maps: np.ndarray, regions: list, limit: float) -> float:
+    """Brute force over every distinct threshold: the false-positive rate outside all regions,
+    the mean over regions of min(found / saturation, 1) (saturation at most the region's
+    area); trapezoid, interpolated at limit."""
+    negatives = np.ones(maps.shape, bool)
+    for index, region, _ in regions:
+        negatives[index] &= ~region
     fprs, pros = [0.0], [0.0]
     for threshold in np.unique(maps)[::-1]:
         predicted = maps >= threshold
         fprs.append((predicted & negatives).sum() / negatives.sum())
-        pros.append(np.mean([(predicted[i] & region).sum() / region.sum() for i, region in owners]))
+        pros.append(np.mean([min((predicted[i] & region).sum()
+                                 / min(saturation, region.sum()), 1.0)
+                             for i, region, saturation in regions]))
     fprs, pros = np.array(fprs), np.array(pros)
     keep = fprs <= limit
     x, y = list(fprs[keep]), list(pros[keep])
@@ -191,3 +202,31 @@ def test_aupimo_perfect_inverted_and_bad_input() -> None:
         metrics.aupimo(masks[2:], perfect[2:])
     with pytest.raises(MetricError, match="fpr_bounds"):
         metrics.aupimo(masks, perfect, (1e-3, 1e-4))
+
+
+@pytest.mark.parametrize("quantised", [False, True])
+def test_saturated_pro_equals_brute_force_and_is_aupro_without_saturation(
+        quantised: bool) -> None:
+    rng = np.random.default_rng(5)
+    masks = np.zeros((5, 14, 14), dtype=bool)
+    masks[0, 2:6, 2:9] = True
+    masks[1, 3:12, 3:5] = True
+    masks[3, 7:9, 7:9] = True
+    maps = rng.random(masks.shape) + masks * rng.random(masks.shape) * 0.8
+    if quantised:
+        maps = np.round(maps, 1)  # ties inside regions and with normal pixels
+    overlapping = np.zeros((14, 14), bool)
+    overlapping[4:8, 6:12] = True  # overlaps the first region
+    regions = [(0, masks[0], 10.5), (1, masks[1], 18.0), (3, masks[3], 40.0),
+               (0, overlapping, 6.0)]
+    for limit in (0.05, 0.3):
+        expected = reference_saturated_pro(maps, regions, limit)
+        assert metrics.auspro(maps, regions, limit) == pytest.approx(expected, abs=1e-9)
+    # Saturation at each connected region's area: AUPRO.
+    whole = [(i, masks[i], masks[i].sum()) for i in (0, 1, 3)]
+    assert metrics.auspro(maps, whole, 0.3) == pytest.approx(
+        metrics.aupro(masks, maps, 0.3), abs=1e-12)
+    with pytest.raises(MetricError, match="region 0: empty mask"):
+        metrics.auspro(maps, [(0, np.zeros((14, 14), bool), 5.0)])
+    with pytest.raises(MetricError, match="does not fit"):
+        metrics.auspro(maps, [(7, masks[0], 5.0)])

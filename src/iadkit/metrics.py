@@ -9,6 +9,7 @@ scikit-learn handles them (``roc_auc_score``, ``average_precision_score``).
   (0.3 by default), pooled over the whole test set as in the MVTec AD protocol, computed exactly:
   the curve is integrated with the trapezoid rule through every distinct score and interpolated at
   the limit. ``per_image=True`` averages per-image values instead (RD4AD's code does this).
+- :func:`auspro`: MVTec LOCO's saturated PRO, with a saturation area per defect, exactly.
 - :func:`aupimo`: the per-image overlap of each anomalous image at a low false-positive rate
   shared over the normal images (AUPIMO), exactly.
 - :func:`image_metrics` and :func:`pixel_metrics` bundle them; pixel metrics share one sort.
@@ -19,6 +20,7 @@ Undefined cases (only one class present, no anomalous region) return NaN with a 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -220,6 +222,58 @@ def aupro(masks: Any, maps: Any, fpr_limit: float = 0.3, per_image: bool = False
             return float("nan")
         return float(np.mean(values))
     return _aupro_pooled(masks, maps, maps[~masks], fpr_limit, presorted=False)
+
+
+def auspro(maps: Any, regions: Sequence[tuple[int, Any, float]], fpr_limit: float = 0.05
+           ) -> float:
+    """Normalised area under the saturated PRO curve up to ``fpr_limit`` (exact): MVTec LOCO's
+    sPRO, where a defect counts as fully found once ``saturation`` of its pixels are.
+
+    At a threshold, each region's overlap is ``min(found pixels / saturation, 1)``; sPRO is
+    their mean, the false-positive rate counts the pixels of all images outside every region.
+    Since pixels are found in descending score order, that equals a weighted count: a region's
+    ``saturation`` highest pixels weigh ``1 / saturation`` each (a fractional last one its
+    share), the rest nothing; so the curve is integrated exactly as :func:`aupro`'s. With
+    ``saturation`` = the region's area and connected components as regions, it is AUPRO.
+
+    Args:
+        maps: (N, H, W) anomaly maps.
+        regions: ``(image index, (H, W) bool mask, saturation in pixels)`` per defect; regions
+            may overlap (a pixel then counts for each). A saturation above the region's area
+            is taken as the area, so that every defect can be found in full (our reading of
+            the LOCO paper's definition).
+        fpr_limit: integrate over FPR in [0, fpr_limit] (LOCO reports 0.05).
+    """
+    maps = _check_scores(_as_array(maps), "anomaly maps")
+    if maps.ndim != 3:
+        raise MetricError(f"maps {maps.shape} must be (N, H, W)")
+    if not 0.0 < fpr_limit <= 1.0:
+        raise MetricError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
+    if not regions:
+        raise MetricError("sPRO needs at least one defect region")
+    outside = np.ones(maps.shape, bool)
+    scores, weights = [], []
+    for number, (image, mask, saturation) in enumerate(regions):
+        mask = _as_array(mask).astype(bool)
+        if mask.shape != maps.shape[1:] or not 0 <= image < len(maps):
+            raise MetricError(f"region {number}: a mask of {mask.shape} for image {image} does "
+                              f"not fit maps of {maps.shape}")
+        if not mask.any() or not saturation > 0:
+            raise MetricError(f"region {number}: empty mask or saturation {saturation} <= 0")
+        outside[image] &= ~mask
+        values = np.sort(maps[image][mask])[::-1]
+        saturation = min(float(saturation), float(values.size))
+        # The first floor(saturation) pixels weigh 1 / saturation, the next its remainder.
+        share = np.clip(saturation - np.arange(values.size), 0.0, 1.0) / saturation
+        scores.append(values)
+        weights.append(share / len(regions))
+    negatives = maps[outside]
+    if negatives.size == 0:
+        raise MetricError("sPRO needs pixels outside every region")
+    k = min(max(int(np.ceil(fpr_limit * negatives.size)), 1), negatives.size)
+    top = _select_top(negatives, k, np.random.default_rng(0))
+    return _pro_area(top, negatives.size, np.concatenate(scores), np.concatenate(weights),
+                     fpr_limit)
 
 
 def _aupro_pooled(
