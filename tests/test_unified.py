@@ -216,6 +216,15 @@ def test_cada_round_trip_and_class_aware_references(fitted_cada, tmp_path: Path)
         collapsed.fit(make_loader(samples.where(split="train"), collapsed.preprocess, 8))
     assert collapsed.fit_info_["regressed_std"] == [0.0, 0.0]
     assert min(detector.fit_info_["regressed_std"]) > 0.01
+    # A regressor whose predictions vary far less than its targets is reported: here the
+    # trained one against targets ten times as spread.
+    regressed, targets = (detector.fit_info_[k] for k in ("regressed_std", "target_std"))
+    assert all(r > 0.3 * t for r, t in zip(regressed, targets, strict=True))
+    with torch.no_grad():
+        maps, features = detector.base_detector.raw_maps_and_features(train["image"])
+    spread_out = map_statistics(maps) * 10
+    with pytest.warns(UserWarning, match="has learnt little"):
+        detector._check_regressor(features, spread_out)
 
 
 def test_interrupted_cada_keeps_its_base_and_resumes_identically(

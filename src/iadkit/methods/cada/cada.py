@@ -79,7 +79,9 @@ class CADA(Detector):
     presets = {
         # A 1x1 regressor convolution: at 3x3 the 1344x1344 kernel on RD-cpu's embedding costs
         # about 1.5 s per CPU step.
-        "cpu": dict(base="rd", base_preset="cpu", kernel_size=1, iterations=1000),
+        # lr 0.01: at the paper's 0.05 the regressor learnt little on RD-cpu's features
+        # (docs/unified.md, the wide real pool).
+        "cpu": dict(base="rd", base_preset="cpu", kernel_size=1, iterations=1000, lr=0.01),
         "paper": dict(base="rd", base_preset="paper", iterations=5000),
     }
     tiny_params = dict(image_size=64, base_params={"epochs": 1}, iterations=10)
@@ -294,26 +296,37 @@ class CADA(Detector):
         info: dict[str, Any] = {"steps": stage.steps[2], "loss_beta": beta,
                                 "loss_history": training.history}
         if not classify:
-            info["regressed_std"] = self._check_regressor(features)
+            info["regressed_std"], info["target_std"] = self._check_regressor(features,
+                                                                              statistics)
         return info
 
-    def _check_regressor(self, features: torch.Tensor) -> list[float]:
-        """The spread of the regressed statistics over the training images; a warning when it
-        is nil. A learning rate too large for the features can switch off every hidden ReLU
-        for good, leaving a regressor that predicts one constant: the alignment then does
-        nothing (seen with the paper's 0.05 on a few dozen images; 0.01 trained well)."""
+    def _check_regressor(self, features: torch.Tensor, statistics: torch.Tensor
+                         ) -> tuple[list[float], list[float]]:
+        """The spread of the regressed statistics over the training images, and of the
+        targets; a warning when the regressor has learnt (almost) none of it. A learning rate
+        too large for the features switches off hidden ReLUs for good, leaving a regressor
+        that predicts one constant, or little more than the overall mean: the alignment then
+        does little (the paper's 0.05 on RD over the wide real pool: predictions varying a
+        quarter as much as the targets, category means off by up to 25 %; 0.01 learnt them,
+        see docs/unified.md)."""
         with torch.no_grad():
             outputs = torch.cat([self.network_(chunk.to(self.torch_device)).cpu()
                                  for chunk in features.split(256)])
         if len(outputs) < 2:  # one image has no spread to check
-            return [0.0, 0.0]
-        spread = outputs.std(dim=0)
+            return [0.0, 0.0], [0.0, 0.0]
+        spread, target_spread = outputs.std(dim=0), statistics.std(dim=0)
         if bool((spread <= 1e-6 * outputs.abs().mean(dim=0)).all()):
             warnings.warn(f"CADA's regressor predicts the same statistics for every training "
                           f"image (its hidden units are all inactive), so it aligns nothing; "
                           f"train it with a smaller lr than {self.lr:g} (e.g. 0.01)",
                           stacklevel=2)
-        return [round(float(v), 6) for v in spread]
+        elif bool((spread < 0.3 * target_spread).all()):
+            warnings.warn(f"CADA's regressor has learnt little of the training images' "
+                          f"statistics (its predictions vary {spread.tolist()}, the targets "
+                          f"{target_spread.tolist()}), so it aligns little; train it with a "
+                          f"smaller lr than {self.lr:g} (e.g. 0.01)", stacklevel=2)
+        return ([round(float(v), 6) for v in spread],
+                [round(float(v), 6) for v in target_spread])
 
     def _build_network(self, channels: int, outputs: int) -> None:
         with self.seeded():
