@@ -33,13 +33,13 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import resource
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from records import kept_record, peak_rss_gb
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -153,11 +153,14 @@ def prepare(split: str, root: Path, elpv: Path, deeppcb_unseen: str
 
 def run(split: str, name: str, root: Path, seen: list[str], unseen: list[str], epochs: int,
         out: Path) -> dict[str, object]:
+    return kept_record(out / "results" / f"{split}-{name}.json",
+                       lambda: measure(split, name, root, seen, unseen, epochs, out))
+
+
+def measure(split: str, name: str, root: Path, seen: list[str], unseen: list[str], epochs: int,
+            out: Path) -> dict[str, object]:
     from iadkit.engine import RunConfig, fit_run, test_run
 
-    result_file = out / "results" / f"{split}-{name}.json"
-    if result_file.is_file():
-        return json.loads(result_file.read_text())
     config = RunConfig(method="adapted_moe", data=str(root), setting="unseen-subclass",
                        seen_subclasses=seen, unseen_subclasses=unseen, calibration="none",
                        validation_fraction=0, params={**CONFIGS[name], "epochs": epochs},
@@ -168,7 +171,7 @@ def run(split: str, name: str, root: Path, seen: list[str], unseen: list[str], e
     fit_seconds = time.perf_counter() - started
     results, _ = test_run(run_dir)
     tested = results["per_category"][unseen[0]]
-    record = {
+    return {
         "benchmark": "adapted_moe_unseen_subclass", "split": split, "config": name,
         "params": config.params, "seen": seen, "unseen": unseen,
         **{key: None if tested[key] is None else round(tested[key], 4)
@@ -176,11 +179,8 @@ def run(split: str, name: str, root: Path, seen: list[str], unseen: list[str], e
         "n_test": tested["n_images"],
         "fit_seconds": round(fit_seconds, 1),
         "ms_per_image": tested["ms_per_image"],
-        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+        "peak_rss_gb": peak_rss_gb(),
     }
-    result_file.parent.mkdir(parents=True, exist_ok=True)
-    result_file.write_text(json.dumps(record))
-    return record
 
 
 def main() -> None:

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -45,6 +44,7 @@ from typing import Any
 
 import numpy as np
 from multi_category_data import SHARED, split_by_subclass, subsampled_category
+from records import kept_record, peak_rss_gb
 
 from iadkit.engine import RunConfig, fit_run, test_run
 from iadkit.methods.cada.cada import PAPER_BASE_CHANGES
@@ -117,9 +117,12 @@ def rounded(value: float | None) -> float | None:
 def run_model(name: str, method: str, params: dict[str, Any], data: Path, pool: Path,
               out: Path, seed: int) -> dict[str, Any]:
     """Fit (or keep) one model, evaluate it on the pool's test images (or keep the result)."""
-    result_file = out / "results" / f"{name}.json"
-    if result_file.is_file():
-        return json.loads(result_file.read_text())
+    return kept_record(out / "results" / f"{name}.json",
+                       lambda: measure_model(name, method, params, data, pool, out, seed))
+
+
+def measure_model(name: str, method: str, params: dict[str, Any], data: Path, pool: Path,
+                  out: Path, seed: int) -> dict[str, Any]:
     config = RunConfig(method=method, data=str(data), setting="absolute-unified",
                        calibration="none", validation_fraction=0.0, params=params,
                        device="auto", seed=seed, show_progress=False)
@@ -130,7 +133,7 @@ def run_model(name: str, method: str, params: dict[str, Any], data: Path, pool: 
     result, (evaluation,) = test_run(run, data=str(pool))
     pooled = result["pooled"]
     fit_info = json.loads((model_dir / "detector.json").read_text())["fit_info"]
-    record = {
+    return {
         "benchmark": "unified_pool", "model": name, "params": params,
         **{key: rounded(pooled[key]) for key in ("image_auroc", "image_ap", "pixel_auroc",
                                                   "pixel_aupro")},
@@ -150,11 +153,8 @@ def run_model(name: str, method: str, params: dict[str, Any], data: Path, pool: 
         "fit_seconds": round(fit_seconds, 1),
         "ms_per_image": round(sum(v["ms_per_image"] * v["n_images"] for v in
                                   result["per_category"].values()) / pooled["n_images"], 2),
-        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+        "peak_rss_gb": peak_rss_gb(),
     }
-    result_file.parent.mkdir(parents=True, exist_ok=True)
-    result_file.write_text(json.dumps(record))
-    return record
 
 
 def main() -> None:
