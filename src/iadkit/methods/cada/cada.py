@@ -324,7 +324,8 @@ class CADA(Detector):
             warnings.warn(f"CADA's regressor has learnt little of the training images' "
                           f"statistics: its predictions vary {spread.tolist()}, the targets "
                           f"{target_spread.tolist()} (centre, upper level), so it aligns "
-                          f"little; train it with a smaller lr than {self.lr:g} (e.g. 0.01)",
+                          f"little; train it longer (iterations={self.iterations}) or with a "
+                          f"smaller lr than {self.lr:g}",
                           stacklevel=2)
         return ([round(float(v), 6) for v in spread],
                 [round(float(v), 6) for v in target_spread])
