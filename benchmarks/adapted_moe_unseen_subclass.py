@@ -38,11 +38,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from multi_category_data import SHARED, link_file
 from PIL import Image
 from records import kept_record, peak_rss_gb
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
 CONFIGS = {
     "baseline": {"use_moe": False, "use_tta": False},
     "moe": {"use_moe": True, "use_tta": False},
@@ -51,11 +50,6 @@ CONFIGS = {
 }
 REAL_SPLITS = ("elpv-poly", "elpv-mono", "deeppcb")
 SPLITS = (*REAL_SPLITS, "shifted-tile", "shifted-generated", "generated")
-
-
-def link(source: Path, destination: Path) -> None:
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    destination.symlink_to(source.resolve())
 
 
 def write_subclasses(category: Path, subclass_of: dict[str, str]) -> None:
@@ -74,7 +68,7 @@ def deeppcb_by_design(source: Path, root: Path) -> list[str]:
         if split not in ("train", "test"):
             continue
         relative = image.relative_to(source).as_posix()
-        link(image, category / relative)
+        link_file(image, category / relative)
         subclass_of[relative] = image.name[:5]
     (category / "ground_truth").symlink_to((source / "ground_truth").resolve())
     write_subclasses(category, subclass_of)
@@ -89,7 +83,7 @@ def shifted(source: Path, root: Path, seed: int = 0) -> None:
     subclass_of = {}
     for image in sorted((source / "train" / "good").iterdir()):
         relative = f"train/good/{image.name}"
-        link(image, category / relative)
+        link_file(image, category / relative)
         subclass_of[relative] = "original"
     for image in sorted((source / "test").glob("*/*")):
         relative = image.relative_to(source).as_posix()
@@ -101,7 +95,7 @@ def shifted(source: Path, root: Path, seed: int = 0) -> None:
         Image.fromarray(changed).save((category / relative).with_suffix(".png"))
         subclass_of[Path(relative).with_suffix(".png").as_posix()] = "shifted"
     for mask in sorted((source / "ground_truth").glob("*/*")):
-        link(mask, category / mask.relative_to(source))
+        link_file(mask, category / mask.relative_to(source))
     write_subclasses(category, subclass_of)
 
 

@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 
 
-def _link_sample(image: Path, destination: Path) -> None:
+def link_file(image: Path, destination: Path) -> None:
+    """A symbolic link at ``destination`` (its folders made) to ``image``'s real path."""
     destination.parent.mkdir(parents=True, exist_ok=True)
     destination.symlink_to(image.resolve())
 
@@ -37,15 +38,15 @@ def subsampled_category(source: Path, destination: Path, n_train: int, seed: int
             images = sorted(group.iterdir())
             random.Random(seed).shuffle(images)
             for image in images[:n_test_per_group]:
-                _link_sample(image, destination / "test" / group.name / image.name)
+                link_file(image, destination / "test" / group.name / image.name)
                 for mask in (source / "ground_truth" / group.name).glob(f"{image.stem}_mask.*"):
-                    _link_sample(mask, destination / "ground_truth" / group.name / mask.name)
+                    link_file(mask, destination / "ground_truth" / group.name / mask.name)
     if (source / "subclasses.csv").is_file():
         (destination / "subclasses.csv").symlink_to((source / "subclasses.csv").resolve())
     images = sorted((source / "train" / "good").iterdir())
     random.Random(seed).shuffle(images)
     for image in images[:n_train]:
-        _link_sample(image, destination / "train" / "good" / image.name)
+        link_file(image, destination / "train" / "good" / image.name)
 
 
 def split_by_subclass(category: Path, root: Path) -> list[str]:
@@ -56,5 +57,5 @@ def split_by_subclass(category: Path, root: Path) -> list[str]:
     for row in rows:
         name = f"{category.name}_{row['subclass']}"
         names.add(name)
-        _link_sample(category / row["path"], root / name / row["path"])
+        link_file(category / row["path"], root / name / row["path"])
     return sorted(names)

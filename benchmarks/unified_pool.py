@@ -133,6 +133,8 @@ def measure_model(name: str, method: str, params: dict[str, Any], data: Path, po
     result, (evaluation,) = test_run(run, data=str(pool))
     pooled = result["pooled"]
     fit_info = json.loads((model_dir / "detector.json").read_text())["fit_info"]
+    model_unified_mean = float(np.mean([v["image_auroc"]
+                                        for v in result["per_category"].values()]))
     return {
         "benchmark": "unified_pool", "model": name, "params": params,
         **{key: rounded(pooled[key]) for key in ("image_auroc", "image_ap", "pixel_auroc",
@@ -140,13 +142,10 @@ def measure_model(name: str, method: str, params: dict[str, Any], data: Path, po
         "model_unified": {c: {k: rounded(v[k]) for k in ("image_auroc", "pixel_auroc",
                                                           "pixel_aupro")}
                           for c, v in result["per_category"].items()},
-        "model_unified_mean_image_auroc": rounded(float(np.mean(
-            [v["image_auroc"] for v in result["per_category"].values()]))),
+        "model_unified_mean_image_auroc": rounded(model_unified_mean),
         # What pooling costs: the model-unified mean minus the pooled AUROC. Near zero, the
         # categories' scores already sit on one scale and no alignment can gain much.
-        "pooling_loss": rounded(float(np.mean([v["image_auroc"] for v in
-                                               result["per_category"].values()]))
-                                - pooled["image_auroc"]),
+        "pooling_loss": rounded(model_unified_mean - pooled["image_auroc"]),
         "scores": score_spread(evaluation),
         "regressed_std": fit_info.get("regressed_std"),
         "n_test": pooled["n_images"],
