@@ -59,6 +59,9 @@ ALIGNMENTS = {
     "+oracle": ({"alignment": "class"}, True),
 }
 
+#: ``--models`` names: the base alone, and the alignments.
+MODEL_NAMES = tuple(suffix.lstrip("+") or "base" for suffix in ALIGNMENTS)
+
 
 def link_held_out(source: Path, destination: Path, skip: set[str], count: int,
                   seed: int) -> None:
@@ -160,6 +163,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bases", nargs="+", default=["rd", "recontrast", "uniad"])
     parser.add_argument("--epochs", type=int, default=5, help="the bases' training epochs")
+    parser.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES,
+                        help="which of a base's models to measure (e.g. 'base' alone to study "
+                        "its schedule)")
     parser.add_argument("--iterations", type=int, default=1000, help="CADA's regressor steps")
     parser.add_argument("--train-per-category", type=int, default=200)
     parser.add_argument("--held-out-per-category", type=int, default=60)
@@ -178,6 +184,8 @@ def main() -> None:
         base_params = {**PAPER_BASE_CHANGES.get(base, {}), "epochs": args.epochs}
         auroc = {}
         for suffix, alignment in ALIGNMENTS.items():
+            if (suffix.lstrip("+") or "base") not in args.models:
+                continue
             name = base + suffix
             if alignment is None:
                 record = run_model(name, base, base_params, pool, pool, out, args.seed)
@@ -189,6 +197,8 @@ def main() -> None:
                                    pool, out, args.seed)
             print(json.dumps(record), flush=True)
             auroc[suffix.lstrip("+") or "base"] = record["image_auroc"]
+        if not {"base", "cada", "oracle"} <= set(auroc):
+            continue
         oracle_gain = auroc["oracle"] - auroc["base"]
         print(json.dumps({
             "benchmark": "unified_pool", "base": base, "pooled_image_auroc": auroc,

@@ -30,6 +30,7 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -193,20 +194,42 @@ def all_gather_shards(local: torch.Tensor, total: int) -> torch.Tensor:
     return torch.cat([part[:size] for part, size in zip(parts, sizes)])
 
 
+def all_gather_arrays(local: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The ranks' lists of arrays (of any shapes, one dtype), concatenated in rank order, on
+    every rank (``local`` itself in one process): e.g. anomaly maps of images of different
+    sizes."""
+    if not is_distributed():
+        return list(local)
+    shapes = [shape for part in all_gather_json([list(a.shape) for a in local]) for shape in part]
+    dtype = local[0].dtype if len(local) else np.dtype(np.float32)
+    flat = np.concatenate([np.ravel(a) for a in local]) if len(local) else np.zeros(0, dtype)
+    everything = torch.cat(_all_gather_ragged(torch.from_numpy(flat))).numpy()
+    arrays, start = [], 0
+    for shape in shapes:
+        size = int(np.prod(shape))
+        arrays.append(everything[start:start + size].reshape(shape))
+        start += size
+    return arrays
+
+
+def _all_gather_ragged(local: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's 1-D ``local`` (lengths may differ), in rank order."""
+    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(world_size())]
+    dist.all_gather(sizes, torch.tensor([len(local)]))
+    padded = local.new_zeros(int(max(sizes)))
+    padded[:len(local)] = local
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return [part[:int(size)] for part, size in zip(parts, sizes)]
+
+
 def all_gather_json(value: Any) -> list[Any]:
     """Every rank's JSON-serialisable ``value``, in rank order (``[value]`` in one process).
     Sent as JSON text in a byte tensor: nothing is pickled."""
     if not is_distributed():
         return [value]
     data = torch.frombuffer(bytearray(json.dumps(value).encode()), dtype=torch.uint8)
-    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(world_size())]
-    dist.all_gather(sizes, torch.tensor([len(data)]))
-    padded = torch.zeros(int(max(sizes)), dtype=torch.uint8)
-    padded[:len(data)] = data
-    parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded)
-    return [json.loads(bytes(part[:int(size)].tolist()).decode())
-            for part, size in zip(parts, sizes)]
+    return [json.loads(bytes(part.tolist()).decode()) for part in _all_gather_ragged(data)]
 
 
 class _SummedOverRanks(torch.autograd.Function):

@@ -127,19 +127,35 @@ def f1_max(labels: Any, scores: Any) -> float:
     return RankedScores.from_labels(labels, scores).f1_max()[0]
 
 
-def _region_ids(masks: np.ndarray) -> tuple[np.ndarray, int]:
-    """Connected-component id of every anomalous pixel (in ``masks[masks]`` order), and the count.
+def _region_ids(masks: Sequence[np.ndarray]) -> tuple[np.ndarray, int]:
+    """Connected-component id of every anomalous pixel (in the order of the images' anomalous
+    pixels, image by image), and the count. Components are 8-connected within each image,
+    never across images."""
+    ids, count = [], 0
+    for mask in masks:
+        if not mask.any():
+            continue
+        labels, found = ndimage.label(mask, structure=np.ones((3, 3), bool))
+        ids.append(labels[mask] + count)
+        count += found
+    return (np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)), count
 
-    Components are 8-connected within each image, never across images; only images with
-    anomalous pixels are labelled.
-    """
-    structure = np.zeros((3, 3, 3), dtype=bool)
-    structure[1] = True
-    anomalous = np.flatnonzero(masks.reshape(masks.shape[0], -1).any(axis=1))
-    if anomalous.size == 0:
-        return np.zeros(0, dtype=np.int64), 0
-    labels, count = ndimage.label(masks[anomalous], structure=structure)
-    return labels[labels > 0], count
+
+def _maps_and_masks(masks: Any, maps: Any) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Masks (bool) and maps (checked scores) as lists of 2-D arrays of matching shapes, from
+    ``(N, H, W)`` arrays or sequences of ``(H_i, W_i)`` arrays (images of different sizes)."""
+    masks = list(_as_array(masks)) if hasattr(masks, "detach") else list(masks)
+    maps = list(_as_array(maps)) if hasattr(maps, "detach") else list(maps)
+    maps = [_check_scores(_as_array(m), "anomaly maps") for m in maps]
+    masks = [_as_array(m).astype(bool) for m in masks]
+    if len(maps) != len(masks) or any(m.shape != k.shape or m.ndim != 2
+                                      for m, k in zip(maps, masks, strict=False)):
+        shapes = [(k.shape, m.shape) for k, m in zip(masks, maps, strict=False)
+                  if m.shape != k.shape or m.ndim != 2][:1]
+        raise MetricError(f"masks and maps must both be (N, H, W) arrays or lists of (H, W) "
+                          f"arrays of the same shapes; got {len(masks)} masks and {len(maps)} "
+                          f"maps{', first mismatch (mask, map): ' + str(shapes[0]) if shapes else ''}")
+    return masks, maps
 
 
 def _pro_area(
@@ -203,25 +219,25 @@ def aupro(masks: Any, maps: Any, fpr_limit: float = 0.3, per_image: bool = False
     """Normalised area under the PRO curve up to ``fpr_limit`` (exact).
 
     Args:
-        masks: (N, H, W) ground-truth masks (bool or 0/1).
-        maps: (N, H, W) anomaly maps.
+        masks: (N, H, W) ground-truth masks (bool or 0/1), or a list of (H, W) masks of images
+            of different sizes.
+        maps: (N, H, W) anomaly maps, or a list of (H, W) maps, shaped as ``masks``.
         fpr_limit: integrate over FPR in [0, fpr_limit]; the result is divided by it.
         per_image: average the per-image AUPRO of anomalous images instead of pooling.
     """
-    masks = _as_array(masks).astype(bool)
-    maps = _check_scores(_as_array(maps), "anomaly maps")
-    if masks.shape != maps.shape or masks.ndim != 3:
-        raise MetricError(f"masks {masks.shape} and maps {maps.shape} must both be (N, H, W)")
+    masks, maps = _maps_and_masks(masks, maps)
     if not 0.0 < fpr_limit <= 1.0:
         raise MetricError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
     if per_image:
-        values = [aupro(m[None], s[None], fpr_limit) for m, s in zip(masks, maps) if m.any()]
+        values = [aupro([m], [s], fpr_limit) for m, s in zip(masks, maps, strict=True)
+                  if m.any()]
         if not values:
             warnings.warn("AUPRO is undefined: no anomalous region; returning NaN",
                           UndefinedMetricWarning, stacklevel=2)
             return float("nan")
         return float(np.mean(values))
-    return _aupro_pooled(masks, maps, maps[~masks], fpr_limit, presorted=False)
+    negatives = np.concatenate([m[~k] for m, k in zip(maps, masks, strict=True)])
+    return _aupro_pooled(masks, maps, negatives, fpr_limit, presorted=False)
 
 
 def auspro(maps: Any, regions: Sequence[tuple[int, Any, float]], fpr_limit: float = 0.05
@@ -276,9 +292,8 @@ def auspro(maps: Any, regions: Sequence[tuple[int, Any, float]], fpr_limit: floa
                      fpr_limit)
 
 
-def _aupro_pooled(
-    masks: np.ndarray, maps: np.ndarray, negatives: np.ndarray, fpr_limit: float, presorted: bool
-) -> float:
+def _aupro_pooled(masks: list[np.ndarray], maps: list[np.ndarray], negatives: np.ndarray,
+                  fpr_limit: float, presorted: bool) -> float:
     region_ids, n_regions = _region_ids(masks)
     if n_regions == 0 or negatives.size == 0:
         which = "anomalous region" if n_regions == 0 else "normal pixel"
@@ -289,7 +304,8 @@ def _aupro_pooled(
     weights = 1.0 / (n_regions * sizes[region_ids])
     k = min(max(int(np.ceil(fpr_limit * negatives.size)), 1), negatives.size)
     top = negatives if presorted else _select_top(negatives, k, np.random.default_rng(0))
-    return _pro_area(top, negatives.size, maps[masks], weights, fpr_limit)
+    positives = np.concatenate([m[k] for m, k in zip(maps, masks, strict=True)])
+    return _pro_area(top, negatives.size, positives, weights, fpr_limit)
 
 
 def aupimo(masks: Any, maps: Any, fpr_bounds: tuple[float, float] = (1e-5, 1e-4)
@@ -367,14 +383,12 @@ def image_metrics(labels: Any, scores: Any) -> dict[str, float]:
 
 
 def pixel_metrics(masks: Any, maps: Any, fpr_limit: float = 0.3) -> dict[str, float]:
-    """Pixel AUROC, AP, F1-max and AUPRO over all pixels of all images, pooled; one sort."""
-    masks = _as_array(masks).astype(bool)
-    maps = _check_scores(_as_array(maps), "anomaly maps")
-    if masks.shape != maps.shape or masks.ndim != 3:
-        raise MetricError(f"masks {masks.shape} and maps {maps.shape} must both be (N, H, W)")
-    negatives = maps[~masks]
+    """Pixel AUROC, AP, F1-max and AUPRO over all pixels of all images, pooled; one sort.
+    ``masks`` and ``maps`` as for :func:`aupro`."""
+    masks, maps = _maps_and_masks(masks, maps)
+    negatives = np.concatenate([m[~k] for m, k in zip(maps, masks, strict=True)])
     negatives.sort()
-    positives = maps[masks]
+    positives = np.concatenate([m[k] for m, k in zip(maps, masks, strict=True)])
     positives.sort()
     ranked = RankedScores(negatives, positives)
     f1, _ = ranked.f1_max()

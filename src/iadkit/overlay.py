@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -44,11 +45,13 @@ def heatmap_overlay(image: np.ndarray, anomaly_map: np.ndarray, scale: tuple[flo
     return blended
 
 
-def map_scale(calibration: Calibration | None, maps: np.ndarray) -> tuple[float, float]:
+def map_scale(calibration: Calibration | None, maps: np.ndarray | Sequence[np.ndarray]
+              ) -> tuple[float, float]:
     """The (low, high) map values drawn as the colour map's ends: up to twice the calibrated
     pixel threshold when there is one (so colours mean the same in every image), else the
-    maps' own range."""
-    seen = maps[~np.isnan(maps)]
+    maps' own range. ``maps``: one array, or a list of maps of different shapes."""
+    values = np.concatenate([np.ravel(m) for m in maps]) if len(maps) else np.zeros(0)
+    seen = values[~np.isnan(values)]
     low = float(seen.min()) if seen.size else 0.0
     if calibration is not None:
         return low, 2.0 * calibration.pixel_threshold

@@ -102,6 +102,25 @@ def read_image(path: str | Path) -> np.ndarray:
     return _to_rgb(_open_decoded(path, str(path)), path)
 
 
+def image_shape(path: str | Path) -> tuple[int, int]:
+    """An image file's ``(height, width)`` from its header alone (nothing decoded).
+
+    Raises:
+        ImageReadError: the file is missing or not an image.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ImageReadError(f"{path}: file not found")
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        raise ImageReadError(f"{path}: not a readable image (unknown or corrupt format)") from None
+    if width == 0 or height == 0:
+        raise ImageReadError(f"{path}: image has zero size")
+    return height, width
+
+
 def decode_image(data: bytes, name: str = "upload", max_pixels: int | None = None,
                  max_bytes: int | None = None, keep_gray: bool = False) -> np.ndarray:
     """Decode image bytes (e.g. an upload) as an ``(H, W, 3)`` uint8 RGB array, with the same

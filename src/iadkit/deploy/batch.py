@@ -33,7 +33,7 @@ import torch
 from .. import distributed
 from ..calibration import decide
 from ..data.image_io import read_image
-from ..data.preprocess import Preprocess
+from ..data.preprocess import Preprocess, Units, predict_by_units
 from ..errors import ConfigError, ImageReadError
 from ..fanout import check_executor
 from ..files import write_text_atomic
@@ -55,7 +55,7 @@ class FilePrediction:
 
     path: Path
     score: float | None
-    anomaly_map: np.ndarray | None  # in the detector's input geometry
+    anomaly_map: np.ndarray | None  # at the evaluation shape (Preprocess.evaluation_shape)
     original_size: tuple[int, int] | None = None  # the file's (height, width)
     error: str | None = None
 
@@ -68,23 +68,27 @@ def iter_predictions(detector: Detector, paths: Sequence[Path], batch_size: int 
     problem); the other files are still scored.
     """
     preprocess = detector.preprocess
-    for start in range(0, len(paths), batch_size):
-        readable, images, sizes = [], [], []
-        for path in paths[start:start + batch_size]:
+
+    def readable() -> Iterator[tuple[tuple[Path, tuple[int, int]], Units]]:
+        for path in paths:
             try:
                 image = read_image(path)
             except ImageReadError as error:
-                yield FilePrediction(Path(path), None, None, error=str(error))
+                failed.append(FilePrediction(Path(path), None, None, error=str(error)))
                 continue
-            images.append(preprocess.image(image))
-            sizes.append(image.shape[:2])
-            readable.append(path)
-        if not images:
-            continue
-        prediction = detector.predict(torch.stack(images))
-        for path, score, anomaly_map, size in zip(readable, prediction.scores,
-                                                  prediction.anomaly_maps, sizes):
-            yield FilePrediction(Path(path), float(score), anomaly_map.numpy(), size)
+            yield (Path(path), image.shape[:2]), preprocess.units(image, eager=False)
+
+    def predict(units: np.ndarray, _: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+        prediction = detector.predict(units)
+        return prediction.anomaly_maps.numpy(), prediction.scores.numpy()
+
+    failed: list[FilePrediction] = []
+    for (path, size), anomaly_map, score in predict_by_units(preprocess, readable(), predict,
+                                                             batch_size):
+        yield from failed
+        failed.clear()
+        yield FilePrediction(path, score, anomaly_map, size)
+    yield from failed
 
 
 @dataclass

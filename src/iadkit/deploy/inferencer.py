@@ -22,7 +22,7 @@ import numpy as np
 
 from ..calibration import Calibration, Decision, decide
 from ..data.image_io import read_image
-from ..data.preprocess import Preprocess
+from ..data.preprocess import Preprocess, predict_by_units
 from ..errors import CheckpointError, ConfigError
 from ..files import read_json_record
 
@@ -40,8 +40,8 @@ class InferenceResult:
     """One image's prediction.
 
     Attributes:
-        anomaly_map: (S, S) float32 map at the model's input size (``preprocess.map_to_original``
-            maps it onto the original image).
+        anomaly_map: float32 map at the evaluation shape (``preprocess.evaluation_shape``;
+            ``preprocess.map_to_original`` maps it onto the original image).
         decision: the score and, when the model was calibrated, the decision.
     """
 
@@ -105,15 +105,17 @@ class OnnxInferencer:
             raise CheckpointError(f"{model_path}: not a readable ONNX model ({error})"
                                   ) from None
 
-    def predict(self, images: list[np.ndarray]) -> list[InferenceResult]:
-        """Score a batch of (H, W, 3) uint8 RGB images."""
-        maps, scores = self.run(np.stack([self.preprocess.image_array(image)
-                                          for image in images]))
-        return [InferenceResult(anomaly_map, decide(float(score), self.calibration))
-                for score, anomaly_map in zip(scores, maps)]
+    def predict(self, images: list[np.ndarray], batch_size: int = 16) -> list[InferenceResult]:
+        """Score (H, W, 3) uint8 RGB images, their units (one each, or their tiles) run
+        ``batch_size`` at a time."""
+        units = ((index, self.preprocess.units(image, eager=False))
+                 for index, image in enumerate(images))
+        return [InferenceResult(anomaly_map, decide(score, self.calibration))
+                for _, anomaly_map, score in predict_by_units(
+                    self.preprocess, units, lambda batch, _: self.run(batch), batch_size)]
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(B, 3, S, S) float32 preprocessed images -> maps (B, S, S) and scores (B,)."""
+        """(B, 3, S, S) float32 units -> maps (B, S, S) and scores (B,)."""
         return self._run(np.ascontiguousarray(batch, dtype=np.float32))
 
     def predict_file(self, path: str | Path) -> InferenceResult:

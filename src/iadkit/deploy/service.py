@@ -52,7 +52,7 @@ from starlette.requests import ClientDisconnect
 
 from ..calibration import Calibration, decide
 from ..data.image_io import decode_image
-from ..data.preprocess import Preprocess
+from ..data.preprocess import Preprocess, predict_by_units
 from ..errors import IadkitError, ImageReadError, ImageTooLargeError
 from ..overlay import overlay_png
 from ..regions import regions_in_original
@@ -61,6 +61,8 @@ from .inferencer import TRAINING_SUMMARY_KEYS, OnnxInferencer
 from .settings import ServiceSettings
 
 HEATMAP_MODES = ("none", "base64", "png")
+#: Units (a tiled image's tiles) run through the model at once: bounds the memory per request.
+UNIT_BATCH = 16
 
 
 class Scorer(ABC):
@@ -75,8 +77,8 @@ class Scorer(ABC):
         self._lock = threading.Lock()
 
     @abstractmethod
-    def _run(self, image: np.ndarray) -> tuple[float, np.ndarray]:
-        """(3, S, S) preprocessed image -> (score, (S, S) anomaly map)."""
+    def _run(self, units: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(n, 3, S, S) units of an image -> their (n, S, S) anomaly maps and (n,) scores."""
 
     @abstractmethod
     def describe(self) -> dict[str, Any]:
@@ -91,10 +93,11 @@ class Scorer(ABC):
         settings = self.settings
         image = decode_image(data, name, settings.max_pixels, settings.max_decoded_bytes,
                              keep_gray=True)
-        preprocessed = self.preprocess.image_array(image)
-        with self._lock:
-            score, anomaly_map = self._run(preprocessed)
         height, width = image.shape[:2]
+        with self._lock:
+            [(_, anomaly_map, score)] = predict_by_units(
+                self.preprocess, [(name, self.preprocess.units(image, eager=False))],
+                lambda batch, _: self._run(batch), UNIT_BATCH)
         result = {**asdict(decide(score, self.calibration, category)),
                   "image_size": [int(width), int(height)], "regions": None}
         if self.calibration is not None:
@@ -154,9 +157,9 @@ class DetectorScorer(Scorer):
         super().__init__(Path(model_dir), self.detector.name, self.detector.preprocess,
                          self.detector.calibration, settings or ServiceSettings())
 
-    def _run(self, image: np.ndarray) -> tuple[float, np.ndarray]:
-        prediction = self.detector.predict(image[None])
-        return float(prediction.scores[0]), prediction.anomaly_maps[0].numpy()
+    def _run(self, units: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        prediction = self.detector.predict(units)
+        return prediction.anomaly_maps.numpy(), prediction.scores.numpy()
 
     def describe(self) -> dict[str, Any]:
         fit_info = self.detector.fit_info_ or {}
@@ -182,9 +185,8 @@ class ExportedScorer(Scorer):
                          self.inferencer.preprocess, self.inferencer.calibration,
                          settings or ServiceSettings())
 
-    def _run(self, image: np.ndarray) -> tuple[float, np.ndarray]:
-        maps, scores = self.inferencer.run(image[None])
-        return float(scores[0]), maps[0]
+    def _run(self, units: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.inferencer.run(units)
 
     def describe(self) -> dict[str, Any]:
         config = self.inferencer.config

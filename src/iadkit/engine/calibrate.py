@@ -38,9 +38,8 @@ from ..data.samples import SampleSet
 from ..data.settings import Task
 from ..errors import ConfigError
 from ..methods import Detector
-from ..progress import progress
 from .config import RunConfig
-from .evaluation import ScoredSamples, predict_samples
+from .evaluation import predict_images, predict_samples
 
 log = logging.getLogger("iadkit")
 
@@ -164,7 +163,7 @@ def calibrate(detector: Detector, plan: CalibrationPlan, config: RunConfig
     if plan.method == HOLDOUT:
         scored = predict_samples(detector, plan.held_out, config.batch_size, config.workers,
                                  config.show_progress, "calibrate")
-        samples, scores, maxima = plan.held_out, scored.scores, _maxima(scored)
+        samples, scores, maxima = plan.held_out, scored.scores, scored.map_maxima
         described = "normal images held out from training"
     elif plan.method == LEAVE_ONE_OUT:
         samples = plan.fit_samples
@@ -185,23 +184,16 @@ def calibrate(detector: Detector, plan: CalibrationPlan, config: RunConfig
     return calibration
 
 
-def _maxima(scored: ScoredSamples) -> np.ndarray:
-    return scored.maps.reshape(len(scored.scores), -1).max(axis=1)
-
-
 def _left_out_scores(detector: Detector, samples: SampleSet, config: RunConfig
                      ) -> tuple[np.ndarray, np.ndarray]:
     # The detector was fitted on these samples in this order (fit_detector's loader), so a
     # sample's position is its training index.
     scores = np.empty(len(samples), dtype=np.float64)
     maxima = np.empty(len(samples), dtype=np.float64)
-    loader = make_loader(samples, detector.preprocess, config.batch_size, config.workers)
-    for batch in progress(loader, "calibrate (leave-one-out)", config.show_progress,
-                          total=-(-len(samples) // config.batch_size)):
-        index = batch["index"].numpy()
-        prediction = detector.predict_left_out(batch["image"], batch["index"])
-        scores[index] = prediction.scores.numpy()
-        maxima[index] = prediction.anomaly_maps.flatten(1).max(dim=1).values.numpy()
+    for index, anomaly_map, score, _ in predict_images(
+            detector, samples, config.batch_size, config.workers, left_out=True,
+            show_progress=config.show_progress, description="calibrate (leave-one-out)"):
+        scores[index], maxima[index] = score, float(anomaly_map.max())
     return scores, maxima
 
 
@@ -225,5 +217,5 @@ def _cross_fitted_scores(detector: Detector, plan: CalibrationPlan, config: RunC
                                  config.batch_size, config.workers, config.show_progress,
                                  f"calibrate fold {fold + 1}")
         scores[outside] = scored.scores
-        maxima[outside] = _maxima(scored)
+        maxima[outside] = scored.map_maxima
     return scores, maxima

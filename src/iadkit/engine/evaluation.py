@@ -8,7 +8,7 @@ Example:
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,8 +17,8 @@ import torch
 
 from .. import distributed, metrics
 from ..calibration import Calibration, rate_interval
-from ..data.dataset import make_loader
-from ..data.preprocess import Preprocess
+from ..data.dataset import image_units_loader
+from ..data.preprocess import Preprocess, predict_by_units
 from ..data.samples import SampleSet
 from ..data.settings import Task
 from ..errors import DatasetError, IadkitError
@@ -31,12 +31,17 @@ PIXEL_KEYS = ("pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_aupro")
 
 @dataclass
 class ScoredSamples:
-    """A detector's predictions for a sample set, in sample order, with the ground truth."""
+    """A detector's predictions for a sample set, in sample order, with the ground truth.
+
+    ``maps`` and ``masks`` are at each image's evaluation shape
+    (:meth:`~iadkit.data.preprocess.Preprocess.evaluation_shape`): one ``(N, S, S)`` array
+    when every image has the same (the ``resize`` geometry), else a list of 2-D arrays.
+    """
 
     samples: SampleSet
     scores: np.ndarray  # (N,)
-    maps: np.ndarray  # (N, S, S) float32
-    masks: np.ndarray  # (N, S, S) bool
+    maps: np.ndarray | list[np.ndarray]  # float32
+    masks: np.ndarray | list[np.ndarray]  # bool
     seconds: float
     preprocess: Preprocess
 
@@ -44,14 +49,54 @@ class ScoredSamples:
     def labels(self) -> np.ndarray:
         return np.array(self.samples.labels, dtype=int)
 
+    @property
+    def map_maxima(self) -> np.ndarray:
+        """(N,) the highest value of each image's map."""
+        return np.array([float(m.max()) for m in self.maps])
+
     @classmethod
     def concatenate(cls, parts: Sequence[ScoredSamples]) -> ScoredSamples:
         """One set of predictions from several (pooled evaluation)."""
         return cls(SampleSet([s for p in parts for s in p.samples]),
                    np.concatenate([p.scores for p in parts]),
-                   np.concatenate([p.maps for p in parts]),
-                   np.concatenate([p.masks for p in parts]), sum(p.seconds for p in parts),
-                   parts[0].preprocess)
+                   stack_if_alike([m for p in parts for m in p.maps]),
+                   stack_if_alike([m for p in parts for m in p.masks]),
+                   sum(p.seconds for p in parts), parts[0].preprocess)
+
+
+def stack_if_alike(arrays: Sequence[np.ndarray]) -> np.ndarray | list[np.ndarray]:
+    """One array of ``arrays`` when they all have one shape, else the list."""
+    if len({a.shape for a in arrays}) <= 1 and len(arrays):
+        return np.stack(arrays)
+    return list(arrays)
+
+
+def predict_images(detector: Detector, samples: SampleSet, batch_size: int = 16,
+                   workers: int = 0, left_out: bool = False, show_progress: bool = False,
+                   description: str = "predict"
+                   ) -> Iterator[tuple[int, np.ndarray, float, np.ndarray]]:
+    """``(position, anomaly map, score, mask)`` of every image of ``samples``, in order, at
+    its evaluation shape: each image's units (one square, or its tiles) go through the
+    detector in batches of ``batch_size`` units, across images, and are combined by the
+    detector's :class:`~iadkit.data.preprocess.Preprocess`.
+
+    With ``left_out``, training images (``position`` = training index) are scored with
+    :meth:`~iadkit.methods.Detector.predict_left_out`.
+    """
+    def predict(units: np.ndarray, items: list[dict[str, Any]]
+                ) -> tuple[np.ndarray, np.ndarray]:
+        if left_out:
+            prediction = detector.predict_left_out(units, [item["index"] for item in items])
+        else:
+            prediction = detector.predict(units, categories=[item["category"] for item in items])
+        return prediction.anomaly_maps.numpy(), prediction.scores.numpy()
+
+    loader = image_units_loader(samples, detector.preprocess, workers)
+    images = ((item, item["units"])
+              for item in progress(loader, description, show_progress, total=len(samples)))
+    for item, anomaly_map, score in predict_by_units(detector.preprocess, images, predict,
+                                                     batch_size):
+        yield int(item["index"]), anomaly_map, score, np.asarray(item["mask"]) > 0.5
 
 
 def predict_samples(detector: Detector, samples: SampleSet, batch_size: int = 16,
@@ -62,26 +107,20 @@ def predict_samples(detector: Detector, samples: SampleSet, batch_size: int = 16
     Under torchrun each rank predicts its contiguous share of the samples and every rank gets
     all the predictions back, in sample order (``seconds``: the slowest rank's).
     """
-    size = detector.preprocess.output_size
     positions = distributed.shard(torch.arange(len(samples)))
     mine = SampleSet(samples[i] for i in positions.tolist())
-    n = len(mine)
-    scores = torch.empty(n, dtype=torch.float32)
-    maps = torch.empty((n, size, size), dtype=torch.float32)
-    masks = torch.empty((n, size, size), dtype=torch.uint8)
-    loader = make_loader(mine, detector.preprocess, batch_size, workers)
+    scores = torch.empty(len(mine), dtype=torch.float32)
+    maps: list[np.ndarray] = [np.empty(0)] * len(mine)
+    masks: list[np.ndarray] = [np.empty(0)] * len(mine)
     started = time.perf_counter()
-    total = -(-n // batch_size)
-    for batch in progress(loader, description, show_progress, total=total):
-        index = batch["index"]
-        prediction = detector.predict(batch["image"], categories=batch["category"])
-        scores[index] = prediction.scores.float().cpu()
-        maps[index] = prediction.anomaly_maps.float().cpu()
-        masks[index] = (batch["mask"] > 0.5).to(torch.uint8)
+    for index, anomaly_map, score, mask in predict_images(
+            detector, mine, batch_size, workers, show_progress=show_progress,
+            description=description):
+        scores[index], maps[index], masks[index] = score, anomaly_map, mask.astype(np.uint8)
     seconds = distributed.all_reduce_max(torch.tensor(time.perf_counter() - started))
     return ScoredSamples(samples, distributed.all_gather_shards(scores, len(samples)).numpy(),
-                         distributed.all_gather_shards(maps, len(samples)).numpy(),
-                         distributed.all_gather_shards(masks, len(samples)).numpy() > 0,
+                         stack_if_alike(distributed.all_gather_arrays(maps)),
+                         stack_if_alike([m > 0 for m in distributed.all_gather_arrays(masks)]),
                          float(seconds), detector.preprocess)
 
 

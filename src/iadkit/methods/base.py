@@ -33,7 +33,7 @@ import torch
 
 from ..backbones import FeatureExtractor, is_backbone_name
 from ..calibration import Calibration
-from ..data.preprocess import Preprocess
+from ..data.preprocess import GEOMETRIES, Preprocess
 from ..errors import CheckpointError, ConfigError, DatasetError, IadkitError, NotFittedError
 from ..files import read_json_record
 from ..synthesis.textures import TextureSource
@@ -202,7 +202,8 @@ class Detector(ABC):
         """Build from a named preset, with some hyperparameters overridden.
 
         A preset's centre crop is a proportion of its image size: overriding ``image_size``
-        alone scales ``crop_size`` with it (256 -> 224 becomes 64 -> 56). A dict-valued
+        alone scales ``crop_size`` with it (256 -> 224 becomes 64 -> 56); choosing the
+        ``letterbox`` or ``tile`` geometry drops it. A dict-valued
         hyperparameter (e.g. CADA's ``base_params``) is updated with the override's keys.
         """
         if preset not in cls.presets:
@@ -217,6 +218,8 @@ class Detector(ABC):
                 and isinstance(overrides["image_size"], int)):
             params["crop_size"] = round(overrides["image_size"] * base["crop_size"]
                                         / base["image_size"])
+        if overrides.get("geometry", "resize") != "resize" and "crop_size" not in overrides:
+            params.pop("crop_size", None)  # a letterboxed or tiled image is never cropped
         detector = cls(**params)
         detector.preset = preset
         return detector
@@ -491,17 +494,31 @@ class BackboneDetector(Detector):
     image_size: int = hyperparameter(256, Number(int, 1), "images are resized to this square")
     crop_size: int | None = hyperparameter(None, Optional(Number(int, 1)),
                                            "centre crop after resizing (null: none)")
+    geometry: str = hyperparameter(
+        "resize", Choice(*GEOMETRIES), "how an image becomes the network's square input: "
+        "'resize' (squash), 'letterbox' (keep the aspect ratio, pad), 'tile' (overlapping tiles "
+        "at native resolution, maps stitched); see docs/usage.md")
+    tile_size: int | None = hyperparameter(
+        None, Optional(Number(int, 8)), "tile side in the image's own pixels, each tile resized "
+        "to image_size (null: image_size, native scale; smaller magnifies)")
+    tile_overlap: float = hyperparameter(
+        0.25, Number(float, 0.0, 1.0, high_open=True), "fraction of a tile shared with its neighbour")
+    max_map_side: int = hyperparameter(
+        1024, Number(int, 8), "a tiled image's anomaly map (and evaluation) is at most this "
+        "many pixels on its longer side", inference=True)
     _extractor: FeatureExtractor | None = None
 
     def _check_params(self) -> None:
         super()._check_params()
-        if self.crop_size is not None and self.crop_size > self.image_size:
-            raise self._refuse(f"crop_size={self.crop_size} is larger than image_size="
-                               f"{self.image_size}")
+        try:
+            self.preprocess  # noqa: B018 (building it checks the options together)
+        except ValueError as error:
+            raise self._refuse(str(error)) from None
 
     @property
     def preprocess(self) -> Preprocess:
-        return Preprocess(self.image_size, self.crop_size)
+        return Preprocess(self.image_size, self.crop_size, self.geometry, self.tile_size,
+                          self.tile_overlap, self.max_map_side)
 
     def check_resources(self) -> None:
         super().check_resources()

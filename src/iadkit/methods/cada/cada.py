@@ -26,6 +26,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -178,8 +179,8 @@ class CADA(Detector):
         self.base_detector.check_resources()
 
     def _check_preprocess(self, base: Detector) -> None:
-        given = Preprocess(self.image_size or base.preprocess.image_size,
-                           self.crop_size or base.preprocess.crop_size)
+        given = replace(base.preprocess, image_size=self.image_size or base.preprocess.image_size,
+                        crop_size=self.crop_size or base.preprocess.crop_size)
         if given != base.preprocess:
             raise IadkitError(f"{self.base_checkpoint}: the saved base uses {base.preprocess}; "
                               "leave image_size and crop_size unset to calibrate it")
