@@ -13,6 +13,10 @@ detector is fitted on every training image and tested on every test image. Each 
   units, network, stitching), ``units_per_image``, ``backbone_units_per_second`` (the floor);
 - ``peak_rss_gb`` of this process so far (models run one after the other).
 
+With ``--overlays DIR``, each run also writes the anomaly map over its original image (the
+report's overlay, at the image's own size) for the first ``--overlay-count`` anomalous test
+images, so the geometries can be compared picture by picture.
+
 Resumable: a finished (set, method, geometry) is kept under ``--out``. Usage::
 
     .venv/bin/python benchmarks/geometry_real.py [--sets magnetic_tile] [--methods patchcore]
@@ -39,6 +43,7 @@ from iadkit.data import load_dataset, make_loader
 from iadkit.data.image_io import read_image, read_mask
 from iadkit.engine.evaluation import predict_samples, score_predictions
 from iadkit.methods import create_detector
+from iadkit.overlay import save_overlay
 
 
 def parse_geometry(text: str) -> tuple[str, dict[str, Any]]:
@@ -79,8 +84,17 @@ def backbone_units_per_second(detector: Any, samples: Any, batch_size: int) -> f
     return round(len(units) / (time.perf_counter() - started), 2)
 
 
-def measure(data: Path, method: str, name: str, params: dict[str, Any], batch_size: int
-            ) -> dict[str, Any]:
+def save_overlays(scored: Any, folder: Path, count: int) -> None:
+    """The first ``count`` anomalous test images with their maps over them (own colour scale)."""
+    anomalous = [k for k, s in enumerate(scored.samples) if s.label == 1][:count]
+    for k in anomalous:
+        sample = scored.samples[k]
+        save_overlay(sample.image_path, scored.maps[k], scored.preprocess, None,
+                     folder / f"{sample.defect_type}_{Path(sample.image_path).stem}.png")
+
+
+def measure(data: Path, method: str, name: str, params: dict[str, Any], batch_size: int,
+            overlays: Path | None, overlay_count: int) -> dict[str, Any]:
     samples = load_dataset(data)
     train, test = samples.where(split="train"), samples.where(split="test")
     detector = create_detector(method, "cpu", device="cpu", **params)
@@ -90,6 +104,8 @@ def measure(data: Path, method: str, name: str, params: dict[str, Any], batch_si
     fit_seconds = time.perf_counter() - started
     scored = predict_samples(detector, test, batch_size)
     engine = score_predictions(scored, pixel=True)
+    if overlays is not None:
+        save_overlays(scored, overlays, overlay_count)
     return {
         "benchmark": "geometry_real", "set": data.name, "method": method, "geometry": name,
         "params": params, **native_metrics(scored),
@@ -113,6 +129,8 @@ def main() -> None:
                         default=["resize", "letterbox", "tile:tile_size=128"])
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "iadkit-geometry"))
+    parser.add_argument("--overlays", help="write overlays of anomalous test images here")
+    parser.add_argument("--overlay-count", type=int, default=4)
     args = parser.parse_args()
     out = Path(args.out)
     for set_name in args.sets:
@@ -121,9 +139,11 @@ def main() -> None:
                 name, params = parse_geometry(text)
                 key = f"{set_name}-{method}-{text.replace(':', '-').replace(',', '-')}"
                 data = Path(args.root) / set_name
+                overlays = Path(args.overlays) / key if args.overlays else None
                 record = kept_record(out / f"{key}.json", lambda data=data, name=name,
-                                     params=params, method=method: measure(
-                                         data, method, name, params, args.batch_size))
+                                     params=params, method=method, overlays=overlays: measure(
+                                         data, method, name, params, args.batch_size, overlays,
+                                         args.overlay_count))
                 print(json.dumps(record), flush=True)
 
 
