@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -44,6 +45,21 @@ def run_ranks(work: Callable[..., Any], *args: Any, world: int = 2) -> Any:
         store, out = os.path.join(folder, "store"), os.path.join(folder, "result")
         mp.spawn(_rank_main, args=(world, store, work, args, out), nprocs=world)
         return torch.load(f"{out}.0")
+
+
+def _gather_ragged() -> dict:
+    rank = dist.get_rank()
+    mine = [np.full((rank + 1 + k, 3), 10.0 * rank + k, np.float32) for k in range(rank + 1)]
+    return {"arrays": [torch.from_numpy(a) for a in distributed.all_gather_arrays(mine)],
+            "json": distributed.all_gather_json({"rank": rank, "name": "é"})}
+
+
+def test_arrays_of_different_shapes_and_json_gather_in_rank_order() -> None:
+    """What evaluation gathers maps of images of different sizes with."""
+    gathered = run_ranks(_gather_ragged)
+    assert [tuple(a.shape) for a in gathered["arrays"]] == [(1, 3), (2, 3), (3, 3)]
+    assert [float(a[0, 0]) for a in gathered["arrays"]] == [0.0, 10.0, 11.0]
+    assert gathered["json"] == [{"rank": 0, "name": "é"}, {"rank": 1, "name": "é"}]
 
 
 def _batch_norm_step(inputs: torch.Tensor, weights: dict[str, torch.Tensor]) -> dict:
