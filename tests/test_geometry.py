@@ -198,3 +198,12 @@ def test_a_tiled_model_exports_predicts_files_and_serves_its_own_maps(tmp_path: 
     served = load_scorer(tmp_path / "model", device="cpu").score(
         Path(test[0].image_path).read_bytes(), "upload.png")
     assert served["score"] == pytest.approx(float(scored.scores[0]), rel=1e-4)
+
+
+def test_a_search_is_refused_for_a_tiled_detector_before_any_work() -> None:
+    from iadkit.engine import SearchSettings
+
+    detector = create_detector("patchcore", "cpu", geometry="tile", device="cpu")
+    with pytest.raises(ConfigError, match="geometry=resize only; this detector uses "
+                                          "geometry=tile"):
+        SearchSettings().check(detector)

@@ -85,8 +85,14 @@ class SearchSettings:
 
     def check(self, detector: Detector) -> None:
         """Refuse a search that could not run, before any training: bad stages, an unknown
-        synthesis, a missing texture folder."""
+        synthesis, a missing texture folder, a geometry other than ``resize``."""
         check_search_stages(detector, self.stages_for(detector), self.metric)
+        if detector.preprocess.geometry != "resize":
+            # Pseudo-anomalies are drawn on whole images squashed to the input square; a
+            # letterboxed or tiled detector learnt other units (undistorted, or native-scale
+            # tiles), so the search would judge it on images unlike its own.
+            raise ConfigError(f"the inference-parameter search works with geometry=resize "
+                              f"only; this detector uses geometry={detector.preprocess.geometry}")
         if self.synthesis_for(detector) not in PSEUDO_VALIDATION_SYNTHESES:
             raise ConfigError(f"unknown search synthesis {self.synthesis_for(detector)!r}; "
                               f"choose from {PSEUDO_VALIDATION_SYNTHESES}")
