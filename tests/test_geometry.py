@@ -86,7 +86,7 @@ def _write(path: Path, array: np.ndarray) -> None:
     Image.fromarray(array).save(path)
 
 
-def scratch_data(root: Path, size: int = 1024, seed: int = 0) -> Path:
+def scratch_data(root: Path, size: int = 1024, seed: int = 0, n_train: int = 3) -> Path:
     """Textured gray images with a 3-pixel-wide scratch on the defective ones (MVTec layout)."""
     rng = np.random.default_rng(seed)
 
@@ -98,7 +98,7 @@ def scratch_data(root: Path, size: int = 1024, seed: int = 0) -> Path:
         return np.clip(128 + 18 * coarse + grain, 0, 255)
 
     category = root / "plate"
-    for k in range(3):
+    for k in range(n_train):
         _write(category / "train" / "good" / f"{k}.png", texture().astype(np.uint8))
     for k in range(2):
         _write(category / "test" / "good" / f"{k}.png", texture().astype(np.uint8))
@@ -207,3 +207,42 @@ def test_a_search_is_refused_for_a_tiled_detector_before_any_work() -> None:
     with pytest.raises(ConfigError, match="geometry=resize only; this detector uses "
                                           "geometry=tile"):
         SearchSettings().check(detector)
+
+
+def test_the_command_line_fits_calibrates_and_tests_a_tiled_model(tmp_path: Path) -> None:
+    """Images of two sizes: maps of different shapes go through the leave-one-out calibration
+    (all of an image's tiles left out), the test JSON and the report."""
+    import json
+
+    from iadkit.cli import main
+
+    root = scratch_data(tmp_path / "data", size=200, n_train=6)
+    extra = root / "plate" / "test" / "good" / "wide.png"
+    Image.new("RGB", (300, 120), (128, 128, 128)).save(extra)
+    run = tmp_path / "run"
+    assert main(["fit", "--method", "patchcore", "--data", str(root), "--out", str(run),
+                 "--param", "image_size=64", "--param", "geometry=tile", "--param",
+                 "tile_size=100", "--param", "coreset_ratio=0.2", "--calibration",
+                 "leave-one-out", "--device", "cpu", "--quiet"]) == 0
+    assert main(["test", str(run), "--json", str(tmp_path / "test.json"), "--report",
+                 str(tmp_path / "report"), "--quiet"]) == 0
+    results = json.loads((tmp_path / "test.json").read_text())
+    plate = results["per_category"]["plate"]
+    assert plate["n_images"] == 5 and 0.0 <= plate["pixel_aupro"] <= 1.0
+    assert plate["decision"]["threshold"] > 0
+
+
+def test_leave_one_out_leaves_every_tile_of_the_image_out(tmp_path: Path) -> None:
+    from iadkit.engine.evaluation import predict_images
+
+    samples = load_dataset(scratch_data(tmp_path, size=150, n_train=3), ["plate"])
+    train = samples.where(split="train")
+    detector = create_detector("patchcore", "cpu", image_size=64, geometry="tile",
+                               tile_size=75, tile_overlap=0.0, coreset_ratio=1.0, device="cpu")
+    detector.fit(make_loader(train, detector.preprocess, batch_size=5))
+    own = {k: score for k, _, score, _ in predict_images(detector, train)}
+    left_out = {k: score for k, _, score, _ in predict_images(detector, train, left_out=True)}
+    # With every patch in the bank, an image's own tiles match themselves exactly; left out,
+    # none of its 4 tiles may find itself.
+    assert all(abs(own[k]) < 1e-3 for k in own), own
+    assert all(left_out[k] > 0.1 for k in left_out), left_out

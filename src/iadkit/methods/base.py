@@ -73,12 +73,24 @@ def resolve_device(device: str) -> torch.device:
 
 def image_batches(data: Iterable[Any] | torch.Tensor, batch_size: int = 16) -> Iterator[torch.Tensor]:
     """Image tensors from a tensor (split into batches) or an iterable of batches or dicts."""
+    for images, _ in indexed_image_batches(data, batch_size):
+        yield images
+
+
+def indexed_image_batches(data: Iterable[Any] | torch.Tensor, batch_size: int = 16
+                          ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`image_batches` with each input's training index: a dict batch's ``index`` (the
+    tiles of one image share their image's), else the input's position in the order given."""
+    position = 0
     if isinstance(data, torch.Tensor):
-        for start in range(0, data.shape[0], batch_size):
-            yield data[start:start + batch_size]
-        return
+        data = data.split(batch_size)
     for batch in data:
-        yield batch["image"] if isinstance(batch, dict) else batch
+        images = batch["image"] if isinstance(batch, dict) else batch
+        given = batch.get("index") if isinstance(batch, dict) else None
+        indices = (torch.as_tensor(given).long() if given is not None
+                   else torch.arange(position, position + images.shape[0]))
+        position += images.shape[0]
+        yield images, indices
 
 
 @contextmanager
@@ -322,8 +334,9 @@ class Detector(ABC):
 
         Args:
             images: (B, 3, S, S) training images, preprocessed as for :meth:`predict`.
-            train_indices: each image's position in the training data :meth:`fit` was given
-                (in the order it came).
+            train_indices: each image's training index: its batch's ``index`` in the data
+                :meth:`fit` was given (the tiles of one image share it), or its position in
+                the order it came when the data had none.
         """
         if not self.supports_leave_one_out:
             raise IadkitError(f"{self._label} cannot leave a training image out after fit; "
@@ -510,8 +523,11 @@ class BackboneDetector(Detector):
 
     def _check_params(self) -> None:
         super()._check_params()
+        if self.crop_size is not None and self.crop_size > self.image_size:
+            raise self._refuse(f"crop_size={self.crop_size} is larger than image_size="
+                               f"{self.image_size}")
         try:
-            self.preprocess  # noqa: B018 (building it checks the options together)
+            self.preprocess  # noqa: B018 (building it checks the geometry's options together)
         except ValueError as error:
             raise self._refuse(str(error)) from None
 

@@ -31,7 +31,7 @@ from ...nn.knn import BACKEND_RULE, FlatIndex
 from ...progress import progress
 from ...validation import Flag, Number, Optional
 from .. import register
-from ..base import BackboneDetector, Prediction, image_batches
+from ..base import BackboneDetector, Prediction, indexed_image_batches
 from ..hyperparameters import hyperparameter
 from .patch_features import LocalPatchFeatures
 
@@ -116,36 +116,40 @@ class PatchCore(BackboneDetector):
         # Under torchrun each rank takes every world_size-th batch and keeps where its images
         # sit in the training order: the coreset is then selected over all ranks' patches.
         ranks, rank = distributed.world_size(), distributed.rank()
-        chunks, image_indices, n_images = [], [], 0
+        chunks, units_here, unit_images, n_units = [], [], [], 0
         grid = torch.zeros(3, dtype=torch.long)  # (channels, height, width) of the features
-        batches = image_batches(train, self.batch_size)
-        for number, images in enumerate(progress(batches, "features", show_progress)):
+        batches = indexed_image_batches(train, self.batch_size)
+        for number, (images, indices) in enumerate(progress(batches, "features", show_progress)):
             if number % ranks == rank:
                 features = self.patch_features(images.to(self.torch_device))
                 chunks.append(features.permute(0, 2, 3, 1).reshape(-1, features.shape[1]))
-                image_indices.append(torch.arange(n_images, n_images + images.shape[0]))
+                units_here.append(torch.arange(n_units, n_units + images.shape[0]))
                 grid = torch.tensor(features.shape[1:])
-            n_images += images.shape[0]
-        if n_images == 0:
+            unit_images.append(indices)  # every rank: whose image each input is
+            n_units += images.shape[0]
+        if n_units == 0:
             raise IadkitError("patchcore: no training images")
         shape = distributed.all_reduce_max(grid)  # known to every rank
-        channels, patches_per_image = int(shape[0]), int(shape[1] * shape[2])
+        channels, patches_per_unit = int(shape[0]), int(shape[1] * shape[2])
         local_features = torch.cat(chunks) if chunks else torch.empty(
             0, channels, device=self.torch_device)
         del chunks
-        images_here = torch.cat(image_indices) if image_indices else torch.empty(0, dtype=torch.long)
-        # Rows are image-major: a patch's training image is its row over the patches per image.
-        rows = (images_here[:, None] * patches_per_image
-                + torch.arange(patches_per_image)).flatten()
+        here = torch.cat(units_here) if units_here else torch.empty(0, dtype=torch.long)
+        # Rows are input-major: a patch's input (an image, or one tile) is its row over the
+        # patches per input.
+        rows = (here[:, None] * patches_per_unit + torch.arange(patches_per_unit)).flatten()
         extracted = time.perf_counter()
         indices = greedy_coreset(local_features, self.coreset_ratio, self.projection_dim,
                                  seed=self.seed, show_progress=show_progress, rows=rows)
         bank = distributed.gather_rows(local_features, rows, indices)
         self._set_memory_bank(bank.contiguous())
-        self.memory_bank_sources_ = (indices.cpu() // patches_per_image).to(torch.int32)
+        # Each entry's training image (the one a leave-one-out prediction removes).
+        self.memory_bank_sources_ = torch.cat(unit_images)[
+            indices.cpu() // patches_per_unit].to(torch.int32)
+        n_images = len(torch.cat(unit_images).unique())
         return {
             "n_train_images": n_images,
-            "n_patches": n_images * patches_per_image,
+            "n_patches": n_units * patches_per_unit,
             "memory_bank_size": int(self.memory_bank_.shape[0]),
             "feature_dim": channels,
             "feature_grid": [int(shape[1]), int(shape[2])],
