@@ -146,6 +146,11 @@ def test_units_datasets_index_tiles_by_their_image(tmp_path: Path) -> None:
     item = ImageUnitsDataset(type(samples)(defective), preprocess)[0]
     assert item["units"][:].shape == (4, 3, 64, 64) and item["mask"].shape == (200, 200)
     assert item["mask"].sum() == 3 * (200 // 3)
+    # Training items cut the mask like the image: tile by tile, as the whole cut would.
+    tiles = ImageDataset(type(samples)(defective[:1]), preprocess)
+    whole = preprocess.mask_units_array(np.asarray(Image.open(defective[0].mask_path)) > 0)
+    assert whole.shape == (4, 64, 64) and whole.any()
+    assert all(np.array_equal(tiles[k]["mask"].numpy(), whole[k]) for k in range(4))
 
 
 def test_units_of_several_images_share_batches_and_come_back_in_order() -> None:

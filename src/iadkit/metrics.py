@@ -144,17 +144,15 @@ def _region_ids(masks: Sequence[np.ndarray]) -> tuple[np.ndarray, int]:
 def _maps_and_masks(masks: Any, maps: Any) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Masks (bool) and maps (checked scores) as lists of 2-D arrays of matching shapes, from
     ``(N, H, W)`` arrays or sequences of ``(H_i, W_i)`` arrays (images of different sizes)."""
-    masks = list(_as_array(masks)) if hasattr(masks, "detach") else list(masks)
-    maps = list(_as_array(maps)) if hasattr(maps, "detach") else list(maps)
     maps = [_check_scores(_as_array(m), "anomaly maps") for m in maps]
     masks = [_as_array(m).astype(bool) for m in masks]
-    if len(maps) != len(masks) or any(m.shape != k.shape or m.ndim != 2
-                                      for m, k in zip(maps, masks, strict=False)):
-        shapes = [(k.shape, m.shape) for k, m in zip(masks, maps, strict=False)
-                  if m.shape != k.shape or m.ndim != 2][:1]
+    mismatch = next(((k.shape, m.shape) for k, m in zip(masks, maps, strict=False)
+                     if m.shape != k.shape or m.ndim != 2), None)
+    if len(maps) != len(masks) or mismatch is not None:
+        where = f", first mismatch (mask, map): {mismatch}" if mismatch is not None else ""
         raise MetricError(f"masks and maps must both be (N, H, W) arrays or lists of (H, W) "
                           f"arrays of the same shapes; got {len(masks)} masks and {len(maps)} "
-                          f"maps{', first mismatch (mask, map): ' + str(shapes[0]) if shapes else ''}")
+                          f"maps{where}")
     return masks, maps
 
 

@@ -73,7 +73,7 @@ class ImageDataset(Dataset):
         sample = self.samples[index]
         array, mask = _read(sample)
         size = self.preprocess.output_size
-        mask_unit = (torch.from_numpy(self.preprocess.mask_units_array(mask)[part])
+        mask_unit = (torch.from_numpy(self.preprocess.mask_units_array(mask, part, part + 1)[0])
                      if mask is not None else torch.zeros(size, size))
         return {
             "image": torch.from_numpy(self.preprocess.units_array(array, part, part + 1)[0]),

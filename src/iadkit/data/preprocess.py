@@ -160,14 +160,14 @@ class Preprocess:
         offset = (self.image_size - self.crop_size) // 2
         return resized.crop((offset, offset, offset + self.crop_size, offset + self.crop_size))
 
-    def _tiles(self, image: np.ndarray, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Tiles ``start:stop`` of an image, each resized to the unit size, as uint8."""
+    def _tiles(self, image: np.ndarray, start: int, stop: int | None,
+               resample: Image.Resampling) -> np.ndarray:
+        """Tiles ``start:stop`` of a uint8 image (or mask), each resized to the unit size."""
         tiles = self.grid(*image.shape[:2]).cut(image, start, stop)
         if self.tile_side == self.image_size:
             return tiles
         size = (self.image_size, self.image_size)
-        return np.stack([np.asarray(Image.fromarray(t).resize(size, Image.Resampling.BILINEAR))
-                         for t in tiles])
+        return np.stack([np.asarray(Image.fromarray(t).resize(size, resample)) for t in tiles])
 
     # -- images and masks ---------------------------------------------------------------------
     def units_array(self, image: np.ndarray, start: int = 0, stop: int | None = None
@@ -176,7 +176,8 @@ class Preprocess:
         ``(n, 3, S, S)`` float32 in [0, 1]: bilinear resizing; a gray image gives exactly what
         its three-channel copy would, from a third of the memory."""
         if self.geometry == "tile":
-            return _to_channels_first(self._tiles(image, start, stop))
+            return _to_channels_first(self._tiles(image, start, stop,
+                                                  Image.Resampling.BILINEAR))
         unit = _to_channels_first(np.asarray(
             self._square(Image.fromarray(image), Image.Resampling.BILINEAR), np.uint8))
         return unit[None][start:stop]
@@ -204,16 +205,17 @@ class Preprocess:
                 picture = picture.resize(shape[::-1], Image.Resampling.NEAREST)
         return (np.asarray(picture) > 127).astype(np.float32)
 
-    def mask_units_array(self, mask: np.ndarray) -> np.ndarray:
-        """A mask cut like :meth:`units_array` cuts its image: ``(n, S, S)`` float32 0/1."""
-        if self.geometry != "tile":
-            picture = self._square(Image.fromarray(mask.astype(np.uint8) * 255),
-                                   Image.Resampling.NEAREST)
-            return (np.asarray(picture) > 127).astype(np.float32)[None]
-        tiles = self.grid(*mask.shape).cut(mask.astype(np.uint8) * 255)
-        size = (self.image_size, self.image_size)
-        return np.stack([np.asarray(Image.fromarray(t).resize(size, Image.Resampling.NEAREST))
-                         > 127 for t in tiles]).astype(np.float32)
+    def mask_units_array(self, mask: np.ndarray, start: int = 0, stop: int | None = None
+                         ) -> np.ndarray:
+        """A mask cut like :meth:`units_array` cuts its image: units ``start:stop`` as
+        ``(n, S, S)`` float32 of exact 0/1 (nearest)."""
+        binary = mask.astype(np.uint8) * 255
+        if self.geometry == "tile":
+            units = self._tiles(binary, start, stop, Image.Resampling.NEAREST)
+        else:
+            units = np.asarray(self._square(Image.fromarray(binary),
+                                            Image.Resampling.NEAREST))[None][start:stop]
+        return (units > 127).astype(np.float32)
 
     # -- maps -----------------------------------------------------------------------------------
     def combiner(self, height: int, width: int) -> MapCombiner:
@@ -321,8 +323,8 @@ class MapCombiner:
         self.expected = preprocess.n_units(height, width)
         self.received = 0
         self.score = -np.inf
-        self._grid = preprocess.grid(height, width) if preprocess.geometry == "tile" else None
-        self._stitcher = Stitcher(self._grid) if self._grid is not None else None
+        self._stitcher = (Stitcher(preprocess.grid(height, width))
+                          if preprocess.geometry == "tile" else None)
         self._map: np.ndarray | None = None
 
     @property
@@ -336,10 +338,11 @@ class MapCombiner:
                              f"got {self.received + len(maps)} maps and {len(scores)} scores")
         if len(maps):
             self.score = max(self.score, float(np.max(scores)))
-        if self._grid is not None and self._stitcher is not None:
-            side = self._grid.tile_size
-            origins = self._grid.origins[self.received:self.received + len(maps)]
-            self._stitcher.add(origins, np.stack([_resize_map(m, side, side) for m in maps]))
+        if self._stitcher is not None:
+            grid = self._stitcher.grid
+            origins = grid.origins[self.received:self.received + len(maps)]
+            self._stitcher.add(origins, np.stack([_resize_map(m, grid.tile_size, grid.tile_size)
+                                                  for m in maps]))
         elif len(maps):
             self._map = maps[0]
         self.received += len(maps)

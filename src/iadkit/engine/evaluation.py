@@ -96,7 +96,7 @@ def predict_images(detector: Detector, samples: SampleSet, batch_size: int = 16,
               for item in progress(loader, description, show_progress, total=len(samples)))
     for item, anomaly_map, score in predict_by_units(detector.preprocess, images, predict,
                                                      batch_size):
-        yield int(item["index"]), anomaly_map, score, np.asarray(item["mask"]) > 0.5
+        yield int(item["index"]), anomaly_map, score, np.asarray(item["mask"], dtype=bool)
 
 
 def predict_samples(detector: Detector, samples: SampleSet, batch_size: int = 16,
