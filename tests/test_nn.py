@@ -9,7 +9,7 @@ from scipy import ndimage
 
 from iadkit.methods.patchcore.patch_features import LocalPatchFeatures
 from iadkit.nn.anomaly_maps import gaussian_blur, upsample_blur_operator
-from iadkit.nn.coreset import greedy_coreset
+from iadkit.nn.coreset import OVERSAMPLING, StreamingCoreset, greedy_coreset
 from iadkit.nn.knn import nearest_neighbours
 
 
@@ -49,6 +49,75 @@ def test_coreset_is_deterministic_and_stops_on_duplicates() -> None:
     assert chosen.numel() == 5 and duplicates[chosen].unique(dim=0).shape[0] == 5
     with pytest.raises(ValueError, match="sampling_ratio"):
         greedy_coreset(features, 0.0)
+
+
+def plain_greedy(points: torch.Tensor, n_select: int, generator: torch.Generator,
+                 n_starts: int = 10) -> torch.Tensor:
+    """The textbook loop over already projected points, drawing its starts from ``generator``."""
+    starts = torch.randperm(len(points), generator=generator)[:n_starts]
+    min_distance = torch.stack([(points - points[s]).norm(dim=1) for s in starts], 1).mean(1)
+    chosen = []
+    for _ in range(n_select):
+        index = int(torch.argmax(min_distance))
+        chosen.append(index)
+        min_distance = torch.minimum(min_distance, (points - points[index]).norm(dim=1))
+    return torch.tensor(chosen)
+
+
+def test_streamed_batches_select_the_one_shot_coreset_by_the_exact_rule() -> None:
+    features = torch.randn(3000, 150) @ torch.randn(150, 150)
+    coreset = StreamingCoreset(150, 0.02, block_size=64, chunk_points=3000)
+    for batch in features.split(431):  # uneven batches, the last one short
+        coreset.add(batch, len(batch))
+    indices, bank = coreset.finish()
+    assert coreset.rule == "exact" and coreset.n_chunks == 1
+    assert torch.equal(indices, plain_greedy_coreset(features, 0.02))
+    assert torch.equal(bank, features[indices])
+
+
+@pytest.mark.parametrize("projection_dim", [32, None])
+def test_chunked_rule_selects_among_each_chunks_own_greedy_selections(
+        projection_dim: int | None) -> None:
+    features = torch.randn(2500, 48) @ torch.randn(48, 48)
+    ratio, batch, chunk_points = 0.04, 100, 850  # chunks of 800, the last of 100
+    coreset = StreamingCoreset(48, ratio, projection_dim, seed=5, chunk_points=chunk_points,
+                               block_size=32)
+    for part in features.split(batch):
+        coreset.add(part, len(part))
+    indices, bank = coreset.finish()
+    assert coreset.rule == "chunked" and coreset.n_chunks == 4
+    # The rule written out: per chunk the greedy keeps OVERSAMPLING x the ratio, and the greedy
+    # over the kept points (in ascending order) picks the coreset; one generator throughout.
+    generator = torch.Generator().manual_seed(5)
+    points = features
+    if projection_dim is not None:
+        points = features @ (torch.randn(48, projection_dim, generator=generator)
+                             / projection_dim**0.5)
+    kept = []
+    for start in range(0, 2500, 800):
+        chunk = points[start:start + 800]
+        n_keep = max(1, int(OVERSAMPLING * ratio * len(chunk)))
+        kept.append(start + plain_greedy(chunk, n_keep, generator))
+    kept = torch.cat(kept).sort().values
+    expected = kept[plain_greedy(points[kept], int(ratio * 2500), generator)]
+    assert torch.equal(indices, expected)
+    assert torch.equal(bank, features[expected])
+
+
+def test_a_chunk_budget_above_the_data_changes_nothing_and_bad_arguments_are_refused() -> None:
+    features = torch.randn(600, 20)
+    unbounded = StreamingCoreset(20, 0.1)
+    bounded = StreamingCoreset(20, 0.1, chunk_points=600)
+    for part in features.split(70):
+        unbounded.add(part, len(part))
+        bounded.add(part, len(part))
+    assert torch.equal(unbounded.finish()[0], bounded.finish()[0])
+    with pytest.raises(ValueError, match="chunk_points"):
+        StreamingCoreset(20, 0.1, chunk_points=0)
+    with pytest.raises(ValueError, match=r"expected \(5, 20\) features"):
+        StreamingCoreset(20, 0.1).add(torch.randn(5, 21), 5)
+    with pytest.raises(ValueError, match="no points"):
+        StreamingCoreset(20, 0.1).finish()
 
 
 def test_nearest_neighbours_equal_brute_force_with_tiny_chunks() -> None:

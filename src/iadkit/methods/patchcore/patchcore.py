@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ... import distributed
 from ...errors import IadkitError
 from ...nn.anomaly_maps import gaussian_blur
-from ...nn.coreset import greedy_coreset
+from ...nn.coreset import StreamingCoreset
 from ...nn.knn import BACKEND_RULE, FlatIndex
 from ...progress import progress
 from ...validation import Flag, Number, Optional
@@ -74,6 +74,11 @@ class PatchCore(BackboneDetector):
         "null keeps all channels")
     coreset_ratio: float = hyperparameter(0.01, Number(float, 0, 1, low_open=True),
                                           "share of training patches kept in the memory bank")
+    coreset_chunk_gb: float | None = hyperparameter(
+        1.0, Optional(Number(float, 0, low_open=True)), "memory for the candidate patches the "
+        "coreset holds at once (features and projections, all ranks together): all patches fit: "
+        "the exact greedy rule; more: chunks of this size, a two-stage rule (iadkit.nn.coreset); "
+        "null: no bound")
     projection_dim: int | None = hyperparameter(128, Optional(Number(int, 1)),
                                                 "random-projection dimension of the coreset's "
                                                 "distances (null: none)")
@@ -113,50 +118,59 @@ class PatchCore(BackboneDetector):
     def _fit(self, train: Iterable[Any] | torch.Tensor, show_progress: bool,
              checkpoint_dir: str | Path | None = None) -> dict[str, Any]:
         started = time.perf_counter()
-        # Under torchrun each rank takes every world_size-th batch and keeps where its images
-        # sit in the training order: the coreset is then selected over all ranks' patches.
+        # Under torchrun each rank takes every world_size-th batch; every rank sees every
+        # batch's size, so all number the patches alike and cut the coreset's chunks alike.
         ranks, rank = distributed.world_size(), distributed.rank()
-        chunks, units_here, unit_images, n_units = [], [], [], 0
-        grid = torch.zeros(3, dtype=torch.long)  # (channels, height, width) of the features
+        coreset: StreamingCoreset | None = None
+        unit_images, patches_per_unit = [], 0
         batches = indexed_image_batches(train, self.batch_size)
         for number, (images, indices) in enumerate(progress(batches, "features", show_progress)):
+            images = images.to(self.torch_device)
+            if coreset is None:  # the feature shape, known to every rank
+                channels, height, width = self.patch_features(images[:1]).shape[1:]
+                patches_per_unit = height * width
+                coreset = self._new_coreset(channels, show_progress)
+                grid = [height, width]
+            features = None
             if number % ranks == rank:
-                features = self.patch_features(images.to(self.torch_device))
-                chunks.append(features.permute(0, 2, 3, 1).reshape(-1, features.shape[1]))
-                units_here.append(torch.arange(n_units, n_units + images.shape[0]))
-                grid = torch.tensor(features.shape[1:])
+                features = self.patch_features(images)
+                features = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+            # Rows are input-major: a patch's input (an image, or one tile) is its row over the
+            # patches per input.
+            coreset.add(features, images.shape[0] * patches_per_unit)
             unit_images.append(indices)  # every rank: whose image each input is
-            n_units += images.shape[0]
-        if n_units == 0:
+        if coreset is None:
             raise IadkitError("patchcore: no training images")
-        shape = distributed.all_reduce_max(grid)  # known to every rank
-        channels, patches_per_unit = int(shape[0]), int(shape[1] * shape[2])
-        local_features = torch.cat(chunks) if chunks else torch.empty(
-            0, channels, device=self.torch_device)
-        del chunks
-        here = torch.cat(units_here) if units_here else torch.empty(0, dtype=torch.long)
-        # Rows are input-major: a patch's input (an image, or one tile) is its row over the
-        # patches per input.
-        rows = (here[:, None] * patches_per_unit + torch.arange(patches_per_unit)).flatten()
         extracted = time.perf_counter()
-        indices = greedy_coreset(local_features, self.coreset_ratio, self.projection_dim,
-                                 seed=self.seed, show_progress=show_progress, rows=rows)
-        bank = distributed.gather_rows(local_features, rows, indices)
+        indices, bank = coreset.finish()
         self._set_memory_bank(bank.contiguous())
         # Each entry's training image (the one a leave-one-out prediction removes).
-        self.memory_bank_sources_ = torch.cat(unit_images)[
-            indices.cpu() // patches_per_unit].to(torch.int32)
-        n_images = len(torch.cat(unit_images).unique())
+        unit_images = torch.cat(unit_images)
+        self.memory_bank_sources_ = unit_images[indices.cpu() // patches_per_unit].to(torch.int32)
         return {
-            "n_train_images": n_images,
-            "n_patches": n_units * patches_per_unit,
+            "n_train_images": len(unit_images.unique()),
+            "n_patches": len(unit_images) * patches_per_unit,
             "memory_bank_size": int(self.memory_bank_.shape[0]),
             "feature_dim": channels,
-            "feature_grid": [int(shape[1]), int(shape[2])],
+            "feature_grid": grid,
+            "coreset_rule": coreset.rule,
+            "coreset_chunks": coreset.n_chunks,
             **self.backbone_facts(),
             "seconds_features": round(extracted - started, 2),
             "seconds_coreset": round(time.perf_counter() - extracted, 2),
         }
+
+    def _new_coreset(self, channels: int, show_progress: bool) -> StreamingCoreset:
+        """The coreset selector, its chunks sized to ``coreset_chunk_gb``."""
+        chunk_points = None
+        if self.coreset_chunk_gb is not None:
+            # float32 features and their projections (one array when nothing is projected)
+            projected = self.projection_dim is not None and self.projection_dim < channels
+            bytes_per_point = 4 * (channels + (self.projection_dim if projected else 0))
+            chunk_points = max(1, int(self.coreset_chunk_gb * 2**30 / bytes_per_point))
+        return StreamingCoreset(channels, self.coreset_ratio, self.projection_dim, seed=self.seed,
+                                chunk_points=chunk_points, device=self.torch_device,
+                                show_progress=show_progress)
 
     def _score_patches(self, images: torch.Tensor, index: FlatIndex | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
