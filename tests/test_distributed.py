@@ -166,24 +166,25 @@ def _metrics(path: Path) -> dict[str, Any]:
     return results
 
 
-def _streamed_coreset(features: torch.Tensor, chunk_points: int) -> tuple:
+def _streamed_coreset(features: torch.Tensor, memory_points: int | None) -> tuple:
     from iadkit.nn.coreset import StreamingCoreset
 
-    coreset = StreamingCoreset(features.shape[1], 0.05, 16, chunk_points=chunk_points,
-                               block_size=32)
+    # chunks of 250 points cut the batches of 90 anywhere
+    coreset = StreamingCoreset(features.shape[1], 0.05, 16, memory_points=memory_points,
+                               chunk_points=250, block_size=32)
     ranks, rank = distributed.world_size(), distributed.rank()
     for number, part in enumerate(features.split(90)):  # every rank every world_size-th batch
         coreset.add(part if number % ranks == rank else None, len(part))
     return (*coreset.finish(), coreset.rule)
 
 
-@pytest.mark.parametrize("chunk_points", [None, 400])
-def test_a_streamed_coreset_on_two_ranks_is_the_one_rank_coreset(chunk_points: int | None
+@pytest.mark.parametrize("memory_points", [None, 400])
+def test_a_streamed_coreset_on_two_ranks_is_the_one_rank_coreset(memory_points: int | None
                                                                    ) -> None:
     features = torch.randn(1500, 40) @ torch.randn(40, 40)
-    one = _streamed_coreset(features, chunk_points)
-    two = run_ranks(_streamed_coreset, features, chunk_points)
-    assert one[2] == two[2] == ("exact" if chunk_points is None else "chunked")
+    one = _streamed_coreset(features, memory_points)
+    two = run_ranks(_streamed_coreset, features, memory_points)
+    assert one[2] == two[2] == ("exact" if memory_points is None else "chunked")
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
 
 

@@ -106,3 +106,47 @@ def test_the_inferencer_sees_the_bytes_the_detector_sees_for_every_image_mode(
         assert by_inferencer.shape == (3, 64, 64) and by_inferencer.dtype == np.float32
         assert inferencer.predict_file(path).score == pytest.approx(
             float(detector.predict(by_detector[None]).scores[0]), rel=1e-4)
+
+
+def test_int8_export_calibrates_on_training_normals_and_refuses_a_drifting_model(
+        toy_root: Path, tmp_path: Path) -> None:
+    pytest.importorskip("nncf")
+    pytest.importorskip("openvino")
+    from iadkit.data.image_io import read_image
+    from iadkit.deploy.inferencer import OnnxInferencer
+    from iadkit.metrics import auroc
+
+    run, out = tmp_path / "run", tmp_path / "export"
+    assert main(["fit", "--method", "patchcore", "--data", str(toy_root), "--category", "alpha",
+                 "--out", str(run), "--param", "image_size=64", "--param", "coreset_ratio=0.25",
+                 "--device", "cpu", "--quiet"]) == 0
+    int8 = ["export", str(run), "--format", "openvino", "--precision", "int8", "--out", str(out),
+            "--quiet"]
+    # Options that cannot work are refused before anything is written.
+    assert main(["export", str(run), "--precision", "int8", "--out", str(out), "--quiet"]) == 2
+    assert main([*int8, "--int8-tolerance", "0"]) == 2
+    assert not out.exists()
+    # A tolerance no quantised model meets: refused, the INT8 model not written, the float32
+    # export kept.
+    assert main([*int8, "--int8-tolerance", "1e-9"]) == 2
+    assert (out / "model.onnx").is_file() and not (out / "model_int8.xml").exists()
+    assert "openvino_int8" not in json.loads((out / "inference.json").read_text())
+
+    assert main([*int8, "--int8-tolerance", "1000"]) == 0
+    record = json.loads((out / "inference.json").read_text())["openvino_int8"]
+    n_train = len(list((toy_root / "alpha" / "train").rglob("*.png")))
+    # a quarter of the training images held out for the drift check, the rest calibrate
+    assert record["n_held_out_images"] == n_train // 4
+    assert record["n_calibration_images"] == n_train - n_train // 4
+    assert 0 < record["drift"] <= 1000
+
+    test = load_dataset(toy_root, ["alpha"]).where(split="test")
+    images = [read_image(sample.image_path) for sample in test]
+    labels = [sample.label for sample in test]
+    f32 = [r.score for r in OnnxInferencer(out, runtime="openvino").predict(images)]
+    quantised = [r.score for r in OnnxInferencer(out, runtime="openvino",
+                                                 precision="int8").predict(images)]
+    assert quantised != f32  # the INT8 model runs, and it is not the float32 one
+    assert auroc(labels, quantised) >= 0.9 and np.corrcoef(f32, quantised)[0, 1] > 0.9
+    with pytest.raises(IadkitError, match="'int8' runs on the runtime 'openvino' only"):
+        OnnxInferencer(out, precision="int8")

@@ -66,7 +66,7 @@ def plain_greedy(points: torch.Tensor, n_select: int, generator: torch.Generator
 
 def test_streamed_batches_select_the_one_shot_coreset_by_the_exact_rule() -> None:
     features = torch.randn(3000, 150) @ torch.randn(150, 150)
-    coreset = StreamingCoreset(150, 0.02, block_size=64, chunk_points=3000)
+    coreset = StreamingCoreset(150, 0.02, block_size=64, memory_points=3000)
     for batch in features.split(431):  # uneven batches, the last one short
         coreset.add(batch, len(batch))
     indices, bank = coreset.finish()
@@ -79,9 +79,10 @@ def test_streamed_batches_select_the_one_shot_coreset_by_the_exact_rule() -> Non
 def test_chunked_rule_selects_among_each_chunks_own_greedy_selections(
         projection_dim: int | None) -> None:
     features = torch.randn(2500, 48) @ torch.randn(48, 48)
-    ratio, batch, chunk_points = 0.04, 100, 850  # chunks of 800, the last of 100
-    coreset = StreamingCoreset(48, ratio, projection_dim, seed=5, chunk_points=chunk_points,
-                               block_size=32)
+    # More than the budget of 1,000: chunks of 800 points (cutting batches), the last of 100.
+    ratio, batch = 0.04, 150
+    coreset = StreamingCoreset(48, ratio, projection_dim, seed=5, memory_points=1000,
+                               chunk_points=800, block_size=32)
     for part in features.split(batch):
         coreset.add(part, len(part))
     indices, bank = coreset.finish()
@@ -107,11 +108,13 @@ def test_chunked_rule_selects_among_each_chunks_own_greedy_selections(
 def test_a_chunk_budget_above_the_data_changes_nothing_and_bad_arguments_are_refused() -> None:
     features = torch.randn(600, 20)
     unbounded = StreamingCoreset(20, 0.1)
-    bounded = StreamingCoreset(20, 0.1, chunk_points=600)
+    bounded = StreamingCoreset(20, 0.1, memory_points=600, chunk_points=100)
     for part in features.split(70):
         unbounded.add(part, len(part))
         bounded.add(part, len(part))
     assert torch.equal(unbounded.finish()[0], bounded.finish()[0])
+    with pytest.raises(ValueError, match="memory_points"):
+        StreamingCoreset(20, 0.1, memory_points=0)
     with pytest.raises(ValueError, match="chunk_points"):
         StreamingCoreset(20, 0.1, chunk_points=0)
     with pytest.raises(ValueError, match=r"expected \(5, 20\) features"):

@@ -24,13 +24,14 @@ def test_patchcore_separates_synthetic_defects(fitted_patchcore) -> None:
 
 def test_a_chunked_coreset_keeps_the_ratio_and_finds_the_defects(fitted_patchcore) -> None:
     _, samples = fitted_patchcore
-    # 16 training images of 8 x 8 patches, 1,120 bytes each: a chunk of 0.1 MiB (95 patches)
-    # is less than a batch of 4 images, so every batch is a chunk of its own.
+    # 16 training images of 8 x 8 patches, 1,120 bytes each: 0.1 MiB holds 95 patches, fewer
+    # than the 1,024 of the training set, so the chunked rule runs (with chunks as large as the
+    # budget allows: 95 patches, 11 chunks).
     detector = create_detector("patchcore", "cpu", image_size=64, coreset_ratio=0.25,
-                               coreset_chunk_gb=0.0001, device="cpu")
+                               coreset_memory_gb=0.0001, device="cpu")
     detector.fit(make_loader(samples.where(split="train"), detector.preprocess, batch_size=4))
     info = detector.fit_info_
-    assert info["coreset_rule"] == "chunked" and info["coreset_chunks"] == 4
+    assert info["coreset_rule"] == "chunked" and info["coreset_chunks"] == 11
     assert detector.memory_bank_.shape[0] == int(0.25 * info["n_patches"])
     maps, scores, masks, labels = predict_all(detector, samples.where(split="test"))
     assert metrics.auroc(labels, scores) >= 0.95

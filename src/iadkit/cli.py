@@ -38,6 +38,7 @@ from typing import Any
 import yaml
 
 from . import distributed
+from .deploy.quantize import DEFAULT_DRIFT_TOLERANCE
 from .deploy.settings import ServiceSettings
 from .errors import IadkitError
 from .fanout import check_executor, start_ray
@@ -297,13 +298,63 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .engine import resolve_model_dir
     from .methods import Detector
 
-    detector = Detector.load(resolve_model_dir(args.run_dir, args.model), device="cpu",
+    if args.precision == "int8" and args.format != "openvino":
+        raise IadkitError("--precision int8 is an OpenVINO model: add --format openvino")
+    if args.precision != "int8" and args.calibration_data:
+        raise IadkitError("--calibration-data calibrates an INT8 model: add --format openvino "
+                          "--precision int8")
+    if not args.int8_tolerance > 0:
+        raise IadkitError(f"--int8-tolerance must be positive, got {args.int8_tolerance}")
+    model_dir = resolve_model_dir(args.run_dir, args.model)
+    # Refused before the (slow) export: an INT8 model needs normal images to calibrate on.
+    calibration = (_int8_calibration_images(args, model_dir) if args.precision == "int8"
+                   else None)
+    detector = Detector.load(model_dir, device="cpu",
                              accept_backbone_change=args.accept_backbone_change)
     record = export_onnx(detector, args.out, opset=args.opset)
     parity = record["parity"]
     print(f"{detector.name} exported to {Path(args.out) / 'model.onnx'}; largest difference to "
           f"PyTorch: maps {parity['maps_max_abs']:.3g}, scores {parity['scores_max_abs']:.3g}")
+    if calibration is not None:
+        from .deploy.quantize import quantize_export
+
+        try:
+            result = quantize_export(args.out, calibration, tolerance=args.int8_tolerance)
+        except IadkitError:
+            print(f"the float32 export in {args.out} is kept", file=sys.stderr)
+            raise
+        print(f"INT8 model {Path(args.out) / result['model']}: calibrated on "
+              f"{result['n_calibration_images']} training images; score drift on "
+              f"{result['n_held_out_images']} held-out normals {result['drift']:.3g} standard "
+              f"deviations (tolerance {result['tolerance']:g})")
     return 0
+
+
+def _int8_calibration_images(args: argparse.Namespace, model_dir: Path) -> list[Path]:
+    """Normal images for INT8 calibration: --calibration-data, else the run's training images
+    of the exported model (never test images)."""
+    from .data.layouts import list_images
+    from .engine import read_run
+
+    if args.calibration_data:
+        folder = Path(args.calibration_data)
+        if not folder.is_dir():
+            raise IadkitError(f"--calibration-data {folder}: not a folder")
+        images = list_images(folder)
+        if not images:
+            raise IadkitError(f"--calibration-data {folder}: holds no images")
+        return images
+    run_dir = model_dir.parent.parent
+    try:
+        config, _ = read_run(run_dir)
+    except IadkitError:
+        raise IadkitError(f"{args.run_dir}: a model folder outside its run; give normal images "
+                          "to calibrate the INT8 model with --calibration-data DIR") from None
+    for task in config.tasks():
+        if task.name == model_dir.name:
+            return [sample.image_path for sample in task.train]
+    raise IadkitError(f"{run_dir}: its setting has no model {model_dir.name!r}; give "
+                      "--calibration-data DIR")
 
 
 def _read_api_keys(path: str | None) -> tuple[str, ...]:
@@ -352,7 +403,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if threads is not None:  # this process is the server: its torch threads are ours
             torch.set_num_threads(threads)
             threads = None
-    app = create_app(model_dir, device=args.device, runtime=args.runtime, threads=threads,
+    app = create_app(model_dir, device=args.device, runtime=args.runtime,
+                     precision=args.precision, threads=threads,
                      settings=service_settings(args),
                      accept_backbone_change=args.accept_backbone_change)
     uvicorn.run(app, host=args.host, port=args.port,
@@ -484,10 +536,21 @@ def build_parser() -> argparse.ArgumentParser:
                            help="with --executor ray: CPUs (and torch threads) per cell")
     benchmark.set_defaults(func=cmd_benchmark)
 
-    export = add_command("export", "export a trained detector's inference as ONNX")
+    export = add_command("export", "export a trained detector's inference as ONNX (and an "
+                         "INT8 OpenVINO model)")
     export.add_argument("run_dir", help="run folder or model folder")
     export.add_argument("--model", help="which model of a multi-model run folder")
-    export.add_argument("--format", choices=("onnx",), default="onnx")
+    export.add_argument("--format", choices=("onnx", "openvino"), default="onnx",
+                        help="openvino: the ONNX graph, which OpenVINO runs, plus with "
+                        "--precision int8 a quantised OpenVINO model")
+    export.add_argument("--precision", choices=("f32", "int8"), default="f32",
+                        help="int8: INT8 convolutions calibrated on training normals (NNCF); "
+                        "refused when held-out normals' scores drift (--int8-tolerance)")
+    export.add_argument("--calibration-data", help="folder of normal images to calibrate the "
+                        "INT8 model on (default: the run's training images of the model)")
+    export.add_argument("--int8-tolerance", type=float, default=DEFAULT_DRIFT_TOLERANCE,
+                        help="largest INT8 score drift on held-out normals, in standard "
+                        "deviations of their float32 scores (default 0.1)")
     export.add_argument("--out", required=True, help="folder for model.onnx + inference.json")
     export.add_argument("--opset", type=int, default=17)
     export.set_defaults(func=cmd_export)
@@ -499,6 +562,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--runtime", choices=("onnxruntime", "openvino"),
                        help="runtime of an export (default onnxruntime; openvino was the "
                        "fastest on CPUs, see docs/deployment.md)")
+    serve.add_argument("--precision", choices=("f32", "bf16", "int8"),
+                       help="OpenVINO's precision for an export (default f32; int8 runs the "
+                       "export's INT8 model, iadkit export --precision int8)")
     serve.add_argument("--threads", type=int, help="CPU threads of the runtime, or of torch for "
                        "a saved detector (default: all)")
     serve.add_argument("--model", help="which model of a multi-model run folder")

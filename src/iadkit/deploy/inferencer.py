@@ -28,11 +28,13 @@ from ..files import read_json_record
 
 #: An export's files (written by :func:`iadkit.deploy.export.export_onnx`) and format tag.
 MODEL_FILE, CONFIG_FILE, INFERENCE_FORMAT = "model.onnx", "inference.json", "iadkit-onnx"
+#: The INT8 OpenVINO model an export may also hold (:func:`iadkit.deploy.quantize.quantize_export`).
+INT8_MODEL_FILE = "model_int8.xml"
 #: The fit record's entries an export keeps, for the service's ``GET /model``.
 TRAINING_SUMMARY_KEYS = ("n_train_images", "n_validation_images", "backbone_weights",
                          "seconds_fit")
 RUNTIMES = ("onnxruntime", "openvino")
-PRECISIONS = ("f32", "bf16")
+PRECISIONS = ("f32", "bf16", "int8")
 
 
 @dataclass
@@ -67,8 +69,10 @@ class OnnxInferencer:
         runtime: "onnxruntime" (``pip install 'iadkit[onnx]'``) or "openvino"
             (``pip install 'iadkit[openvino]'``; compiles the same ONNX file for Intel/AMD CPUs).
         precision: OpenVINO's inference precision, "f32" (default: the scores match PyTorch, so
-            the exported threshold holds) or "bf16" (faster on CPUs with bfloat16 units, scores
-            off by about 0.2%; OpenVINO's own default there). Ignored by onnxruntime.
+            the exported threshold holds), "bf16" (faster on CPUs with bfloat16 units, scores
+            off by about 0.2%; OpenVINO's own default there) or "int8" (the export's INT8
+            model, ``iadkit export --precision int8``: INT8 convolutions, the rest float32).
+            Ignored by onnxruntime, which runs "f32" only.
     """
 
     def __init__(self, folder: str | Path, threads: int | None = None,
@@ -77,11 +81,17 @@ class OnnxInferencer:
             raise ConfigError(f"unknown runtime {runtime!r}; choose from {RUNTIMES}")
         if precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {precision!r}; choose from {PRECISIONS}")
+        if precision == "int8" and runtime != "openvino":
+            raise ConfigError("precision 'int8' runs on the runtime 'openvino' only")
         folder = Path(folder)
-        config_path, model_path = folder / CONFIG_FILE, folder / MODEL_FILE
+        config_path = folder / CONFIG_FILE
+        model_path = folder / (INT8_MODEL_FILE if precision == "int8" else MODEL_FILE)
         for needed in (config_path, model_path):
             if not needed.is_file():
-                raise CheckpointError(f"{needed}: missing; {folder} is not an exported model")
+                hint = (" with an INT8 model (iadkit export --precision int8)"
+                        if needed.name == INT8_MODEL_FILE else "")
+                raise CheckpointError(f"{needed}: missing; {folder} is not an exported model"
+                                      f"{hint}")
         self.config: dict[str, Any] = read_json_record(config_path, {"preprocess": dict})
         if self.config.get("format") != INFERENCE_FORMAT:
             raise CheckpointError(f"{config_path}: not an iadkit ONNX export")
@@ -145,8 +155,10 @@ def _openvino_runner(model_path: Path, threads: int | None, precision: str) -> A
     except ImportError:
         raise ImportError("runtime 'openvino' needs OpenVINO: pip install 'iadkit[openvino]'"
                           ) from None
-    # OpenVINO computes in bfloat16 by default where the CPU has it; f32 is asked for explicitly.
-    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision}
+    # OpenVINO computes in bfloat16 by default where the CPU has it; f32 is asked for explicitly
+    # (an INT8 model's layers left in floating point included).
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32" if precision == "int8"
+                              else precision}
     if threads is not None:
         config["INFERENCE_NUM_THREADS"] = threads
     compiled = openvino.Core().compile_model(str(model_path), "CPU", config)

@@ -176,11 +176,13 @@ class ExportedScorer(Scorer):
         runtime: "onnxruntime" or "openvino" (see :class:`OnnxInferencer`).
         threads: the runtime's intra-op threads (None: all cores).
         settings: limits and access (:class:`ServiceSettings`).
+        precision: OpenVINO's "f32", "bf16" or "int8" (see :class:`OnnxInferencer`).
     """
 
     def __init__(self, export_dir: str | Path, runtime: str = "onnxruntime",
-                 threads: int | None = None, settings: ServiceSettings | None = None) -> None:
-        self.inferencer = OnnxInferencer(export_dir, threads, runtime)
+                 threads: int | None = None, settings: ServiceSettings | None = None,
+                 precision: str = "f32") -> None:
+        self.inferencer = OnnxInferencer(export_dir, threads, runtime, precision)
         super().__init__(Path(export_dir), str(self.inferencer.config["method"]),
                          self.inferencer.preprocess, self.inferencer.calibration,
                          settings or ServiceSettings())
@@ -196,15 +198,20 @@ class ExportedScorer(Scorer):
 
 def load_scorer(model_dir: str | Path, device: str | None = None, runtime: str | None = None,
                 threads: int | None = None, settings: ServiceSettings | None = None,
-                accept_backbone_change: bool = False) -> Scorer:
+                accept_backbone_change: bool = False, precision: str | None = None) -> Scorer:
     """The scorer for a saved detector's folder (PyTorch) or an export's folder (``runtime``,
-    default onnxruntime, with ``threads`` intra-op threads of its own)."""
+    default onnxruntime, openvino for ``precision`` int8, with ``threads`` intra-op threads of
+    its own)."""
     model_dir = Path(model_dir)
     if (model_dir / EXPORT_CONFIG_FILE).is_file():
         if device not in (None, "cpu"):
             raise IadkitError(f"{model_dir} is an ONNX export, run on the CPU; --device "
                               f"{device} applies to saved detectors only")
-        return ExportedScorer(model_dir, runtime or "onnxruntime", threads, settings)
+        runtime = runtime or ("openvino" if precision == "int8" else "onnxruntime")
+        return ExportedScorer(model_dir, runtime, threads, settings, precision or "f32")
+    if precision is not None:
+        raise IadkitError(f"{model_dir} is a saved detector, run by PyTorch; --precision "
+                          f"{precision} needs an export (iadkit export)")
     if runtime is not None:
         raise IadkitError(f"{model_dir} is a saved detector, run by PyTorch; --runtime "
                           f"{runtime} needs an export (iadkit export {model_dir} --out DIR)")
@@ -315,12 +322,12 @@ class Admission:
 
 def create_app(model_dir: str | Path, device: str | None = None, runtime: str | None = None,
                threads: int | None = None, settings: ServiceSettings | None = None,
-               accept_backbone_change: bool = False) -> FastAPI:
+               accept_backbone_change: bool = False, precision: str | None = None) -> FastAPI:
     """The FastAPI application serving the detector saved in ``model_dir``, or the ONNX export
-    there (run by ``runtime``), within ``settings`` (:class:`ServiceSettings`)."""
+    there (run by ``runtime`` in ``precision``), within ``settings`` (:class:`ServiceSettings`)."""
     settings = settings or ServiceSettings()
     scorer = load_scorer(model_dir, device, runtime, threads, settings,
-                         accept_backbone_change)
+                         accept_backbone_change, precision)
     # iadkit applies max_pixels itself, before decoding; Pillow's own process-wide limit
     # (89 M pixels) would otherwise cap it silently.
     Image.MAX_IMAGE_PIXELS = None

@@ -74,11 +74,11 @@ class PatchCore(BackboneDetector):
         "null keeps all channels")
     coreset_ratio: float = hyperparameter(0.01, Number(float, 0, 1, low_open=True),
                                           "share of training patches kept in the memory bank")
-    coreset_chunk_gb: float | None = hyperparameter(
+    coreset_memory_gb: float | None = hyperparameter(
         1.0, Optional(Number(float, 0, low_open=True)), "memory for the candidate patches the "
-        "coreset holds at once (features and projections, all ranks together): all patches fit: "
-        "the exact greedy rule; more: chunks of this size, a two-stage rule (iadkit.nn.coreset); "
-        "null: no bound")
+        "coreset holds at once (features and projections, all ranks together): when all patches "
+        "fit, the exact greedy rule; else the two-stage chunked rule (iadkit.nn.coreset); null: "
+        "no bound, always exact")
     projection_dim: int | None = hyperparameter(128, Optional(Number(int, 1)),
                                                 "random-projection dimension of the coreset's "
                                                 "distances (null: none)")
@@ -142,7 +142,10 @@ class PatchCore(BackboneDetector):
         if coreset is None:
             raise IadkitError("patchcore: no training images")
         extracted = time.perf_counter()
+        # The chunked rule reduces chunks while features are still being extracted.
+        reduced_while_extracting = coreset.selection_seconds
         indices, bank = coreset.finish()
+        seconds_coreset = reduced_while_extracting + time.perf_counter() - extracted
         self._set_memory_bank(bank.contiguous())
         # Each entry's training image (the one a leave-one-out prediction removes).
         unit_images = torch.cat(unit_images)
@@ -156,20 +159,20 @@ class PatchCore(BackboneDetector):
             "coreset_rule": coreset.rule,
             "coreset_chunks": coreset.n_chunks,
             **self.backbone_facts(),
-            "seconds_features": round(extracted - started, 2),
-            "seconds_coreset": round(time.perf_counter() - extracted, 2),
+            "seconds_features": round(extracted - started - reduced_while_extracting, 2),
+            "seconds_coreset": round(seconds_coreset, 2),
         }
 
     def _new_coreset(self, channels: int, show_progress: bool) -> StreamingCoreset:
-        """The coreset selector, its chunks sized to ``coreset_chunk_gb``."""
-        chunk_points = None
-        if self.coreset_chunk_gb is not None:
+        """The coreset selector, within ``coreset_memory_gb``."""
+        memory_points = None
+        if self.coreset_memory_gb is not None:
             # float32 features and their projections (one array when nothing is projected)
             projected = self.projection_dim is not None and self.projection_dim < channels
             bytes_per_point = 4 * (channels + (self.projection_dim if projected else 0))
-            chunk_points = max(1, int(self.coreset_chunk_gb * 2**30 / bytes_per_point))
+            memory_points = max(1, int(self.coreset_memory_gb * 2**30 / bytes_per_point))
         return StreamingCoreset(channels, self.coreset_ratio, self.projection_dim, seed=self.seed,
-                                chunk_points=chunk_points, device=self.torch_device,
+                                memory_points=memory_points, device=self.torch_device,
                                 show_progress=show_progress)
 
     def _score_patches(self, images: torch.Tensor, index: FlatIndex | None = None

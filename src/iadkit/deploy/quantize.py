@@ -1,0 +1,137 @@
+"""INT8 post-training quantisation of an ONNX export for OpenVINO, with NNCF.
+
+:func:`quantize_export` turns the float32 graph that :func:`~iadkit.deploy.export.export_onnx`
+wrote into an OpenVINO model whose convolutions run in INT8. The quantisation ranges are
+calibrated on **training normals only** (never test images). Matrix products stay float32: they
+are where the methods compare features (PatchCore's distances to its memory bank, attention,
+linear heads), and a distance computed from rounded inputs loses exactly the small differences
+an anomaly score is made of.
+
+The export is refused when the quantised model's scores drift: on held-out normals (training
+images *not* used for calibration) every image score of the INT8 model must lie within
+``tolerance`` times the spread (standard deviation) of the float32 model's scores of the same
+images. A threshold calibrated on the float32 scores then still separates normal from anomalous
+images as it did (a drift of a tenth of the normal spread moves a threshold set three spreads
+above the normal mean by a thirtieth of its margin).
+
+Example:
+    >>> export_onnx(detector, "exported/tiles")
+    >>> quantize_export("exported/tiles", training_image_paths)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..data.image_io import image_shape, read_image
+from ..data.preprocess import Preprocess
+from ..errors import IadkitError
+from ..files import read_json_record
+from .inferencer import CONFIG_FILE, INT8_MODEL_FILE, MODEL_FILE
+
+#: Largest image-score drift allowed on held-out normals, in standard deviations of their
+#: float32 scores.
+DEFAULT_DRIFT_TOLERANCE = 0.1
+
+
+def quantize_export(folder: str | Path, images: Sequence[str | Path],
+                    tolerance: float = DEFAULT_DRIFT_TOLERANCE, max_calibration: int = 300,
+                    n_check: int = 64, seed: int = 0) -> dict[str, Any]:
+    """Write ``folder/model_int8.xml`` (+ ``.bin``) next to an ONNX export and record it in
+    ``inference.json``; returns the quantisation record.
+
+    Args:
+        folder: an export written by :func:`~iadkit.deploy.export.export_onnx`.
+        images: normal training images; a seeded ``n_check`` of them (at most a quarter) are
+            held out for the drift check, at most ``max_calibration`` of the others calibrate.
+        tolerance: largest score drift on the held-out normals, in standard deviations of their
+            float32 scores.
+
+    Raises:
+        IadkitError: NNCF or OpenVINO missing, too few images, or the drift beyond
+            ``tolerance`` (then nothing is written).
+    """
+    try:
+        import nncf
+        import openvino
+    except ImportError:
+        raise IadkitError("INT8 export needs OpenVINO and NNCF: pip install 'iadkit[openvino]'"
+                          ) from None
+    folder = Path(folder)
+    config_path = folder / CONFIG_FILE
+    record = read_json_record(config_path, {"preprocess": dict})
+    preprocess = Preprocess(**record["preprocess"])
+    paths = [Path(path) for path in images]
+    if len(paths) < 8:
+        raise IadkitError(f"INT8 export: calibration needs at least 8 normal training images, "
+                          f"got {len(paths)}")
+    order = np.random.default_rng(seed).permutation(len(paths))
+    n_held_out = min(n_check, len(paths) // 4)
+    held_out = [paths[i] for i in order[:n_held_out]]
+    calibration = [paths[i] for i in order[n_held_out:n_held_out + max_calibration]]
+
+    started = time.perf_counter()
+    core = openvino.Core()
+    float_model = core.read_model(str(folder / MODEL_FILE))
+    n_units = sum(preprocess.n_units(*image_shape(path)) for path in calibration)
+    # Matrix products (distances, attention, heads) stay float32: see the module docstring.
+    quantized = nncf.quantize(float_model, nncf.Dataset(_Units(calibration, preprocess)),
+                              subset_size=n_units,
+                              ignored_scope=nncf.IgnoredScope(types=["MatMul", "Gemm"],
+                                                              validate=False))
+    quantize_seconds = time.perf_counter() - started
+
+    float_scores = _scores(core.compile_model(float_model, "CPU", _F32), held_out, preprocess)
+    int8_scores = _scores(core.compile_model(quantized, "CPU", _F32), held_out, preprocess)
+    spread = float(np.std(float_scores)) or 1.0
+    drift = float(np.abs(int8_scores - float_scores).max()) / spread
+    result = {
+        "precision": "int8",
+        "model": INT8_MODEL_FILE,
+        "n_calibration_images": len(calibration),
+        "n_held_out_images": len(held_out),
+        "drift": round(drift, 5),
+        "tolerance": tolerance,
+        "held_out_score_std": spread,
+        "quantize_seconds": round(quantize_seconds, 2),
+        "nncf": nncf.__version__,
+        "openvino": openvino.__version__,
+    }
+    if not drift <= tolerance:
+        raise IadkitError(
+            f"INT8 export refused: on {len(held_out)} held-out normal images the quantised "
+            f"scores drift by {drift:.3g} standard deviations of their float32 scores, more than "
+            f"the tolerance {tolerance:g}; keep the float32 export (or raise --int8-tolerance)")
+    openvino.save_model(quantized, str(folder / INT8_MODEL_FILE), compress_to_fp16=False)
+    record["openvino_int8"] = result
+    config_path.write_text(json.dumps(record, indent=2))
+    return result
+
+
+#: OpenVINO's inference precision for everything left in floating point.
+_F32 = {"INFERENCE_PRECISION_HINT": "f32"}
+
+
+class _Units:
+    """Every image's units (its resized square, or its tiles), one (1, 3, S, S) array each,
+    read again on every pass (NNCF may pass more than once)."""
+
+    def __init__(self, paths: Sequence[Path], preprocess: Preprocess) -> None:
+        self.paths, self.preprocess = paths, preprocess
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for path in self.paths:
+            for unit in self.preprocess.units_array(read_image(path)):
+                yield np.ascontiguousarray(unit[None], dtype=np.float32)
+
+
+def _scores(compiled: Any, paths: Sequence[Path], preprocess: Preprocess) -> np.ndarray:
+    """Each unit's score (a tiled image's tiles are compared one by one)."""
+    return np.array([float(compiled([unit])[compiled.output(1)][0])
+                     for unit in _Units(paths, preprocess)])
