@@ -8,7 +8,7 @@ import torch
 from scipy import ndimage
 
 from iadkit.methods.patchcore.patch_features import LocalPatchFeatures
-from iadkit.nn.anomaly_maps import gaussian_blur, upsample_blur_operator
+from iadkit.nn.anomaly_maps import UpsampleBlur, gaussian_blur
 from iadkit.nn.coreset import OVERSAMPLING, StreamingCoreset, greedy_coreset
 from iadkit.nn.knn import nearest_neighbours
 
@@ -139,14 +139,16 @@ def test_gaussian_blur_equals_scipy(size: tuple[int, int]) -> None:
     assert np.allclose(ours, expected, atol=1e-5)
 
 
-def test_upsample_blur_operator_equals_upsampling_then_blurring() -> None:
-    grid = torch.rand(4, 7, 5)
-    upsampled = torch.nn.functional.interpolate(grid.unsqueeze(1), size=(40, 30),
+@pytest.mark.parametrize("grid_shape,size,sigma", [((7, 5), (40, 30), 4.0),
+                                                   ((32, 32), (256, 256), 4.0),
+                                                   ((3, 9), (20, 70), 1.5)])
+def test_upsample_blur_equals_upsampling_then_blurring(grid_shape: tuple, size: tuple,
+                                                       sigma: float) -> None:
+    grid = torch.rand(4, *grid_shape)
+    upsampled = torch.nn.functional.interpolate(grid.unsqueeze(1), size=size,
                                                 mode="bilinear", align_corners=False)
-    expected = gaussian_blur(upsampled.squeeze(1), 4.0)
-    operator = upsample_blur_operator((7, 5), (40, 30), 4.0)
-    assert operator.shape == (35, 1200)
-    assert torch.allclose((grid.flatten(1) @ operator).reshape(4, 40, 30), expected, atol=1e-5)
+    expected = gaussian_blur(upsampled.squeeze(1), sigma)
+    assert torch.allclose(UpsampleBlur()(grid, size, sigma), expected, atol=1e-5)
 
 
 def test_local_patch_features_grid_and_width() -> None:

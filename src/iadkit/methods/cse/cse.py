@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import IadkitError
-from ...nn.anomaly_maps import upsample_blur_operator
+from ...nn.anomaly_maps import UpsampleBlur
 from ...synthesis.cse_defects import KINDS, CseDefectSynthesizer
 from ...validation import Choice, Flag, Items, Number, Optional, Text
 from .. import register
@@ -152,9 +152,8 @@ class CSE(TrainedDetector):
         self._image_folder("texture_dir")
 
     @functools.cached_property
-    def _map_operators(self) -> dict[tuple, torch.Tensor]:
-        """Upsample-and-blur operators by (grid, size, device), built on first use."""
-        return {}
+    def _to_maps(self) -> UpsampleBlur:
+        return UpsampleBlur()
 
     # -- networks -----------------------------------------------------------------------------
     def _new_embedder(self) -> FusionEmbedder:
@@ -403,15 +402,11 @@ class CSE(TrainedDetector):
 
     def _predict(self, images: torch.Tensor) -> Prediction:
         positions, scores, _ = self._position_scores(images)
-        # Upsampling and smoothing as one precomputed linear map of the coarse grid: the same
-        # maps as F.interpolate + gaussian_blur at a fraction of the cost, which keeps CSE's
+        # Upsampling and smoothing as precomputed linear maps of the coarse grid: the same maps
+        # as F.interpolate + gaussian_blur at a fraction of the cost, which keeps CSE's
         # inference close to its backbone's.
-        key = (tuple(positions.shape[-2:]), tuple(images.shape[-2:]), positions.device)
-        if key not in self._map_operators:
-            self._map_operators[key] = upsample_blur_operator(
-                key[0], key[1], self.smoothing_sigma, positions.device)
-        maps = positions.flatten(1) @ self._map_operators[key]
-        return Prediction(maps.reshape(-1, *images.shape[-2:]), scores)
+        maps = self._to_maps(positions, tuple(images.shape[-2:]), self.smoothing_sigma)
+        return Prediction(maps, scores)
 
     # -- persistence --------------------------------------------------------------------------
     def _state_tensors(self) -> dict[str, torch.Tensor]:

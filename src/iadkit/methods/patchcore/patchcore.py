@@ -15,6 +15,7 @@ ones of other images), which errs towards a higher threshold.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 
 from ... import distributed
 from ...errors import IadkitError
-from ...nn.anomaly_maps import gaussian_blur
+from ...nn.anomaly_maps import UpsampleBlur
 from ...nn.coreset import StreamingCoreset
 from ...nn.knn import BACKEND_RULE, FlatIndex
 from ...progress import progress
@@ -176,31 +177,25 @@ class PatchCore(BackboneDetector):
                                 show_progress=show_progress)
 
     def _score_patches(self, images: torch.Tensor, index: FlatIndex | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Patch features (B, D, h, w), their unsmoothed upsampled maps (B, S, S), and per
-        patch the distance to and index of the nearest feature of ``index`` (default: the
-        memory bank) (B, hw)."""
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Patch features (B, D, h, w), and per patch the distance to and the index of the
+        nearest feature of ``index`` (default: the memory bank), (B, h, w) and (B, h*w)."""
         features = self.patch_features(images)
         batch, dim, height, width = features.shape
         queries = features.permute(0, 2, 3, 1).reshape(-1, dim)
         distances, indices = (index or self._index).search(queries)
-        patch_scores = distances.view(batch, height * width)
-        maps = F.interpolate(patch_scores.view(batch, 1, height, width), size=images.shape[-2:],
-                             mode="bilinear", align_corners=False).squeeze(1)
-        return features, maps, patch_scores, indices.view(batch, height * width)
+        return features, distances.view(batch, height, width), indices.view(batch, -1)
 
     def raw_maps_and_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Unsmoothed maps, and the patch features (our choice of CADA input for PatchCore:
         it has no bottleneck)."""
-        features, maps, _, _ = self._score_patches(images)
+        features, patch_scores, _ = self._score_patches(images)
+        maps = F.interpolate(patch_scores.unsqueeze(1), size=images.shape[-2:], mode="bilinear",
+                             align_corners=False).squeeze(1)
         return maps, features
 
     def _predict(self, images: torch.Tensor) -> Prediction:
-        features, maps, patch_scores, nearest = self._score_patches(images)
-        queries = features.flatten(2).transpose(1, 2)
-        scores = self._image_scores(queries, patch_scores, nearest, self.memory_bank_,
-                                    self._index)
-        return Prediction(gaussian_blur(maps, self.smoothing_sigma), scores)
+        return self._prediction(images, self.memory_bank_, self._index)
 
     def _predict_left_out(self, images: torch.Tensor, train_indices: torch.Tensor
                           ) -> Prediction:
@@ -208,16 +203,27 @@ class PatchCore(BackboneDetector):
         if sources is None:
             raise IadkitError("patchcore: this model was saved without its memory bank's "
                               "sources (by an earlier iadkit); fit it again to leave images out")
-        maps, scores = [], []
+        predictions = []
         for image, source in zip(images, train_indices.tolist()):
             # The bank as a fit without this image would see it: its own entries removed.
             bank = self.memory_bank_[(sources != source).to(self.memory_bank_.device)]
-            index = FlatIndex(bank, self.knn_backend)
-            features, image_map, patch_scores, nearest = self._score_patches(image[None], index)
-            queries = features.flatten(2).transpose(1, 2)
-            scores.append(self._image_scores(queries, patch_scores, nearest, bank, index))
-            maps.append(image_map)
-        return Prediction(gaussian_blur(torch.cat(maps), self.smoothing_sigma), torch.cat(scores))
+            predictions.append(self._prediction(image[None], bank,
+                                                FlatIndex(bank, self.knn_backend)))
+        return Prediction(torch.cat([p.anomaly_maps for p in predictions]),
+                          torch.cat([p.scores for p in predictions]))
+
+    def _prediction(self, images: torch.Tensor, bank: torch.Tensor, index: FlatIndex
+                    ) -> Prediction:
+        features, patch_scores, nearest = self._score_patches(images, index)
+        queries = features.flatten(2).transpose(1, 2)
+        scores = self._image_scores(queries, patch_scores.flatten(1), nearest, bank, index)
+        # Upsampling and smoothing in one step (the same maps as interpolating, then blurring).
+        maps = self._to_maps(patch_scores, tuple(images.shape[-2:]), self.smoothing_sigma)
+        return Prediction(maps, scores)
+
+    @functools.cached_property
+    def _to_maps(self) -> UpsampleBlur:
+        return UpsampleBlur()
 
     def _image_scores(self, queries: torch.Tensor, patch_scores: torch.Tensor,
                       nearest: torch.Tensor, bank: torch.Tensor, index: FlatIndex
