@@ -36,6 +36,17 @@ def test_a_chunked_coreset_keeps_the_ratio_and_finds_the_defects(fitted_patchcor
     maps, scores, masks, labels = predict_all(detector, samples.where(split="test"))
     assert metrics.auroc(labels, scores) >= 0.95
     assert metrics.pixel_metrics(masks, maps)["pixel_auroc"] >= 0.85
+    # Within the budget (the default 1 GiB) the exact rule runs: the unbounded fit's bank.
+    banks = []
+    for budget in (1.0, None):
+        exact = create_detector("patchcore", "cpu", image_size=64, coreset_ratio=0.25,
+                                coreset_memory_gb=budget, device="cpu")
+        exact.fit(make_loader(samples.where(split="train"), exact.preprocess, batch_size=4))
+        assert exact.fit_info_["coreset_rule"] == "exact"
+        banks.append(exact.memory_bank_)
+    assert torch.equal(banks[0], banks[1])
+    assert banks[0].shape == detector.memory_bank_.shape
+    assert not torch.equal(banks[0], detector.memory_bank_)
 
 
 def test_default_search_chooses_the_smoothing_by_pixel_auroc(fitted_patchcore) -> None:
