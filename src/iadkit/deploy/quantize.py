@@ -86,10 +86,11 @@ def quantize_export(folder: str | Path, images: Sequence[str | Path],
     float_scores = _scores(core.compile_model(float_model, "CPU", _F32), held_out, preprocess)
     spread = float(np.std(float_scores)) or 1.0
 
-    def negative_drift(compiled: Any, units: Any) -> float:
-        """NNCF's validation metric (higher is better): minus the drift from float32."""
+    def closeness(compiled: Any, units: Any) -> float:
+        """NNCF's validation metric (higher is better): 1 - the drift from float32 (NNCF
+        divides by the float32 model's value, so it must not be 0)."""
         scores = np.array([float(compiled([unit])[compiled.output(1)][0]) for unit in units])
-        return -float(np.abs(scores - float_scores).max()) / spread
+        return 1.0 - float(np.abs(scores - float_scores).max()) / spread
 
     n_units = sum(preprocess.n_units(*image_shape(path)) for path in calibration)
     # Matrix products (distances, attention, heads) stay float32: see the module docstring.
@@ -97,7 +98,7 @@ def quantize_export(folder: str | Path, images: Sequence[str | Path],
     # the held-out normals' drift is within the tolerance.
     quantized = nncf.quantize_with_accuracy_control(
         float_model, nncf.Dataset(_Units(calibration, preprocess)),
-        nncf.Dataset(_Units(held_out, preprocess)), negative_drift, max_drop=tolerance,
+        nncf.Dataset(_Units(held_out, preprocess)), closeness, max_drop=tolerance,
         drop_type=nncf.DropType.ABSOLUTE, subset_size=n_units,
         ignored_scope=nncf.IgnoredScope(types=["MatMul", "Gemm"], validate=False))
     quantize_seconds = time.perf_counter() - started
