@@ -76,7 +76,10 @@ class UpsampleBlur:
         self._axes: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, grid: torch.Tensor, size: tuple[int, int], sigma: float) -> torch.Tensor:
-        key = (tuple(grid.shape[-2:]), tuple(size), float(sigma), grid.device)
+        # Plain ints: while an export traces, sizes are tensors, and the matrices built here
+        # must be the graph's constants, not rebuilt inside it.
+        key = (tuple(int(n) for n in grid.shape[-2:]), tuple(int(n) for n in size),
+               float(sigma), grid.device)
         if key not in self._axes:
             self._axes[key] = (_upsample_blur_axis(grid.shape[-2], size[0], sigma, grid.device),
                                _upsample_blur_axis(grid.shape[-1], size[1], sigma, grid.device))

@@ -234,9 +234,10 @@ class PatchCore(BackboneDetector):
         if not self.reweight or bank.shape[0] < 2:
             return best_score
         # gather, not arange indexing: an exported graph keeps its batch dimension free
+        # [:, 0] rather than squeeze(1): an exported graph gets no shape-dependent branch
         test_feature = queries.gather(
-            1, best_patch.view(-1, 1, 1).expand(-1, 1, queries.shape[2])).squeeze(1)  # (B, D)
-        memory_feature = bank[nearest.gather(1, best_patch.view(-1, 1)).squeeze(1)]
+            1, best_patch.view(-1, 1, 1).expand(-1, 1, queries.shape[2]))[:, 0]  # (B, D)
+        memory_feature = bank[nearest.gather(1, best_patch.view(-1, 1))[:, 0]]
         k = min(self.num_neighbors, bank.shape[0])
         _, support = index.search(memory_feature, k)  # N_b(m*), m* itself first
         support_distances = torch.linalg.vector_norm(
