@@ -30,7 +30,7 @@ from iadkit.data import load_dataset
 from iadkit.data.image_io import read_image, read_mask
 from iadkit.deploy.export import export_onnx
 from iadkit.deploy.inferencer import OnnxInferencer
-from iadkit.deploy.quantize import quantize_export
+from iadkit.deploy.quantize import DEFAULT_DRIFT_TOLERANCE, quantize_export
 from iadkit.engine import resolve_model_dir
 from iadkit.errors import IadkitError
 from iadkit.methods import Detector
@@ -60,7 +60,7 @@ def evaluate(inferencer: OnnxInferencer, test: Any) -> dict[str, Any]:
             **throughput, "scores": scores}
 
 
-def run_method(method: str, data: str, work: Path) -> dict[str, Any]:
+def run_method(method: str, data: str, work: Path, tolerance: float) -> dict[str, Any]:
     run = work / f"run_{method}"
     fitted = any((run / "models").glob("*/detector.json"))
     if not fitted and iadkit(["fit", "--method", method, "--preset", "cpu", "--data", data,
@@ -73,7 +73,7 @@ def run_method(method: str, data: str, work: Path) -> dict[str, Any]:
     training_images = [s.image_path for s in train]
     refused = None
     try:
-        record = quantize_export(export, training_images)
+        record = quantize_export(export, training_images, tolerance=tolerance)
     except IadkitError as error:
         refused = str(error)
         # Measure the refused model anyway: what would the tolerance have let through?
@@ -91,7 +91,8 @@ def run_method(method: str, data: str, work: Path) -> dict[str, Any]:
         "image_auroc_change": round(int8["image_auroc"] - f32["image_auroc"], 4),
         "pixel_auroc_change": round(int8["pixel_auroc"] - f32["pixel_auroc"], 4),
         "test_score_correlation": round(float(np.corrcoef(f32_scores, int8_scores)[0, 1]), 5),
-        "held_out_drift": record["drift"], "refused": refused,
+        "held_out_drift": record["drift"], "tolerance": tolerance, "refused": refused,
+        "n_quantized_inputs": record["n_quantized_inputs"],
         "n_calibration_images": record["n_calibration_images"],
         "quantize_seconds": record["quantize_seconds"],
     }
@@ -102,11 +103,13 @@ def main() -> None:
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "magnetic_tile"))
     parser.add_argument("--methods", nargs="+", default=["patchcore"])
     parser.add_argument("--work", default="/tmp/iadkit_int8")
+    parser.add_argument("--int8-tolerance", type=float, default=DEFAULT_DRIFT_TOLERANCE,
+                        help="the export's drift tolerance (iadkit export --int8-tolerance)")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     for method in args.methods:
-        print(json.dumps(run_method(method, args.data, work)), flush=True)
+        print(json.dumps(run_method(method, args.data, work, args.int8_tolerance)), flush=True)
 
 
 if __name__ == "__main__":
