@@ -10,7 +10,8 @@ import pytest
 
 @pytest.mark.parametrize("module", ["iadkit", "iadkit.methods", "iadkit.validation",
                                     "iadkit.calibration", "iadkit.data.preprocess",
-                                    "iadkit.data.tiling", "iadkit.metrics"])
+                                    "iadkit.data.tiling", "iadkit.metrics", "iadkit.nn.coreset",
+                                    "iadkit.nn.anomaly_maps"])
 def test_the_docstring_examples_run(module: str) -> None:
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
