@@ -550,7 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "INT8 model on (default: the run's training images of the model)")
     export.add_argument("--int8-tolerance", type=float, default=DEFAULT_DRIFT_TOLERANCE,
                         help="largest INT8 score drift on held-out normals, in standard "
-                        "deviations of their float32 scores (default 0.1)")
+                        "deviations of their float32 scores (default %(default)s)")
     export.add_argument("--out", required=True, help="folder for model.onnx + inference.json")
     export.add_argument("--opset", type=int, default=17)
     export.set_defaults(func=cmd_export)

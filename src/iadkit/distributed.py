@@ -164,14 +164,21 @@ def gather_rows(local: torch.Tensor, rows: torch.Tensor, wanted: torch.Tensor) -
     """
     if not is_distributed():
         return local[wanted.to(local.device)]
-    rows, wanted = rows.cpu(), wanted.cpu()
-    position = torch.searchsorted(rows, wanted).clamp_max(max(len(rows) - 1, 0))
-    owned = rows[position] == wanted if len(rows) else torch.zeros_like(wanted, dtype=torch.bool)
+    position, owned = find_rows(rows, wanted)
     found = local.new_zeros((len(wanted), *local.shape[1:]))
     found[owned.to(local.device)] = local[position[owned].to(local.device)]
     # A sum of zeros and each row once is exact, whatever the order of the additions.
     dist.all_reduce(found)
     return found
+
+
+def find_rows(rows: torch.Tensor, wanted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each of the global indices ``wanted`` sits among this rank's ascending ``rows``,
+    and whether it is there (the positions of those that are not are meaningless)."""
+    rows, wanted = rows.cpu(), wanted.cpu()
+    position = torch.searchsorted(rows, wanted).clamp_max(max(len(rows) - 1, 0))
+    owned = rows[position] == wanted if len(rows) else torch.zeros_like(wanted, dtype=torch.bool)
+    return position, owned
 
 
 def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:

@@ -11,8 +11,9 @@ The quantised model's scores must not drift: on held-out normals (training image
 for calibration) every image score of the INT8 model must lie within ``tolerance`` times the
 spread (standard deviation) of the float32 model's scores of the same images. NNCF's
 accuracy-controlled quantisation returns the layers that matter most for that drift to float32
-until it holds; the export is refused when it cannot hold, or only with every layer in float32. A threshold calibrated on the float32 scores then still separates normal from anomalous
-images as it did (a drift of a tenth of the normal spread moves a threshold set three spreads
+until it holds; the export is refused when it cannot hold, or only with every layer in float32.
+A threshold calibrated on the float32 scores then still separates normal from anomalous images
+as it did (a drift of a tenth of the normal spread moves a threshold set three spreads
 above the normal mean by a thirtieth of its margin).
 
 Example:
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,14 +87,18 @@ def quantize_export(folder: str | Path, images: Sequence[str | Path],
     # Every compilation of the model and its quantised copies (NNCF's own included) computes in
     # float32 wherever it is not INT8: OpenVINO's bfloat16 default would blur the drift check.
     float_model.set_rt_info("f32", ["runtime_options", "INFERENCE_PRECISION_HINT"])
-    float_scores = _scores(core.compile_model(float_model, "CPU", _F32), held_out, preprocess)
+    float_scores = _scores(core.compile_model(float_model, "CPU", _F32),
+                           _Units(held_out, preprocess))
     spread = float(np.std(float_scores)) or 1.0
 
+    def drift_of(compiled: Any, units: Any) -> float:
+        """The largest score change from float32 on the held-out units, in spreads."""
+        return float(np.abs(_scores(compiled, units) - float_scores).max()) / spread
+
     def closeness(compiled: Any, units: Any) -> float:
-        """NNCF's validation metric (higher is better): 1 - the drift from float32 (NNCF
-        divides by the float32 model's value, so it must not be 0)."""
-        scores = np.array([float(compiled([unit])[compiled.output(1)][0]) for unit in units])
-        return 1.0 - float(np.abs(scores - float_scores).max()) / spread
+        """NNCF's validation metric (higher is better): 1 - the drift (NNCF divides by the
+        float32 model's value, so it must not be 0)."""
+        return 1.0 - drift_of(compiled, units)
 
     n_units = sum(preprocess.n_units(*image_shape(path)) for path in calibration)
     # Matrix products (distances, attention, heads) stay float32: see the module docstring.
@@ -107,8 +112,7 @@ def quantize_export(folder: str | Path, images: Sequence[str | Path],
         advanced_accuracy_restorer_parameters=nncf.quantization.advanced_parameters
         .AdvancedAccuracyRestorerParameters(max_num_iterations=MAX_RESTORE_STEPS))
     quantize_seconds = time.perf_counter() - started
-    int8_scores = _scores(core.compile_model(quantized, "CPU", _F32), held_out, preprocess)
-    drift = float(np.abs(int8_scores - float_scores).max()) / spread
+    drift = drift_of(core.compile_model(quantized, "CPU", _F32), _Units(held_out, preprocess))
     n_int8 = sum(op.get_type_name() == "FakeQuantize" for op in quantized.get_ops())
     if n_int8 == 0:
         raise IadkitError(
@@ -156,7 +160,6 @@ class _Units:
                 yield np.ascontiguousarray(unit[None], dtype=np.float32)
 
 
-def _scores(compiled: Any, paths: Sequence[Path], preprocess: Preprocess) -> np.ndarray:
+def _scores(compiled: Any, units: Iterable[np.ndarray]) -> np.ndarray:
     """Each unit's score (a tiled image's tiles are compared one by one)."""
-    return np.array([float(compiled([unit])[compiled.output(1)][0])
-                     for unit in _Units(paths, preprocess)])
+    return np.array([float(compiled([unit])[compiled.output(1)][0]) for unit in units])

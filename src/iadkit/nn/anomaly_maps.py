@@ -81,8 +81,9 @@ class UpsampleBlur:
         key = (tuple(int(n) for n in grid.shape[-2:]), tuple(int(n) for n in size),
                float(sigma), grid.device)
         if key not in self._axes:
-            self._axes[key] = (_upsample_blur_axis(grid.shape[-2], size[0], sigma, grid.device),
-                               _upsample_blur_axis(grid.shape[-1], size[1], sigma, grid.device))
+            (height, width), (full_height, full_width) = key[0], key[1]
+            self._axes[key] = (_upsample_blur_axis(height, full_height, sigma, grid.device),
+                               _upsample_blur_axis(width, full_width, sigma, grid.device))
         rows, columns = self._axes[key]
         return rows.T @ grid @ columns
 

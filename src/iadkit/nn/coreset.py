@@ -184,9 +184,9 @@ class StreamingCoreset:
         n_select = max(1, int(self.sampling_ratio * self._n_points))
         held = self._held
         if self._n_chunks == 0:  # the exact rule, over the held buffers themselves
-            chosen = self._select(held.blocks(), held.ids(), self._n_points, n_select)
-            bank = distributed.gather_rows(self._local(held.features, held.filled), held.ids(),
-                                           chosen)
+            ids = held.ids()
+            chosen = self._select(held.blocks(), ids, self._n_points, n_select)
+            bank = distributed.gather_rows(self._local(held.features, held.filled), ids, chosen)
             self._held = _Held(self.block_size)
             return chosen, bank
         self._reduce_chunks(final=True)
@@ -221,8 +221,8 @@ class StreamingCoreset:
             chosen = self._held_from + self._select(_padded_blocks(points, self.block_size),
                                                     ids - self._held_from, n_chunk, n_keep)
             self._kept_ids.append(chosen)
-            position = torch.searchsorted(ids, chosen).clamp_max(max(len(ids) - 1, 0))
-            mine = position[ids[position] == chosen] if len(ids) else position[:0]
+            position, owned = distributed.find_rows(ids, chosen)
+            mine = position[owned]
             if len(mine):
                 mine_on_device = mine.to(points.device)
                 self._kept.append((ids[mine], points[mine_on_device].clone(),
