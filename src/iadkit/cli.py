@@ -108,6 +108,20 @@ def _format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _format_protocol(protocol: dict[str, Any]) -> str:
+    """The benchmark's table: its columns in its order, one row per category and the mean."""
+    columns = protocol["columns"]
+    width = max(12, *(len(name) for name in protocol["per_category"]))
+    lines = [f"protocol {protocol['name']}",
+             f"{'category':<{width}} " + " ".join(f"{c:>8}" for c in columns)]
+    rows = [(name, row["metrics"]) for name, row in protocol["per_category"].items()]
+    for name, values in [*rows, ("mean", protocol["metrics"])]:
+        lines.append(f"{name:<{width}} " + " ".join(
+            f"{values[c]:>{max(8, len(c))}.4f}" if values[c] is not None
+            else f"{'-':>{max(8, len(c))}}" for c in columns))
+    return "\n".join(lines)
+
+
 def _format_decisions(results: dict[str, Any]) -> str:
     """One line per group on the decision at the stored threshold, and any shift warning."""
     groups = dict(results["per_category"])
@@ -182,8 +196,11 @@ def cmd_test(args: argparse.Namespace) -> int:
 
     results, evaluations = test_run(args.run_dir, args.data, args.category, args.device,
                                     show_progress=not args.quiet,
-                                    accept_backbone_change=args.accept_backbone_change)
+                                    accept_backbone_change=args.accept_backbone_change,
+                                    protocol=args.protocol)
     if distributed.is_main():
+        if "protocol" in results:
+            print(_format_protocol(results["protocol"]))
         _write_outputs(results, evaluations, args.json, args.report,
                        title=f"iadkit test: {args.run_dir}")
     return 0
@@ -224,6 +241,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     model_dir = resolve_model_dir(args.run_dir, args.model)
     detector = Detector.load(model_dir, device=args.device,
                              accept_backbone_change=args.accept_backbone_change)
+    if args.format == "mvtec-ad2":
+        from .deploy.submission import write_mvtec_ad2_submission
+
+        written = write_mvtec_ad2_submission(detector, _collect_images(args.inputs),
+                                             Path(args.out), args.batch_size, not args.quiet)
+        for line in written.failed:
+            print(line, file=sys.stderr)
+        print(f"{written.written} maps written in the MVTec AD 2 submission layout, "
+              f"{len(written.failed)} unreadable: {written.output}")
+        return 0 if not written.failed else 1
     summary = predict_files(detector, _collect_images(args.inputs), Path(args.out),
                             output_format=args.format, resume=args.resume,
                             heatmaps=not args.no_heatmaps, batch_size=args.batch_size,
@@ -267,8 +294,8 @@ def cmd_data(args: argparse.Namespace) -> int:
         from .data.generate import generate_dataset
 
         generate_dataset(args.dest, tuple(args.categories), args.n_train, size=args.size,
-                         seed=args.seed)
-        print(f"generated dataset in {args.dest}")
+                         seed=args.seed, layout=args.layout)
+        print(f"generated a {args.layout} dataset in {args.dest}")
     return 0
 
 
@@ -507,6 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("--data", help="dataset root (default: the one used for fitting)")
     test.add_argument("--category", action="append")
     test.add_argument("--json", help="write the metrics as JSON here")
+    test.add_argument("--protocol", help="also report a benchmark's own table: mvtec-ad2, "
+                      "loco, real-iad or visa (docs/usage.md)")
     test.add_argument("--report", help="write an HTML report into this folder")
     test.set_defaults(func=cmd_test)
 
@@ -517,8 +546,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", help="which model of a multi-model run folder")
     predict.add_argument("--batch-size", type=int, default=16)
     predict.add_argument("--no-heatmaps", action="store_true")
-    predict.add_argument("--format", choices=("csv", "jsonl"), default="csv",
-                         help="scores.csv (default) or scores.jsonl")
+    predict.add_argument("--format", choices=("csv", "jsonl", "mvtec-ad2"), default="csv",
+                         help="scores.csv (default), scores.jsonl, or mvtec-ad2: float16 TIFF "
+                         "maps and 0/255 PNG segmentations in the layout MVTec AD 2's "
+                         "evaluation server takes (images of <object>/test_private*/)")
     predict.add_argument("--resume", action="store_true",
                          help="skip the files already in the output and append the rest")
     _add_executor_flags(predict)
@@ -643,6 +674,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--n-train", type=int, default=20)
     generate.add_argument("--size", type=int, default=64)
     generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--layout", default="mvtec",
+                          choices=("mvtec", "mvtec-ad2", "loco", "real-iad", "visa"),
+                          help="the folder layout of that benchmark (default mvtec)")
     data.set_defaults(func=cmd_data)
     return parser
 

@@ -168,17 +168,54 @@ def _to_rgb(image: Image.Image, path: Path | str, keep_gray: bool = False) -> np
 def read_mask(path: str | Path) -> np.ndarray:
     """Read a ground-truth mask as an ``(H, W)`` bool array.
 
-    Masks saved as 0/255 are split at half range; masks saved as 0/1 are taken as they are.
+    Masks saved as 0/255 are split at half range; masks saved as 0/1 are taken as they are. A
+    folder of region masks (MVTec LOCO: one file per defect, whatever its pixel value) gives
+    their union.
     """
     path = Path(path)
-    image = _open_decoded(path, str(path))
-    if image.mode not in ("L", "1", "I", "I;16", "F"):
-        image = image.convert("L")
-    array = np.asarray(image)
-    if array.ndim == 3:
-        array = array[:, :, 0]
+    if path.is_dir():
+        regions = read_mask_regions(path)
+        union = regions[0][0].copy()
+        for region, _ in regions[1:]:
+            if region.shape != union.shape:
+                raise ImageReadError(f"{path}: its region masks differ in size")
+            union |= region
+        return union
+    array = _mask_values(path)
     top = float(array.max(initial=0))
     if top <= 1:
         return array > 0
     full_range = 255.0 if array.dtype == np.uint8 or top <= 255 else 65535.0
     return array > full_range / 2
+
+
+def _mask_values(path: Path) -> np.ndarray:
+    image = _open_decoded(path, str(path))
+    if image.mode not in ("L", "1", "I", "I;16", "F"):
+        image = image.convert("L")
+    array = np.asarray(image)
+    return array[:, :, 0] if array.ndim == 3 else array
+
+
+def read_mask_regions(folder: str | Path) -> list[tuple[np.ndarray, int]]:
+    """The defect regions of a folder of region masks (MVTec LOCO's
+    ``ground_truth/<type>/<image stem>/000.png, 001.png``): per file, in name order, the
+    ``(H, W)`` bool mask of its non-zero pixels and the pixel value they carry (the defect's
+    key in ``defects_config.json``).
+
+    Raises:
+        ImageReadError: an empty folder, an empty region, or a region of several values.
+    """
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if is_image_file(p)) if folder.is_dir() else []
+    if not files:
+        raise ImageReadError(f"{folder}: no region masks in this ground-truth folder")
+    regions = []
+    for path in files:
+        values = _mask_values(path)
+        present = np.unique(values[values > 0])
+        if present.size != 1:
+            raise ImageReadError(f"{path}: a region mask must mark its pixels with one value, "
+                                 f"found {'none' if present.size == 0 else present.tolist()}")
+        regions.append((values > 0, int(present[0])))
+    return regions

@@ -11,17 +11,32 @@ Supported layouts (``layout=`` argument of :func:`load_dataset`):
   the ``validation/good`` images become split ``"val"``.
 - ``texture-ad``: Texture AD (Adapted-MoE's benchmark): ``<category>/<subclass>/`` folders, each
   in the MVTec layout; the subclass folder's name becomes every image's subclass.
+- ``mvtec-ad2``: MVTec AD 2: ``train/good``, ``validation/good`` (split ``"val"``),
+  ``test_public/{good,bad}`` with masks ``test_public/ground_truth/bad/<stem>_mask.png``. The
+  unlabelled ``test_private`` and ``test_private_mixed`` folders are for prediction only
+  (``iadkit predict --format mvtec-ad2``).
+- ``loco``: MVTec LOCO AD: ``train/good``, ``validation/good``,
+  ``test/{good,logical_anomalies,structural_anomalies}``; an anomalous image's ground truth is
+  the folder ``ground_truth/<type>/<stem>/`` of one mask per defect (their union is its mask;
+  ``defects_config.json`` gives each defect's saturation for sPRO).
+- ``real-iad`` / ``real-iad-sv``: Real-IAD through its JSON split files: ``root`` is one image
+  folder (``realiad_256``, ``realiad_1024``, ...) with ``<category>/OK|NG/...`` inside, and the
+  JSON files are in ``realiad_jsons/realiad_jsons/`` (multi-view) or
+  ``realiad_jsons/realiad_jsons_sv/`` (single-view) beside it or inside it. Images of one
+  physical sample share an ``object_id`` (their folder, e.g. ``NG/HS/S0012``).
 - ``folder``: a generic normal folder, optional abnormal and mask folders (see :func:`read_folder`).
 
 A category folder may hold ``subclasses.csv`` (columns ``path,subclass``; paths relative to the
 category folder) to give each image a subclass for unseen-subclass experiments.
-Mask files are matched by image stem, with or without a ``_mask`` suffix, in any image format.
+Mask files are matched by image stem, with or without a ``_mask`` suffix, in any image format,
+or are a folder named by the stem (MVTec LOCO).
 A category without a ground-truth folder gives image-level evaluation only.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import random
 from collections.abc import Sequence
@@ -34,7 +49,10 @@ from .samples import ANOMALOUS, NORMAL, Sample, SampleSet
 
 log = logging.getLogger("iadkit")
 
-LAYOUTS = ("auto", "mvtec", "mpdd", "btad", "visa", "mvtec3d", "texture-ad", "folder")
+LAYOUTS = ("auto", "mvtec", "mpdd", "btad", "visa", "mvtec3d", "texture-ad", "mvtec-ad2",
+           "loco", "real-iad", "real-iad-sv", "folder")
+#: Where each Real-IAD layout's JSON split files are, under ``realiad_jsons/``.
+REAL_IAD_JSON_FOLDERS = {"real-iad": "realiad_jsons", "real-iad-sv": "realiad_jsons_sv"}
 NORMAL_FOLDER_NAMES = ("good", "ok")
 
 
@@ -46,6 +64,8 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def _find_mask(folder: Path, stem: str) -> Path | None:
+    if (folder / stem).is_dir():  # MVTec LOCO: one mask per defect region
+        return folder / stem
     for candidate_stem in (f"{stem}_mask", stem):
         for path in sorted(folder.glob(f"{candidate_stem}.*")):
             if is_image_file(path):
@@ -112,8 +132,10 @@ def _image_folder(folder: Path, rgb_subfolder: bool) -> Path:
     return folder / "rgb" if rgb_subfolder else folder
 
 
-def read_mvtec_like(category_dir: Path, rgb_subfolder: bool = False) -> list[Sample]:
-    """Read one category folder of the MVTec AD / MPDD / BTAD / MVTec 3D-AD family."""
+def read_mvtec_like(category_dir: Path, rgb_subfolder: bool = False,
+                    test_folder: str = "test") -> list[Sample]:
+    """Read one category folder of the MVTec AD / MPDD / BTAD / MVTec 3D-AD / LOCO family;
+    MVTec AD 2 has its test images and ground truth in ``test_folder="test_public"``."""
     category = category_dir.name
     subclasses = _read_subclasses(category_dir)
     samples: list[Sample] = []
@@ -139,10 +161,12 @@ def read_mvtec_like(category_dir: Path, rgb_subfolder: bool = False) -> list[Sam
             for path in list_images(_image_folder(folder, rgb_subfolder)):
                 add(path, NORMAL, "good", "val", None)
 
-    ground_truth = category_dir / "ground_truth"
+    test_root = category_dir / test_folder
+    ground_truth = (test_root if test_folder != "test" else category_dir) / "ground_truth"
     has_pixel_labels = rgb_subfolder or ground_truth.is_dir()
-    test_root = category_dir / "test"
-    for folder in sorted(p for p in test_root.iterdir() if p.is_dir()) if test_root.is_dir() else []:
+    test_folders = sorted(p for p in test_root.iterdir() if p.is_dir() and p != ground_truth) \
+        if test_root.is_dir() else []
+    for folder in test_folders:
         normal = folder.name in NORMAL_FOLDER_NAMES
         mask_folder = folder / "gt" if rgb_subfolder else ground_truth / folder.name
         for path in list_images(_image_folder(folder, rgb_subfolder)):
@@ -182,6 +206,81 @@ def read_visa(root: Path, categories: Sequence[str] | None = None) -> list[Sampl
         missing = [c for c in categories if c not in found]
         if missing:
             raise DatasetError(f"{table}: no category {missing}")
+    return samples
+
+
+def real_iad_json_folder(root: Path, layout: str = "real-iad") -> Path | None:
+    """The folder of a Real-IAD layout's JSON split files, inside ``root`` or beside it."""
+    for base in (root, root.parent):
+        folder = base / "realiad_jsons" / REAL_IAD_JSON_FOLDERS[layout]
+        if folder.is_dir():
+            return folder
+    return None
+
+
+def read_real_iad(root: Path, categories: Sequence[str] | None = None,
+                  layout: str = "real-iad") -> list[Sample]:
+    """Read Real-IAD through its JSON split files (one per category: ``meta``, and ``train`` and
+    ``test`` lists of ``{category, anomaly_class, image_path, mask_path}``, paths relative to
+    the category's image folder). An image is normal when its ``anomaly_class`` is the
+    ``meta.normal_class`` ("OK"); the other classes (e.g. "HS") are its defect type.
+
+    Raises:
+        DatasetError: no split files, a malformed one, or files they list that are absent (a
+            half-downloaded copy), naming the first and counting them.
+    """
+    json_folder = real_iad_json_folder(root, layout)
+    if json_folder is None:
+        raise DatasetError(f"{root}: no realiad_jsons/{REAL_IAD_JSON_FOLDERS[layout]}/ folder of "
+                           "split files inside or beside it (point --data at an image folder "
+                           "such as Real-IAD/realiad_256)")
+    if json_folder.parent.parent == root:  # the dataset's top folder: which resolution?
+        resolutions = sorted(p for p in root.glob("realiad_*")
+                             if p.is_dir() and p.name != "realiad_jsons")
+        if len(resolutions) != 1:
+            raise DatasetError(f"{root}: point --data at one of its image folders "
+                               f"{[p.name for p in resolutions] or '(none found)'}")
+        root = resolutions[0]
+    tables = {p.stem: p for p in sorted(json_folder.glob("*.json"))}
+    if categories is not None and list(categories) != ["all"]:
+        unknown = [c for c in categories if c not in tables]
+        if unknown:
+            raise DatasetError(f"{json_folder}: no split file for {unknown}; available: "
+                               f"{sorted(tables)}")
+        tables = {c: tables[c] for c in categories}
+    if not tables:
+        raise DatasetError(f"{json_folder}: no <category>.json split files")
+    samples: list[Sample] = []
+    missing: list[Path] = []
+    for category, table in tables.items():
+        try:
+            record = json.loads(table.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise DatasetError(f"{table}: not a readable JSON split file ({error})") from error
+        if not isinstance(record, dict) or not all(
+                isinstance(record.get(split), list) for split in ("train", "test")):
+            raise DatasetError(f"{table}: a Real-IAD split file holds 'train' and 'test' lists")
+        meta = record.get("meta") if isinstance(record.get("meta"), dict) else {}
+        normal_class = meta.get("normal_class", "OK")
+        for split in ("train", "test"):
+            for number, entry in enumerate(record[split]):
+                if not isinstance(entry, dict) or not isinstance(entry.get("image_path"), str) \
+                        or "anomaly_class" not in entry:
+                    raise DatasetError(f"{table}: {split} entry {number} needs 'image_path' and "
+                                       "'anomaly_class'")
+                image = root / category / entry["image_path"]
+                mask = root / category / entry["mask_path"] if entry.get("mask_path") else None
+                missing += [path for path in (image, mask)
+                            if path is not None and not path.is_file()]
+                label = NORMAL if entry["anomaly_class"] == normal_class else ANOMALOUS
+                defect = "good" if label == NORMAL else str(entry["anomaly_class"])
+                object_id = Path(entry["image_path"]).parent.as_posix()
+                samples.append(Sample(image, label, category, defect, split, mask,
+                                      object_id=object_id))
+    if missing:
+        raise DatasetError(f"{missing[0]}: listed in the split files of {json_folder} but not "
+                           f"found ({len(missing)} listed files are missing under {root}: an "
+                           "incomplete download?)")
     return samples
 
 
@@ -229,9 +328,15 @@ def detect_layout(root: Path) -> str:
     """Guess the layout of ``root`` from its folders."""
     if (root / "split_csv" / "1cls.csv").is_file():
         return "visa"
+    if real_iad_json_folder(root) is not None:
+        return "real-iad"
     candidates = [root] if (root / "train").is_dir() else [p for p in root.iterdir() if p.is_dir()]
     for category_dir in candidates:
         train = category_dir / "train"
+        if (train / "good").is_dir() and (category_dir / "test_public").is_dir():
+            return "mvtec-ad2"
+        if (train / "good").is_dir() and (category_dir / "defects_config.json").is_file():
+            return "loco"
         if (train / "good" / "rgb").is_dir():
             return "mvtec3d"
         if (train / "ok").is_dir():
@@ -242,9 +347,10 @@ def detect_layout(root: Path) -> str:
         return "texture-ad"
     raise DatasetError(
         f"{root}: unknown dataset layout. Expected MVTec AD/MPDD ('<category>/train/good'), "
-        "BTAD ('<category>/train/ok'), MVTec 3D-AD ('<category>/train/good/rgb'), VisA "
-        "('split_csv/1cls.csv'), Texture AD ('<category>/<subclass>/train/good'), or use "
-        "read_folder() for a plain folder of images"
+        "BTAD ('<category>/train/ok'), MVTec 3D-AD ('<category>/train/good/rgb'), MVTec AD 2 "
+        "('<category>/test_public'), MVTec LOCO ('<category>/defects_config.json'), VisA "
+        "('split_csv/1cls.csv'), Real-IAD ('realiad_jsons/' beside or inside), Texture AD "
+        "('<category>/<subclass>/train/good'), or use read_folder() for a plain folder of images"
     )
 
 
@@ -275,9 +381,13 @@ def load_dataset(
         samples = read_visa(root, categories)
     elif layout == "texture-ad":
         samples = read_texture_ad(root, categories)
+    elif layout in REAL_IAD_JSON_FOLDERS:
+        samples = read_real_iad(root, categories, layout)
     else:
         rgb = layout == "mvtec3d"
-        samples = [s for d in _category_dirs(root, categories) for s in read_mvtec_like(d, rgb)]
+        test_folder = "test_public" if layout == "mvtec-ad2" else "test"
+        samples = [s for d in _category_dirs(root, categories)
+                   for s in read_mvtec_like(d, rgb, test_folder)]
     if not any(s.split == "train" for s in samples):
         raise DatasetError(f"{root}: no training images found")
     return SampleSet(samples)

@@ -22,6 +22,9 @@ class Sample:
         defect_type: ``"good"`` for normal images, else the defect folder name.
         split: ``"train"``, ``"val"`` (extra normal images a layout provides) or ``"test"``.
         subclass: optional finer grouping inside a category (unseen-subclass experiments).
+        object_id: the physical object the image shows, where a layout photographs one object
+            from several cameras (Real-IAD): images with the same ``object_id`` are views of
+            one multi-view sample. None elsewhere.
     """
 
     image_path: Path
@@ -31,6 +34,7 @@ class Sample:
     split: str
     mask_path: Path | None = None
     subclass: str | None = None
+    object_id: str | None = None
 
     @property
     def is_normal(self) -> bool:

@@ -17,13 +17,15 @@ from typing import Any
 
 from .. import distributed
 from ..data.dataset import make_loader
+from ..data.layouts import detect_layout
 from ..data.settings import Task
-from ..errors import CheckpointError, IadkitError
+from ..errors import CheckpointError, ConfigError, IadkitError
 from ..files import read_json_record, write_text_atomic
 from ..methods import Detector
 from .calibrate import CalibrationPlan, calibrate, plan_calibration
 from .config import RunConfig
 from .evaluation import TaskEvaluation, evaluate_task, summarise
+from .protocols import check_protocol, protocol_results
 from .search import search_on_held_out_normals
 
 log = logging.getLogger("iadkit")
@@ -168,11 +170,17 @@ def resolve_model_dir(path: str | Path, model: str | None = None) -> Path:
 
 def test_run(run_dir: str | Path, data: str | None = None, categories: list[str] | None = None,
              device: str | None = None, show_progress: bool = False,
-             accept_backbone_change: bool = False
+             accept_backbone_change: bool = False, protocol: str | None = None
              ) -> tuple[dict[str, Any], list[TaskEvaluation]]:
     """Evaluate the saved detectors of a run folder on the test split of its setting
-    (``accept_backbone_change``: see :meth:`Detector.load`)."""
+    (``accept_backbone_change``: see :meth:`Detector.load`); with ``protocol`` (see
+    :mod:`.protocols`), the results gain that benchmark's table as ``"protocol"``."""
     config, task_names = read_run(run_dir)
+    chosen = None
+    if protocol is not None:
+        layout = config.layout if config.layout != "auto" else \
+            detect_layout(Path(data or config.data))
+        chosen = check_protocol(protocol, layout, config.setting)
     evaluations = []
     for task in config.tasks(data, categories):
         model_dir = Path(run_dir) / "models" / task.name
@@ -185,9 +193,16 @@ def test_run(run_dir: str | Path, data: str | None = None, categories: list[str]
                               "and --resume")
         detector = Detector.load(model_dir, device=device or config.device,
                                  accept_backbone_change=accept_backbone_change)
+        if chosen is not None and chosen.needs_calibration and detector.calibration is None:
+            raise ConfigError(f"protocol {chosen.name} thresholds the maps at the model's "
+                              f"calibrated pixel threshold; the model for {task.name!r} is not "
+                              "calibrated (fit with --calibration auto or holdout)")
         evaluations.append(evaluate_task(detector, task, config.batch_size, config.workers,
                                          show_progress))
-    return summarise(evaluations, config.setting), evaluations
+    results = summarise(evaluations, config.setting)
+    if chosen is not None:
+        results["protocol"] = protocol_results(chosen, evaluations)
+    return results, evaluations
 
 
 def _version() -> str:
