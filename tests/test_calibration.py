@@ -91,5 +91,9 @@ def test_test_normals_that_score_unlike_the_calibration_ones_raise_a_shift_warni
     assert steady["shift_warning"] is None
     assert drifted["shift_warning"] and drifted["fpr"] > drifted["predicted_fpr_interval"][1]
     assert steady["true_positives"] + steady["false_negatives"] == 50
+    from sklearn.metrics import f1_score
+
+    assert steady["f1"] == pytest.approx(
+        f1_score(labels, same > calibration.image_threshold))
     low, high = steady["recall_interval"]
     assert low <= steady["recall"] <= high

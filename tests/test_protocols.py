@@ -181,6 +181,14 @@ def test_loco_protocol_equals_the_saturated_pro_of_the_region_files(tmp_path: Pa
             roc_auc_score(labels, predicted.scores[chosen]))
     assert row["spro_0.05"] == pytest.approx(
         (row["spro_0.05_logical"] + row["spro_0.05_structural"]) / 2)
+    report = tmp_path / "report"
+    assert main(["test", str(run), "--protocol", "loco", "--report", str(report),
+                 "--quiet"]) == 0
+    assert "Protocol loco" in (report / "index.html").read_text()
+    # Without the defect list there is no sPRO: refused before any image is predicted.
+    (root / "a" / "defects_config.json").unlink()
+    with pytest.raises(DatasetError, match="defects_config.json"):
+        run_tests(run, protocol="loco", device="no-such-device")
 
 
 def test_real_iad_sample_auroc_scores_an_object_by_its_highest_view(tmp_path: Path) -> None:
@@ -195,6 +203,11 @@ def test_real_iad_sample_auroc_scores_an_object_by_its_highest_view(tmp_path: Pa
                              [predicted.scores[v].max() for v in views])
     assert len(views) == 3  # one good and two defective objects of five views
     assert results["protocol"]["metrics"]["sample_auroc"] == pytest.approx(expected)
+    averaged, _ = run_tests(run, protocol="real-iad", views="mean")
+    assert averaged["protocol"]["metrics"]["sample_auroc"] == pytest.approx(roc_auc_score(
+        [predicted.labels[v].max() for v in views], [predicted.scores[v].mean() for v in views]))
+    with pytest.raises(ConfigError, match="views"):
+        run_tests(run, protocol="real-iad", views="median")
 
 
 def test_cli_generates_each_layout(tmp_path: Path) -> None:

@@ -197,7 +197,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     results, evaluations = test_run(args.run_dir, args.data, args.category, args.device,
                                     show_progress=not args.quiet,
                                     accept_backbone_change=args.accept_backbone_change,
-                                    protocol=args.protocol)
+                                    protocol=args.protocol, views=args.views)
     if distributed.is_main():
         if "protocol" in results:
             print(_format_protocol(results["protocol"]))
@@ -536,6 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("--json", help="write the metrics as JSON here")
     test.add_argument("--protocol", help="also report a benchmark's own table: mvtec-ad2, "
                       "loco, real-iad or visa (docs/usage.md)")
+    test.add_argument("--views", default="max", help="a multi-view sample's score from its "
+                      "views' scores: max (default) or mean (Real-IAD's sample AUROC)")
     test.add_argument("--report", help="write an HTML report into this folder")
     test.set_defaults(func=cmd_test)
 

@@ -335,7 +335,9 @@ def detect_layout(root: Path) -> str:
         train = category_dir / "train"
         if (train / "good").is_dir() and (category_dir / "test_public").is_dir():
             return "mvtec-ad2"
-        if (train / "good").is_dir() and (category_dir / "defects_config.json").is_file():
+        if (train / "good").is_dir() and ((category_dir / "defects_config.json").is_file()
+                                          or (category_dir / "test" / "logical_anomalies")
+                                          .is_dir()):
             return "loco"
         if (train / "good" / "rgb").is_dir():
             return "mvtec3d"
@@ -348,7 +350,7 @@ def detect_layout(root: Path) -> str:
     raise DatasetError(
         f"{root}: unknown dataset layout. Expected MVTec AD/MPDD ('<category>/train/good'), "
         "BTAD ('<category>/train/ok'), MVTec 3D-AD ('<category>/train/good/rgb'), MVTec AD 2 "
-        "('<category>/test_public'), MVTec LOCO ('<category>/defects_config.json'), VisA "
+        "('<category>/test_public'), MVTec LOCO ('<category>/test/logical_anomalies'), VisA "
         "('split_csv/1cls.csv'), Real-IAD ('realiad_jsons/' beside or inside), Texture AD "
         "('<category>/<subclass>/train/good'), or use read_folder() for a plain folder of images"
     )

@@ -139,7 +139,7 @@ def score_predictions(predictions: ScoredSamples, pixel: bool) -> dict[str, Any]
 def decision_statistics(labels: np.ndarray, scores: np.ndarray, calibration: Calibration
                         ) -> dict[str, Any]:
     """The decision at the calibrated threshold against the ground truth: the confusion
-    matrix, the realised false-positive rate and recall with their exact (Clopper-Pearson)
+    matrix, the image-level F1 at that fixed threshold, the realised false-positive rate and recall with their exact (Clopper-Pearson)
     intervals, and the false-positive rate the calibration predicted for this many normal
     images. ``shift_warning`` says when the realised rate falls outside the predicted interval:
     these test normals do not score like the calibration normals."""
@@ -151,9 +151,12 @@ def decision_statistics(labels: np.ndarray, scores: np.ndarray, calibration: Cal
               "false_negatives": int((~flagged & anomalous).sum())}
     n_normal, n_anomalous = int(normal.sum()), int(anomalous.sum())
     confidence = calibration.confidence
+    decided = 2 * counts["true_positives"] + counts["false_positives"] + \
+        counts["false_negatives"]
     result: dict[str, Any] = {
         "threshold": calibration.image_threshold, "calibration": calibration.method,
-        **counts, "fpr": None, "fpr_interval": None, "recall": None, "recall_interval": None,
+        **counts, "f1": 2 * counts["true_positives"] / decided if decided else None,
+        "fpr": None, "fpr_interval": None, "recall": None, "recall_interval": None,
         "predicted_fpr": calibration.fpr_expected, "predicted_fpr_interval": None,
         "confidence": confidence, "shift_warning": None}
     if n_normal:

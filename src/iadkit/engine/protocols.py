@@ -31,6 +31,7 @@ import numpy as np
 
 from .. import metrics
 from ..data.image_io import read_mask_regions
+from ..data.samples import SampleSet
 from ..errors import ConfigError, DatasetError, MetricError
 from .evaluation import ScoredSamples, TaskEvaluation
 
@@ -38,22 +39,35 @@ from .evaluation import ScoredSamples, TaskEvaluation
 AUPIMO_BAND = (1e-5, 1e-4)
 
 
+#: How a multi-view object's score comes from its views' scores (Real-IAD's sample AUROC).
+VIEW_AGGREGATIONS = {"max": np.max, "mean": np.mean}
+
+ScoreCategory = Callable[[ScoredSamples, Any, str], dict[str, float | None]]
+
+
 @dataclass(frozen=True)
 class Protocol:
-    """A benchmark's evaluation: the layouts it applies to and its table's columns."""
+    """A benchmark's evaluation: the layouts it applies to, its table's columns (the scorer may
+    return more: they are reported beside the table), and a check of the test data made
+    before anything is predicted."""
 
     name: str
     layouts: tuple[str, ...]
     columns: tuple[str, ...]
     needs_calibration: bool
-    score_category: Callable[[ScoredSamples, Any], dict[str, float | None]]
+    score_category: ScoreCategory
+    check_data: Callable[[SampleSet], None] = lambda samples: None
 
 
-def _mvtec_ad2(predicted: ScoredSamples, calibration: Any) -> dict[str, float | None]:
+def _mvtec_ad2(predicted: ScoredSamples, calibration: Any, views: str
+               ) -> dict[str, float | None]:
     return {"seg_f1": metrics.segmentation_f1(predicted.masks, predicted.maps,
                                               calibration.pixel_threshold),
             "pixel_aupro_0.05": metrics.aupro(predicted.masks, predicted.maps, fpr_limit=0.05),
-            "image_auroc": metrics.auroc(predicted.labels, predicted.scores)}
+            "image_auroc": metrics.auroc(predicted.labels, predicted.scores),
+            # Beside the table: the lower and the classic integration limits.
+            "pixel_aupro_0.01": metrics.aupro(predicted.masks, predicted.maps, fpr_limit=0.01),
+            "pixel_aupro_0.3": metrics.aupro(predicted.masks, predicted.maps, fpr_limit=0.3)}
 
 
 def _loco_regions(predicted: ScoredSamples, index: int, config: dict[int, tuple[float, bool]]
@@ -86,12 +100,12 @@ def _nearest_pixel(region: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return mark
 
 
-def _defects_config(predicted: ScoredSamples) -> dict[int, tuple[float, bool]]:
+def _defects_config(samples: SampleSet) -> dict[int, tuple[float, bool]]:
     """``pixel value -> (saturation threshold, relative)`` of the category's
     ``defects_config.json`` (beside ``ground_truth/``)."""
-    masks = [s.mask_path for s in predicted.samples if s.mask_path is not None]
+    masks = [s.mask_path for s in samples if s.mask_path is not None]
     if not masks:
-        raise DatasetError(f"{predicted.samples}: no ground truth for the loco protocol")
+        raise DatasetError(f"{samples}: no ground truth for the loco protocol")
     path = Path(masks[0]).parents[2] / "defects_config.json"
     try:
         entries = json.loads(path.read_text(encoding="utf-8"))
@@ -102,8 +116,13 @@ def _defects_config(predicted: ScoredSamples) -> dict[int, tuple[float, bool]]:
                            "the loco protocol needs each defect's saturation") from None
 
 
-def _loco(predicted: ScoredSamples, calibration: Any) -> dict[str, float | None]:
-    config = _defects_config(predicted)
+def _check_loco(samples: SampleSet) -> None:
+    """The category's defect list is there and readable (sPRO needs its saturations)."""
+    _defects_config(samples)
+
+
+def _loco(predicted: ScoredSamples, calibration: Any, views: str) -> dict[str, float | None]:
+    config = _defects_config(predicted.samples)
     kinds = np.array([s.defect_type for s in predicted.samples])
     result: dict[str, float | None] = {}
     for kind, short in (("logical_anomalies", "logical"), ("structural_anomalies",
@@ -125,19 +144,22 @@ def _loco(predicted: ScoredSamples, calibration: Any) -> dict[str, float | None]
     return result
 
 
-def _real_iad(predicted: ScoredSamples, calibration: Any) -> dict[str, float | None]:
+def _real_iad(predicted: ScoredSamples, calibration: Any, views: str
+              ) -> dict[str, float | None]:
     pixel = metrics.pixel_metrics(predicted.masks, predicted.maps)
     objects: dict[str, list[int]] = defaultdict(list)
     for index, sample in enumerate(predicted.samples):
         objects[sample.object_id or f"image {index}"].append(index)
-    views = list(objects.values())
+    members = list(objects.values())
+    combine = VIEW_AGGREGATIONS[views]
     return {"image_auroc": metrics.auroc(predicted.labels, predicted.scores),
             "pixel_auroc": pixel["pixel_auroc"], "pixel_aupro": pixel["pixel_aupro"],
-            "sample_auroc": metrics.auroc([predicted.labels[v].max() for v in views],
-                                          [predicted.scores[v].max() for v in views])}
+            "sample_auroc": metrics.auroc([predicted.labels[m].max() for m in members],
+                                          [float(combine(predicted.scores[m]))
+                                           for m in members])}
 
 
-def _visa(predicted: ScoredSamples, calibration: Any) -> dict[str, float | None]:
+def _visa(predicted: ScoredSamples, calibration: Any, views: str) -> dict[str, float | None]:
     image = metrics.image_metrics(predicted.labels, predicted.scores)
     pixel = metrics.pixel_metrics(predicted.masks, predicted.maps)
     return {**{k: image[k] for k in ("image_auroc", "image_ap", "image_f1_max")},
@@ -150,7 +172,7 @@ PROTOCOLS = {p.name: p for p in (
              True, _mvtec_ad2),
     Protocol("loco", ("loco",), ("image_auroc_logical", "image_auroc_structural",
                                  "image_auroc", "spro_0.05_logical", "spro_0.05_structural",
-                                 "spro_0.05"), False, _loco),
+                                 "spro_0.05"), False, _loco, check_data=_check_loco),
     Protocol("real-iad", ("real-iad", "real-iad-sv"),
              ("image_auroc", "pixel_auroc", "pixel_aupro", "sample_auroc"), False, _real_iad),
     Protocol("visa", ("visa",), ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc",
@@ -158,9 +180,11 @@ PROTOCOLS = {p.name: p for p in (
 )}
 
 
-def check_protocol(name: str, layout: str, setting: str) -> Protocol:
+def check_protocol(name: str, layout: str, setting: str, views: str = "max") -> Protocol:
     """The protocol ``name``, refused (before any prediction) for a layout or setting it does
-    not apply to."""
+    not apply to, or an unknown way of combining views."""
+    if views not in VIEW_AGGREGATIONS:
+        raise ConfigError(f"views must be one of {sorted(VIEW_AGGREGATIONS)}, got {views!r}")
     if name not in PROTOCOLS:
         raise ConfigError(f"unknown protocol {name!r}; choose from {sorted(PROTOCOLS)}")
     protocol = PROTOCOLS[name]
@@ -188,10 +212,12 @@ def _aupimo(predicted: ScoredSamples) -> dict[str, Any]:
             "fpr_band": list(AUPIMO_BAND)}
 
 
-def protocol_results(protocol: Protocol, evaluations: Sequence[TaskEvaluation]
-                     ) -> dict[str, Any]:
-    """The ``protocol`` object of the test JSON: ``name``, ``metrics`` (the table's columns,
-    the mean over categories), ``per_category``, and AUPIMO per category (beside the table)."""
+def protocol_results(protocol: Protocol, evaluations: Sequence[TaskEvaluation],
+                     views: str = "max") -> dict[str, Any]:
+    """The ``protocol`` object of the test JSON: ``name``, ``columns``, ``metrics`` (the
+    table's columns, the mean over categories), and ``per_category``: its ``metrics`` row and,
+    ``beside`` the table, AUPIMO and what else the protocol reports. ``views``: how a
+    multi-view object's score comes from its views' (a key of :data:`VIEW_AGGREGATIONS`)."""
     per_category: dict[str, dict[str, Any]] = {}
     for evaluation in evaluations:
         for group, predicted in evaluation.predictions.items():
@@ -205,9 +231,10 @@ def protocol_results(protocol: Protocol, evaluations: Sequence[TaskEvaluation]
                 calibration = calibration.for_category(category)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", metrics.UndefinedMetricWarning)
-                row = protocol.score_category(predicted, calibration)
+                row = protocol.score_category(predicted, calibration, views)
+            beside = {k: v for k, v in row.items() if k not in protocol.columns}
             per_category[group] = {"metrics": {c: row[c] for c in protocol.columns},
-                                   "aupimo": _aupimo(predicted)}
+                                   "beside": {**beside, "aupimo": _aupimo(predicted)}}
     mean = {}
     for column in protocol.columns:
         values = [row["metrics"][column] for row in per_category.values()]

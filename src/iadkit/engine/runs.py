@@ -170,19 +170,24 @@ def resolve_model_dir(path: str | Path, model: str | None = None) -> Path:
 
 def test_run(run_dir: str | Path, data: str | None = None, categories: list[str] | None = None,
              device: str | None = None, show_progress: bool = False,
-             accept_backbone_change: bool = False, protocol: str | None = None
-             ) -> tuple[dict[str, Any], list[TaskEvaluation]]:
+             accept_backbone_change: bool = False, protocol: str | None = None,
+             views: str = "max") -> tuple[dict[str, Any], list[TaskEvaluation]]:
     """Evaluate the saved detectors of a run folder on the test split of its setting
     (``accept_backbone_change``: see :meth:`Detector.load`); with ``protocol`` (see
-    :mod:`.protocols`), the results gain that benchmark's table as ``"protocol"``."""
+    :mod:`.protocols`; ``views`` for multi-view samples), the results gain that benchmark's
+    table as ``"protocol"``. A protocol that cannot apply is refused before any prediction."""
     config, task_names = read_run(run_dir)
+    tasks = config.tasks(data, categories)
     chosen = None
     if protocol is not None:
         layout = config.layout if config.layout != "auto" else \
             detect_layout(Path(data or config.data))
-        chosen = check_protocol(protocol, layout, config.setting)
+        chosen = check_protocol(protocol, layout, config.setting, views)
+        for task in tasks:
+            for group in task.test_groups.values():
+                chosen.check_data(group)
     evaluations = []
-    for task in config.tasks(data, categories):
+    for task in tasks:
         model_dir = Path(run_dir) / "models" / task.name
         if task.name not in task_names:
             raise IadkitError(f"{run_dir}: no model for {task.name!r}; the run's models: "
@@ -201,7 +206,7 @@ def test_run(run_dir: str | Path, data: str | None = None, categories: list[str]
                                          show_progress))
     results = summarise(evaluations, config.setting)
     if chosen is not None:
-        results["protocol"] = protocol_results(chosen, evaluations)
+        results["protocol"] = protocol_results(chosen, evaluations, views)
     return results, evaluations
 
 

@@ -225,6 +225,21 @@ def _metrics_table(results: dict[str, Any]) -> str:
     return f"<table><tr><th>group</th>{head}</tr>{''.join(rows)}</table>"
 
 
+def _protocol_table(protocol: dict[str, Any]) -> str:
+    """The benchmark's own table: its columns in its order, a row per category, the mean."""
+    columns = protocol["columns"]
+
+    def row(name: str, values: dict[str, Any], total: bool = False) -> str:
+        cells = "".join("<td>–</td>" if values[c] is None else f"<td>{values[c]:.4f}</td>"
+                        for c in columns)
+        return f"<tr{' class=total' if total else ''}><th>{html.escape(name)}</th>{cells}</tr>"
+
+    rows = [row(name, entry["metrics"]) for name, entry in protocol["per_category"].items()]
+    rows.append(row("mean", protocol["metrics"], total=True))
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    return f"<table><tr><th>category</th>{head}</tr>{''.join(rows)}</table>"
+
+
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1200px}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;
@@ -242,6 +257,9 @@ def write_report(results: dict[str, Any], evaluations: Sequence[Any], folder: st
     parts = [f"<h1>{html.escape(title)}</h1>",
              f"<p>setting: <b>{html.escape(str(results.get('setting')))}</b></p>",
              "<h2>Metrics</h2>", _metrics_table(results)]
+    if results.get("protocol"):
+        parts += [f"<h2>Protocol {html.escape(results['protocol']['name'])}</h2>",
+                  _protocol_table(results["protocol"])]
     for evaluation in evaluations:
         calibration = evaluation.calibration
         parts.append(f"<h2>Model: {html.escape(evaluation.task)}</h2>")
