@@ -76,6 +76,16 @@ def test_a_half_downloaded_real_iad_names_what_is_missing(tmp_path: Path) -> Non
         load_dataset(images)
 
 
+def test_a_half_downloaded_visa_names_what_is_missing(tmp_path: Path) -> None:
+    root = generate_dataset(tmp_path / "visa", **SMALL, layout="visa")
+    (root / "a" / "Data" / "Masks" / "Anomaly" / "003.png").unlink()
+    with pytest.raises(DatasetError, match="003.png.*1 listed files are missing"):
+        load_dataset(root)
+    (root / "split_csv" / "1cls.csv").unlink()
+    with pytest.raises(DatasetError, match="1cls.csv"):
+        load_dataset(root, layout="visa")
+
+
 def test_real_iad_views_of_one_object_share_an_object_id(tmp_path: Path) -> None:
     root = generate_dataset(tmp_path / "riad", **SMALL, layout="real-iad")
     samples = load_dataset(root / "realiad_64")

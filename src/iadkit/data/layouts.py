@@ -185,8 +185,17 @@ def read_mvtec_like(category_dir: Path, rgb_subfolder: bool = False,
 
 
 def read_visa(root: Path, categories: Sequence[str] | None = None) -> list[Sample]:
-    """Read VisA through its ``split_csv/1cls.csv`` table."""
+    """Read VisA through its ``split_csv/1cls.csv`` table.
+
+    Raises:
+        DatasetError: the table missing or without its columns, or files it lists that are
+            absent (a half-downloaded copy), naming the first and counting them.
+    """
     table = root / "split_csv" / "1cls.csv"
+    if not table.is_file():
+        raise DatasetError(f"{table}: VisA's split table is missing (the layout reads the "
+                           "official one-class split; a VisA converted to the MVTec form reads "
+                           "with --layout mvtec)")
     samples: list[Sample] = []
     with table.open(newline="") as handle:
         reader = csv.DictReader(handle)
@@ -206,6 +215,11 @@ def read_visa(root: Path, categories: Sequence[str] | None = None) -> list[Sampl
         missing = [c for c in categories if c not in found]
         if missing:
             raise DatasetError(f"{table}: no category {missing}")
+    absent = [path for s in samples for path in (s.image_path, s.mask_path)
+              if path is not None and not path.is_file()]
+    if absent:
+        raise DatasetError(f"{absent[0]}: listed in {table} but not found ({len(absent)} listed "
+                           f"files are missing under {root}: an incomplete download?)")
     return samples
 
 
