@@ -139,6 +139,8 @@ def test_mvtec_ad2_protocol_and_submission(tmp_path: Path) -> None:
         metrics.aupro(predicted.masks, predicted.maps, fpr_limit=0.05))
     assert row["image_auroc"] == pytest.approx(roc_auc_score(predicted.labels, predicted.scores))
     assert table["metrics"] == row  # one category: the mean is its row
+    aupimo = table["per_category"]["a"]["beside"]["aupimo"]
+    assert aupimo["mean"] is None and "cannot reach" in aupimo["reason"]  # 20,480 normal pixels
 
     out = tmp_path / "submission"
     private = [root / "a" / "test_private", root / "a" / "test_private_mixed"]
@@ -158,6 +160,26 @@ def test_mvtec_ad2_protocol_and_submission(tmp_path: Path) -> None:
     # Only the unlabelled sets go to the server.
     assert main(["predict", str(run), str(root / "a" / "test_public" / "bad"), "--format",
                  "mvtec-ad2", "--out", str(tmp_path / "wrong"), "--quiet"]) == 2
+
+
+def test_aupimo_beside_the_table_is_the_metric_of_each_anomalous_image() -> None:
+    from iadkit.data.preprocess import Preprocess
+    from iadkit.data.samples import Sample, SampleSet
+    from iadkit.engine.evaluation import ScoredSamples
+    from iadkit.engine.protocols import _aupimo
+
+    rng = np.random.default_rng(0)
+    masks = np.zeros((6, 200, 200), bool)
+    masks[4, 20:40, 20:60] = masks[5, 100:150, 90:120] = True
+    maps = rng.random((6, 200, 200)) + masks * rng.random((6, 200, 200))
+    samples = SampleSet(Sample(Path(f"{i}.png"), int(m.any()), "a", "x", "test",
+                               Path("m.png") if m.any() else None) for i, m in enumerate(masks))
+    scored = ScoredSamples(samples, maps.max(axis=(1, 2)), maps, masks, 0.0, Preprocess(200))
+    result = _aupimo(scored)
+    expected = metrics.aupimo(masks, maps, (1e-5, 1e-4))
+    assert result["images"] == ["4.png", "5.png"]
+    np.testing.assert_allclose(result["values"], expected)
+    assert result["mean"] == pytest.approx(expected.mean())
 
 
 def test_loco_protocol_equals_the_saturated_pro_of_the_region_files(tmp_path: Path) -> None:

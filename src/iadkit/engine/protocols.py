@@ -198,7 +198,8 @@ def check_protocol(name: str, layout: str, setting: str, views: str = "max") -> 
 
 
 def _aupimo(predicted: ScoredSamples) -> dict[str, Any]:
-    """Mean AUPIMO over the anomalous images, or why it cannot be computed."""
+    """AUPIMO of every anomalous image (``images``, ``values``) and their mean, or why it
+    cannot be computed."""
     with_masks = [i for i, s in enumerate(predicted.samples) if s.label == 0 or s.mask_path]
     masks = [predicted.masks[i] for i in with_masks]
     maps = [predicted.maps[i] for i in with_masks]
@@ -208,8 +209,10 @@ def _aupimo(predicted: ScoredSamples) -> dict[str, Any]:
         values = metrics.aupimo(np.stack(masks), np.stack(maps), AUPIMO_BAND)
     except MetricError as error:
         return {"mean": None, "reason": str(error)}
-    return {"mean": float(values.mean()), "n_images": int(values.size),
-            "fpr_band": list(AUPIMO_BAND)}
+    anomalous = [str(predicted.samples[i].image_path) for i in with_masks
+                 if predicted.samples[i].label == 1]
+    return {"mean": float(values.mean()), "fpr_band": list(AUPIMO_BAND), "images": anomalous,
+            "values": values.tolist()}
 
 
 def protocol_results(protocol: Protocol, evaluations: Sequence[TaskEvaluation],
