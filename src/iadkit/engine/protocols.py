@@ -1,14 +1,16 @@
 """Benchmark protocols: the numbers of a benchmark's own results table, computed from the
 predictions of ``iadkit test`` (``--protocol NAME``), per category and their mean, with the
 columns in the table's order. Nothing here is fitted on test images: thresholds come from the
-detector's calibration (validation normals where the layout has them).
+detector's calibration (validation normals where the layout has them). Pixel metrics are taken
+at the evaluation shape of the maps and masks, as every pixel metric of iadkit is.
 
 - ``mvtec-ad2`` (Heckler-Kram et al. 2025): SegF1 (pixel F1 at the calibrated pixel threshold,
   all test_public pixels pooled), AU-PRO up to a false-positive rate of 0.05, image AUROC.
 - ``loco`` (Bergmann et al. 2022): image AUROC and AU-sPRO up to 0.05, each for logical and for
   structural anomalies (each against the good test images) and their mean.
 - ``real-iad`` (Wang et al. 2024): image AUROC, pixel AUROC, AUPRO (0.3), and sample AUROC: a
-  multi-view object scored by the maximum over its views, anomalous when any view is.
+  multi-view object scored by the maximum (or mean) of its views' scores, anomalous when any
+  view is.
 - ``visa`` (Zou et al. 2022, as the unified-model tables report it): image AUROC, AP and
   F1-max, pixel AUROC, AP and F1-max, AUPRO (0.3).
 
@@ -30,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from .. import metrics
+from ..calibration import Calibration
 from ..data.image_io import read_mask_regions
 from ..data.samples import SampleSet
 from ..errors import ConfigError, DatasetError, MetricError
@@ -42,7 +45,8 @@ AUPIMO_BAND = (1e-5, 1e-4)
 #: How a multi-view object's score comes from its views' scores (Real-IAD's sample AUROC).
 VIEW_AGGREGATIONS = {"max": np.max, "mean": np.mean}
 
-ScoreCategory = Callable[[ScoredSamples, Any, str], dict[str, float | None]]
+ScoreCategory = Callable[[ScoredSamples, Calibration | None, str],
+                         dict[str, float | None]]
 
 
 @dataclass(frozen=True)
@@ -59,8 +63,9 @@ class Protocol:
     check_data: Callable[[SampleSet], None] = lambda samples: None
 
 
-def _mvtec_ad2(predicted: ScoredSamples, calibration: Any, views: str
+def _mvtec_ad2(predicted: ScoredSamples, calibration: Calibration | None, views: str
                ) -> dict[str, float | None]:
+    assert calibration is not None  # needs_calibration: checked before any prediction
     return {"seg_f1": metrics.segmentation_f1(predicted.masks, predicted.maps,
                                               calibration.pixel_threshold),
             "pixel_aupro_0.05": metrics.aupro(predicted.masks, predicted.maps, fpr_limit=0.05),
@@ -121,7 +126,8 @@ def _check_loco(samples: SampleSet) -> None:
     _defects_config(samples)
 
 
-def _loco(predicted: ScoredSamples, calibration: Any, views: str) -> dict[str, float | None]:
+def _loco(predicted: ScoredSamples, calibration: Calibration | None, views: str
+          ) -> dict[str, float | None]:
     config = _defects_config(predicted.samples)
     kinds = np.array([s.defect_type for s in predicted.samples])
     result: dict[str, float | None] = {}
@@ -144,7 +150,7 @@ def _loco(predicted: ScoredSamples, calibration: Any, views: str) -> dict[str, f
     return result
 
 
-def _real_iad(predicted: ScoredSamples, calibration: Any, views: str
+def _real_iad(predicted: ScoredSamples, calibration: Calibration | None, views: str
               ) -> dict[str, float | None]:
     pixel = metrics.pixel_metrics(predicted.masks, predicted.maps)
     objects: dict[str, list[int]] = defaultdict(list)
@@ -159,7 +165,8 @@ def _real_iad(predicted: ScoredSamples, calibration: Any, views: str
                                            for m in members])}
 
 
-def _visa(predicted: ScoredSamples, calibration: Any, views: str) -> dict[str, float | None]:
+def _visa(predicted: ScoredSamples, calibration: Calibration | None, views: str
+          ) -> dict[str, float | None]:
     image = metrics.image_metrics(predicted.labels, predicted.scores)
     pixel = metrics.pixel_metrics(predicted.masks, predicted.maps)
     return {**{k: image[k] for k in ("image_auroc", "image_ap", "image_f1_max")},
