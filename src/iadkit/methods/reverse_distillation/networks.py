@@ -190,7 +190,11 @@ class ReverseDecoder(nn.Module):
             nn.ModuleList(nn.Conv2d(c, c, 1) for c in channels) for _ in range(num_heads))
         _init_weights(self)
 
-    def forward(self, embedding: torch.Tensor) -> list[torch.Tensor] | list[list[torch.Tensor]]:
+    def forward(self, embedding: torch.Tensor, head_rows: Sequence[slice] | None = None
+                ) -> list[torch.Tensor] | list[list[torch.Tensor]]:
+        """The outputs, fine to coarse; with heads, one list per head set. ``head_rows``
+        gives each head set the rows of the batch it is needed for (ReContrast: each half of
+        its stacked batch), so no head runs on rows whose output is thrown away."""
         outputs = []
         x = embedding
         for stage in self.stages:
@@ -199,7 +203,9 @@ class ReverseDecoder(nn.Module):
         outputs.reverse()  # fine to coarse, like the teacher
         if not self.heads:
             return outputs
-        return [[head(o) for head, o in zip(head_set, outputs)] for head_set in self.heads]
+        rows = head_rows or [slice(None)] * len(self.heads)
+        return [[head(o[part]) for head, o in zip(head_set, outputs)]
+                for head_set, part in zip(self.heads, rows, strict=True)]
 
 
 # -- losses --------------------------------------------------------------------------------------

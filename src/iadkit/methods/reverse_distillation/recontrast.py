@@ -85,8 +85,9 @@ class ReContrast(StudentDecoderDetector):
         of the frozen half; and the frozen half's bottleneck embedding."""
         batch = frozen[0].shape[0]
         embedding = self.student_.bottleneck([torch.cat([t, f]) for t, f in zip(trained, frozen)])
-        heads_a, heads_b = self.student_.decoder(embedding)
-        return [h[:batch] for h in heads_a], [h[batch:] for h in heads_b], embedding[batch:]
+        heads_a, heads_b = self.student_.decoder(
+            embedding, head_rows=[slice(None, batch), slice(batch, None)])
+        return heads_a, heads_b, embedding[batch:]
 
     def _reconstruction(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The six 1 - cos maps, and the bottleneck embedding of the frozen encoder's half
