@@ -290,3 +290,16 @@ def test_cli_trains_and_tests_aand_with_the_same_results(toy_root: Path, tmp_pat
         results.append(json.loads((tmp_path / name).read_text()))
     assert results[0]["image_auroc"] == results[1]["image_auroc"]
     assert 0.0 <= results[0]["pixel_auroc"] <= 1.0
+
+
+def test_head_sets_on_their_rows_equal_heads_on_the_whole_batch_sliced() -> None:
+    torch.manual_seed(0)
+    student = ReverseStudent([8, 16], [8, 16], None, 1, (1, 1), 0.5, "gelu", num_heads=2)
+    features = [torch.randn(6, 8, 16, 16), torch.randn(6, 16, 8, 8)]
+    embedding = student.bottleneck(features)
+    whole_a, whole_b = student.decoder(embedding)
+    rows_a, rows_b = student.decoder(embedding, head_rows=[slice(None, 3), slice(3, None)])
+    for whole, part in zip(whole_a, rows_a, strict=True):
+        torch.testing.assert_close(part, whole[:3])
+    for whole, part in zip(whole_b, rows_b, strict=True):
+        torch.testing.assert_close(part, whole[3:])
