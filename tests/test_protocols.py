@@ -122,10 +122,11 @@ def _fit(root: Path, run: Path) -> None:
 
 
 def test_mvtec_ad2_protocol_and_submission(tmp_path: Path) -> None:
-    root = generate_dataset(tmp_path / "ad2", **SMALL, layout="mvtec-ad2")
+    root = generate_dataset(tmp_path / "ad2", **{**SMALL, "categories": ("a", "b")},
+                            layout="mvtec-ad2")
     run = tmp_path / "run"
     _fit(root, run)
-    results, evaluations = run_tests(run, protocol="mvtec-ad2")
+    results, evaluations = run_tests(run, categories=["a"], protocol="mvtec-ad2")
     table = results["protocol"]
     assert table["columns"] == ["seg_f1", "pixel_aupro_0.05", "image_auroc"]
     predicted = evaluations[0].predictions["a"]
@@ -142,10 +143,21 @@ def test_mvtec_ad2_protocol_and_submission(tmp_path: Path) -> None:
     aupimo = table["per_category"]["a"]["beside"]["aupimo"]
     assert aupimo["mean"] is None and "cannot reach" in aupimo["reason"]  # 20,480 normal pixels
 
+    # An object the run has no model for is refused before anything is written.
+    (root / "c" / "test_private").mkdir(parents=True)
+    (root / "c" / "test_private" / "000_regular.png").write_bytes(
+        (root / "a" / "test_private" / "000_regular.png").read_bytes())
     out = tmp_path / "submission"
-    private = [root / "a" / "test_private", root / "a" / "test_private_mixed"]
+    private = [root / name / test_set for name in ("a", "b", "c")
+               for test_set in ("test_private", "test_private_mixed")
+               if (root / name / test_set).is_dir()]
     assert main(["predict", str(run), *map(str, private), "--format", "mvtec-ad2",
+                 "--out", str(out), "--quiet"]) == 2
+    assert not out.exists()
+    # Each object's images go through that object's model.
+    assert main(["predict", str(run), *map(str, private[:4]), "--format", "mvtec-ad2",
                  "--out", str(out), "--quiet"]) == 0
+    assert len(list((out / "anomaly_images" / "b").rglob("*.tiff"))) == 30
     for test_set, suffix in (("test_private", "regular"), ("test_private_mixed", "mixed")):
         maps = sorted((out / "anomaly_images" / "a" / test_set).iterdir())
         segmentations = sorted((out / "anomaly_images_thresholded" / "a" / test_set).iterdir())

@@ -237,20 +237,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .engine import resolve_model_dir
     from .methods import Detector
 
+    if args.format == "mvtec-ad2":
+        return _predict_submission(args)
     _start_executor(args)
     model_dir = resolve_model_dir(args.run_dir, args.model)
     detector = Detector.load(model_dir, device=args.device,
                              accept_backbone_change=args.accept_backbone_change)
-    if args.format == "mvtec-ad2":
-        from .deploy.submission import write_mvtec_ad2_submission
-
-        written = write_mvtec_ad2_submission(detector, _collect_images(args.inputs),
-                                             Path(args.out), args.batch_size, not args.quiet)
-        for line in written.failed:
-            print(line, file=sys.stderr)
-        print(f"{written.written} maps written in the MVTec AD 2 submission layout, "
-              f"{len(written.failed)} unreadable: {written.output}")
-        return 0 if not written.failed else 1
     summary = predict_files(detector, _collect_images(args.inputs), Path(args.out),
                             output_format=args.format, resume=args.resume,
                             heatmaps=not args.no_heatmaps, batch_size=args.batch_size,
@@ -260,6 +252,37 @@ def cmd_predict(args: argparse.Namespace) -> int:
     print(f"{summary.scored} images scored, {summary.failed} unreadable{resumed}: "
           f"{summary.output}")
     return 0 if summary.failed == 0 else 1
+
+
+def _predict_submission(args: argparse.Namespace) -> int:
+    """``iadkit predict --format mvtec-ad2``: each object's images go through the run's model
+    of that object (a run with one model per object), or through the one model (``--model``,
+    or a run of one model). Every image's place and model are checked before any scoring."""
+    from .deploy.submission import submission_paths, write_mvtec_ad2_submission
+    from .engine import read_run, resolve_model_dir
+    from .methods import Detector
+
+    by_object: dict[str, list[Path]] = {}
+    for image in _collect_images(args.inputs):
+        submission_paths(image)
+        by_object.setdefault(image.parent.parent.name, []).append(image)
+    per_object = args.model is None and not (Path(args.run_dir) / "detector.json").is_file() \
+        and len(read_run(args.run_dir)[1]) > 1
+    models = {name: resolve_model_dir(args.run_dir, name if per_object else args.model)
+              for name in by_object}
+    written, failed = 0, []
+    for name, images in by_object.items():
+        detector = Detector.load(models[name], device=args.device,
+                                 accept_backbone_change=args.accept_backbone_change)
+        summary = write_mvtec_ad2_submission(detector, images, Path(args.out),
+                                             args.batch_size, not args.quiet)
+        written += summary.written
+        failed += summary.failed
+    for line in failed:
+        print(line, file=sys.stderr)
+    print(f"{written} maps written in the MVTec AD 2 submission layout, {len(failed)} "
+          f"unreadable: {args.out}")
+    return 0 if not failed else 1
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
