@@ -189,10 +189,12 @@ def _write_real_iad(root: Path, category: str, images: CategoryImages, extension
     offset = len(images.train) + (-len(images.train)) % REAL_IAD_VIEWS  # a fresh object
     for number, image in enumerate(images.test_good):
         add("test", offset + number, image, None, None)
-    for number, (kind, image, mask) in enumerate(images.defects):
-        # All views of a defective object show (their own) defect; objects never mix codes.
-        add("test", number, image, mask, REAL_IAD_CODES[DEFECTS[number // REAL_IAD_VIEWS
-                                                                 % len(DEFECTS)]])
+    for number, (_, image, mask) in enumerate(images.defects):
+        # Every view of a defective object shows a defect of its own; the object's code (its
+        # NG/<code> folder) alternates object by object.
+        object_number = number // REAL_IAD_VIEWS
+        code = REAL_IAD_CODES[DEFECTS[object_number % len(DEFECTS)]]
+        add("test", number, image, mask, code)
     record = {"meta": {"prefix": "", "normal_class": "OK"}, **entries}
     for folder in ("realiad_jsons", "realiad_jsons_sv"):
         path = root / "realiad_jsons" / folder / f"{category}.json"
