@@ -139,10 +139,11 @@ def score_predictions(predictions: ScoredSamples, pixel: bool) -> dict[str, Any]
 def decision_statistics(labels: np.ndarray, scores: np.ndarray, calibration: Calibration
                         ) -> dict[str, Any]:
     """The decision at the calibrated threshold against the ground truth: the confusion
-    matrix, the image-level F1 at that fixed threshold, the realised false-positive rate and recall with their exact (Clopper-Pearson)
-    intervals, and the false-positive rate the calibration predicted for this many normal
-    images. ``shift_warning`` says when the realised rate falls outside the predicted interval:
-    these test normals do not score like the calibration normals."""
+    matrix, the image-level F1 at that fixed threshold, the realised false-positive rate and
+    recall with their exact (Clopper-Pearson) intervals, and the false-positive rate the
+    calibration predicted for this many normal images. ``shift_warning`` says when the
+    realised rate falls outside the predicted interval: these test normals do not score like
+    the calibration normals."""
     flagged = scores > calibration.image_threshold
     normal, anomalous = labels == 0, labels == 1
     counts = {"true_positives": int((flagged & anomalous).sum()),

@@ -45,7 +45,9 @@ AUPIMO_BAND = (1e-5, 1e-4)
 #: How a multi-view object's score comes from its views' scores (Real-IAD's sample AUROC).
 VIEW_AGGREGATIONS = {"max": np.max, "mean": np.mean}
 
-ScoreCategory = Callable[[ScoredSamples, Calibration | None, str],
+#: A protocol's scorer: a category's predictions, the metrics ``iadkit test`` already computed
+#: for them (image and pixel AUROC, AP, F1-max, AUPRO), the model's calibration and ``views``.
+ScoreCategory = Callable[[ScoredSamples, dict[str, Any], Calibration | None, str],
                          dict[str, float | None]]
 
 
@@ -62,14 +64,21 @@ class Protocol:
     score_category: ScoreCategory
     check_data: Callable[[SampleSet], None] = lambda samples: None
 
+    def check_model(self, name: str, calibration: Calibration | None) -> None:
+        """Refuse a model this protocol cannot score (SegF1 needs a calibrated threshold)."""
+        if self.needs_calibration and calibration is None:
+            raise ConfigError(f"protocol {self.name} thresholds the maps at the model's "
+                              f"calibrated pixel threshold; the model for {name!r} is not "
+                              "calibrated (fit with --calibration auto or holdout)")
 
-def _mvtec_ad2(predicted: ScoredSamples, calibration: Calibration | None, views: str
-               ) -> dict[str, float | None]:
+
+def _mvtec_ad2(predicted: ScoredSamples, scored: dict[str, Any],
+               calibration: Calibration | None, views: str) -> dict[str, float | None]:
     assert calibration is not None  # needs_calibration: checked before any prediction
     return {"seg_f1": metrics.segmentation_f1(predicted.masks, predicted.maps,
                                               calibration.pixel_threshold),
             "pixel_aupro_0.05": metrics.aupro(predicted.masks, predicted.maps, fpr_limit=0.05),
-            "image_auroc": metrics.auroc(predicted.labels, predicted.scores),
+            "image_auroc": scored["image_auroc"],
             # Beside the table: the lower and the classic integration limits.
             "pixel_aupro_0.01": metrics.aupro(predicted.masks, predicted.maps, fpr_limit=0.01),
             "pixel_aupro_0.3": metrics.aupro(predicted.masks, predicted.maps, fpr_limit=0.3)}
@@ -126,8 +135,8 @@ def _check_loco(samples: SampleSet) -> None:
     _defects_config(samples)
 
 
-def _loco(predicted: ScoredSamples, calibration: Calibration | None, views: str
-          ) -> dict[str, float | None]:
+def _loco(predicted: ScoredSamples, scored: dict[str, Any], calibration: Calibration | None,
+          views: str) -> dict[str, float | None]:
     config = _defects_config(predicted.samples)
     kinds = np.array([s.defect_type for s in predicted.samples])
     result: dict[str, float | None] = {}
@@ -150,28 +159,27 @@ def _loco(predicted: ScoredSamples, calibration: Calibration | None, views: str
     return result
 
 
-def _real_iad(predicted: ScoredSamples, calibration: Calibration | None, views: str
-              ) -> dict[str, float | None]:
-    pixel = metrics.pixel_metrics(predicted.masks, predicted.maps)
+def _real_iad(predicted: ScoredSamples, scored: dict[str, Any],
+              calibration: Calibration | None, views: str) -> dict[str, float | None]:
     objects: dict[str, list[int]] = defaultdict(list)
     for index, sample in enumerate(predicted.samples):
         objects[sample.object_id or f"image {index}"].append(index)
     members = list(objects.values())
     combine = VIEW_AGGREGATIONS[views]
-    return {"image_auroc": metrics.auroc(predicted.labels, predicted.scores),
-            "pixel_auroc": pixel["pixel_auroc"], "pixel_aupro": pixel["pixel_aupro"],
+    return {**{k: scored[k] for k in ("image_auroc", "pixel_auroc", "pixel_aupro")},
             "sample_auroc": metrics.auroc([predicted.labels[m].max() for m in members],
                                           [float(combine(predicted.scores[m]))
                                            for m in members])}
 
 
-def _visa(predicted: ScoredSamples, calibration: Calibration | None, views: str
-          ) -> dict[str, float | None]:
-    image = metrics.image_metrics(predicted.labels, predicted.scores)
-    pixel = metrics.pixel_metrics(predicted.masks, predicted.maps)
-    return {**{k: image[k] for k in ("image_auroc", "image_ap", "image_f1_max")},
-            **{k: pixel[k] for k in ("pixel_auroc", "pixel_ap", "pixel_f1_max",
-                                     "pixel_aupro")}}
+#: VisA's table: the metrics ``iadkit test`` reports for every group.
+VISA_COLUMNS = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap",
+                "pixel_f1_max", "pixel_aupro")
+
+
+def _visa(predicted: ScoredSamples, scored: dict[str, Any], calibration: Calibration | None,
+          views: str) -> dict[str, float | None]:
+    return {k: scored[k] for k in VISA_COLUMNS}
 
 
 PROTOCOLS = {p.name: p for p in (
@@ -182,8 +190,7 @@ PROTOCOLS = {p.name: p for p in (
                                  "spro_0.05"), False, _loco, check_data=_check_loco),
     Protocol("real-iad", ("real-iad", "real-iad-sv"),
              ("image_auroc", "pixel_auroc", "pixel_aupro", "sample_auroc"), False, _real_iad),
-    Protocol("visa", ("visa",), ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc",
-                                 "pixel_ap", "pixel_f1_max", "pixel_aupro"), False, _visa),
+    Protocol("visa", ("visa",), VISA_COLUMNS, False, _visa),
 )}
 
 
@@ -231,17 +238,13 @@ def protocol_results(protocol: Protocol, evaluations: Sequence[TaskEvaluation],
     per_category: dict[str, dict[str, Any]] = {}
     for evaluation in evaluations:
         for group, predicted in evaluation.predictions.items():
-            calibration = evaluation.calibration
-            if protocol.needs_calibration:
-                if calibration is None:
-                    raise ConfigError(f"protocol {protocol.name} thresholds the maps with the "
-                                      f"model's calibration; {evaluation.task!r} has none (fit "
-                                      "it with --calibration holdout or auto)")
-                category = group if group in calibration.categories else None
-                calibration = calibration.for_category(category)
+            protocol.check_model(evaluation.task, evaluation.calibration)
+            calibration = evaluation.calibration.for_category(group) \
+                if evaluation.calibration is not None else None
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", metrics.UndefinedMetricWarning)
-                row = protocol.score_category(predicted, calibration, views)
+                row = protocol.score_category(predicted, evaluation.per_group[group],
+                                              calibration, views)
             beside = {k: v for k, v in row.items() if k not in protocol.columns}
             per_category[group] = {"metrics": {c: row[c] for c in protocol.columns},
                                    "beside": {**beside, "aupimo": _aupimo(predicted)}}

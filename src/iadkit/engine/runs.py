@@ -19,7 +19,7 @@ from .. import distributed
 from ..data.dataset import make_loader
 from ..data.layouts import detect_layout
 from ..data.settings import Task
-from ..errors import CheckpointError, ConfigError, IadkitError
+from ..errors import CheckpointError, IadkitError
 from ..files import read_json_record, write_text_atomic
 from ..methods import Detector
 from .calibrate import CalibrationPlan, calibrate, plan_calibration
@@ -198,10 +198,8 @@ def test_run(run_dir: str | Path, data: str | None = None, categories: list[str]
                               "and --resume")
         detector = Detector.load(model_dir, device=device or config.device,
                                  accept_backbone_change=accept_backbone_change)
-        if chosen is not None and chosen.needs_calibration and detector.calibration is None:
-            raise ConfigError(f"protocol {chosen.name} thresholds the maps at the model's "
-                              f"calibrated pixel threshold; the model for {task.name!r} is not "
-                              "calibrated (fit with --calibration auto or holdout)")
+        if chosen is not None:
+            chosen.check_model(task.name, detector.calibration)
         evaluations.append(evaluate_task(detector, task, config.batch_size, config.workers,
                                          show_progress))
     results = summarise(evaluations, config.setting)
