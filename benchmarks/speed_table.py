@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from onnx_vs_torch import rate
 from records import peak_rss_gb
 
 from iadkit.cli import main as iadkit
@@ -62,20 +63,10 @@ RESOURCES = {"aand": {"texture_dir": str(TEXTURES)},
 MARKERS = ("<!-- speed-table:start -->", "<!-- speed-table:end -->")
 
 
-def ms_per_image(function: Any, batches: list[torch.Tensor], repeats: int = 2) -> float:
-    """Milliseconds per image of ``function`` over ``batches`` (one warm-up batch first)."""
-    function(batches[0])
-    started = time.perf_counter()
-    for _ in range(repeats):
-        for batch in batches:
-            function(batch)
-    return round(1000 * (time.perf_counter() - started) / (repeats * sum(len(b) for b in batches)),
-                 2)
-
-
 def inference_costs(prefix: str, function: Any, images: torch.Tensor) -> dict[str, float]:
-    return {f"{prefix}_ms_batch16": ms_per_image(function, list(images.split(16))),
-            f"{prefix}_ms_batch1": ms_per_image(function, list(images.split(1))[:16])}
+    """Milliseconds per image of ``function`` in batches of 16 and one by one."""
+    return {f"{prefix}_ms_batch16": round(1000 / rate(function, list(images.split(16))), 2),
+            f"{prefix}_ms_batch1": round(1000 / rate(function, list(images.split(1))[:16]), 2)}
 
 
 def measure(method: str, data: str, schedule: str, n_test: int, work: Path) -> dict[str, Any]:
