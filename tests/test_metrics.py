@@ -112,6 +112,25 @@ def test_aupro_equals_brute_force_reference(limit: float, quantised: bool) -> No
     )
 
 
+@pytest.mark.parametrize("quantised", [False, True])
+def test_aupro_at_several_limits_equals_each_limit_alone(quantised: bool) -> None:
+    # One selection of the top negatives, made for the largest limit, serves the smaller ones.
+    rng = np.random.default_rng(5)
+    masks = np.zeros((5, 16, 16), dtype=bool)
+    masks[0, 3:7, 3:9] = True
+    masks[1, 10:12, :] = True
+    maps = rng.random(masks.shape) + masks * rng.random(masks.shape) * 0.6
+    if quantised:
+        maps = np.round(maps, 1)
+    limits = (0.05, 0.01, 0.3)
+    together = metrics.aupro_at_limits(masks, maps, limits)
+    assert list(together) == list(limits)
+    for limit in limits:
+        assert together[limit] == pytest.approx(reference_aupro(masks, maps, limit), abs=1e-9)
+    with pytest.raises(MetricError, match="fpr_limit"):
+        metrics.aupro_at_limits(masks, maps, (0.05, 1.5))
+
+
 def test_aupro_large_input_uses_partial_selection_exactly() -> None:
     # > 4M negatives takes the sampled top-k path; it must agree with the presorted path.
     rng = np.random.default_rng(0)
@@ -121,6 +140,9 @@ def test_aupro_large_input_uses_partial_selection_exactly() -> None:
     assert metrics.aupro(masks, maps) == pytest.approx(
         metrics.pixel_metrics(masks, maps)["pixel_aupro"], abs=1e-12
     )
+    at_limits = metrics.aupro_at_limits(masks, maps, (0.01, 0.3))
+    assert at_limits[0.3] == metrics.aupro(masks, maps)
+    assert at_limits[0.01] == metrics.aupro(masks, maps, fpr_limit=0.01)
 
 
 def test_aupro_perfect_map_is_one_and_per_image_variant() -> None:

@@ -38,6 +38,7 @@ from typing import Any
 import yaml
 
 from . import distributed
+from .data.generate import GENERATED_LAYOUTS, generate_dataset
 from .deploy.quantize import DEFAULT_DRIFT_TOLERANCE
 from .deploy.settings import ServiceSettings
 from .errors import IadkitError
@@ -314,8 +315,6 @@ def cmd_data(args: argparse.Namespace) -> int:
         category = prepare_elpv(args.dest, args.test_fraction, args.seed, args.max_train)
         print(f"ELPV written to {category}")
     else:
-        from .data.generate import generate_dataset
-
         generate_dataset(args.dest, tuple(args.categories), args.n_train, size=args.size,
                          seed=args.seed, layout=args.layout)
         print(f"generated a {args.layout} dataset in {args.dest}")
@@ -700,7 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--size", type=int, default=64)
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--layout", default="mvtec",
-                          choices=("mvtec", "mvtec-ad2", "loco", "real-iad", "visa"),
+                          choices=GENERATED_LAYOUTS,
                           help="the folder layout of that benchmark (default mvtec)")
     data.set_defaults(func=cmd_data)
     return parser

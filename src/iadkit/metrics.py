@@ -223,10 +223,9 @@ def aupro(masks: Any, maps: Any, fpr_limit: float = 0.3, per_image: bool = False
         fpr_limit: integrate over FPR in [0, fpr_limit]; the result is divided by it.
         per_image: average the per-image AUPRO of anomalous images instead of pooling.
     """
-    masks, maps = _maps_and_masks(masks, maps)
-    if not 0.0 < fpr_limit <= 1.0:
-        raise MetricError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
     if per_image:
+        masks, maps = _maps_and_masks(masks, maps)
+        _check_fpr_limit(fpr_limit)
         values = [aupro([m], [s], fpr_limit) for m, s in zip(masks, maps, strict=True)
                   if m.any()]
         if not values:
@@ -234,8 +233,31 @@ def aupro(masks: Any, maps: Any, fpr_limit: float = 0.3, per_image: bool = False
                           UndefinedMetricWarning, stacklevel=2)
             return float("nan")
         return float(np.mean(values))
+    return aupro_at_limits(masks, maps, (fpr_limit,))[fpr_limit]
+
+
+def aupro_at_limits(masks: Any, maps: Any, fpr_limits: Sequence[float]) -> dict[float, float]:
+    """Pooled :func:`aupro` at several integration limits, the pixels sorted once.
+
+    Example:
+        >>> masks = np.zeros((1, 4, 4), bool); masks[0, :2] = True
+        >>> maps = np.zeros((1, 4, 4)); maps[0, :2] = 1.0
+        >>> aupro_at_limits(masks, maps, (0.05, 0.3))
+        {0.05: 1.0, 0.3: 1.0}
+    """
+    masks, maps = _maps_and_masks(masks, maps)
+    if not fpr_limits:
+        raise MetricError("give at least one fpr_limit")
+    for limit in fpr_limits:
+        _check_fpr_limit(limit)
     negatives = np.concatenate([m[~k] for m, k in zip(maps, masks, strict=True)])
-    return _aupro_pooled(masks, maps, negatives, fpr_limit, presorted=False)
+    values = _aupro_pooled(masks, maps, negatives, fpr_limits, presorted=False)
+    return dict(zip(fpr_limits, values, strict=True))
+
+
+def _check_fpr_limit(fpr_limit: float) -> None:
+    if not 0.0 < fpr_limit <= 1.0:
+        raise MetricError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
 
 
 def auspro(maps: Any, regions: Sequence[tuple[int, Any, float]], fpr_limit: float = 0.05
@@ -261,8 +283,7 @@ def auspro(maps: Any, regions: Sequence[tuple[int, Any, float]], fpr_limit: floa
     maps = _check_scores(_as_array(maps), "anomaly maps")
     if maps.ndim != 3:
         raise MetricError(f"maps {maps.shape} must be (N, H, W)")
-    if not 0.0 < fpr_limit <= 1.0:
-        raise MetricError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
+    _check_fpr_limit(fpr_limit)
     if not regions:
         raise MetricError("sPRO needs at least one defect region")
     outside = np.ones(maps.shape, bool)
@@ -291,19 +312,20 @@ def auspro(maps: Any, regions: Sequence[tuple[int, Any, float]], fpr_limit: floa
 
 
 def _aupro_pooled(masks: list[np.ndarray], maps: list[np.ndarray], negatives: np.ndarray,
-                  fpr_limit: float, presorted: bool) -> float:
+                  fpr_limits: Sequence[float], presorted: bool) -> list[float]:
+    """AUPRO at each of ``fpr_limits``: the regions labelled and the negatives selected once."""
     region_ids, n_regions = _region_ids(masks)
     if n_regions == 0 or negatives.size == 0:
         which = "anomalous region" if n_regions == 0 else "normal pixel"
         warnings.warn(f"AUPRO is undefined: no {which}; returning NaN",
                       UndefinedMetricWarning, stacklevel=3)
-        return float("nan")
+        return [float("nan")] * len(fpr_limits)
     sizes = np.bincount(region_ids, minlength=n_regions + 1).astype(np.float64)
     weights = 1.0 / (n_regions * sizes[region_ids])
-    k = min(max(int(np.ceil(fpr_limit * negatives.size)), 1), negatives.size)
+    k = min(max(int(np.ceil(max(fpr_limits) * negatives.size)), 1), negatives.size)
     top = negatives if presorted else _select_top(negatives, k, np.random.default_rng(0))
     positives = np.concatenate([m[k] for m, k in zip(maps, masks, strict=True)])
-    return _pro_area(top, negatives.size, positives, weights, fpr_limit)
+    return [_pro_area(top, negatives.size, positives, weights, limit) for limit in fpr_limits]
 
 
 def aupimo(masks: Any, maps: Any, fpr_bounds: tuple[float, float] = (1e-5, 1e-4)
@@ -416,5 +438,5 @@ def pixel_metrics(masks: Any, maps: Any, fpr_limit: float = 0.3) -> dict[str, fl
         "pixel_auroc": ranked.auroc(),
         "pixel_ap": ranked.average_precision(),
         "pixel_f1_max": f1,
-        "pixel_aupro": _aupro_pooled(masks, maps, negatives, fpr_limit, presorted=True),
+        "pixel_aupro": _aupro_pooled(masks, maps, negatives, (fpr_limit,), presorted=True)[0],
     }
