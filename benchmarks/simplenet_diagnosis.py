@@ -46,12 +46,7 @@ from iadkit.data import load_dataset, make_loader
 from iadkit.data.samples import SampleSet
 from iadkit.methods import create_detector
 from iadkit.nn.anomaly_maps import gaussian_blur
-
-
-def nearest_distances(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 4096
-                      ) -> torch.Tensor:
-    """(N, D) queries -> (N,) Euclidean distance to the nearest of the (M, D) bank rows."""
-    return torch.cat([torch.cdist(part, bank).amin(dim=1) for part in queries.split(chunk)])
+from iadkit.nn.knn import nearest_neighbours
 
 
 def patch_grids(detector: Any, samples: Any, batch_size: int) -> dict[str, Any]:
@@ -125,9 +120,9 @@ def measure(data: Path, params: dict[str, Any], holdout: float, bank_fraction: f
         chosen = torch.randperm(len(patches), generator=generator)[
             :max(1, round(bank_fraction * len(patches)))]
         bank = patches[chosen]
-        held_distances = nearest_distances(held_grids[space].reshape(-1, dimension), bank)
-        test_distances = nearest_distances(test_grids[space].reshape(-1, dimension), bank
-                                           ).view(len(labels), height, width)
+        held_distances = nearest_neighbours(held_grids[space].reshape(-1, dimension), bank)[0][:, 0]
+        test_distances = nearest_neighbours(test_grids[space].reshape(-1, dimension), bank
+                                            )[0].view(len(labels), height, width)
         record[f"oracle_{space}"] = map_metrics(test_distances, masks, labels,
                                                 detector.smoothing_sigma)
         record[f"nearest_distance_{space}"] = {

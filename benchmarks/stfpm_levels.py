@@ -34,6 +34,7 @@ from iadkit import metrics
 from iadkit.data import load_dataset, make_loader
 from iadkit.methods.base import Detector
 from iadkit.methods.stfpm.stfpm import pyramid_distances
+from iadkit.nn.knn import nearest_neighbours
 
 
 def level_distances(detector: Any, samples: Any, batch_size: int
@@ -66,8 +67,7 @@ def teacher_oracle(train: torch.Tensor, test: torch.Tensor, fraction: float, see
     positions = train.reshape(-1, channels)
     chosen = torch.randperm(len(positions), generator=torch.Generator().manual_seed(seed))
     bank = positions[chosen[:max(1, round(fraction * len(positions)))]]
-    queries = test.reshape(-1, channels)
-    nearest = torch.cat([torch.cdist(part, bank).amin(dim=1) for part in queries.split(4096)])
+    nearest = nearest_neighbours(test.reshape(-1, channels), bank)[0]
     return nearest.view(test.shape[:-1]).numpy()
 
 
