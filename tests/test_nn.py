@@ -10,7 +10,7 @@ from scipy import ndimage
 from iadkit.methods.patchcore.patch_features import LocalPatchFeatures
 from iadkit.nn.anomaly_maps import UpsampleBlur, gaussian_blur
 from iadkit.nn.coreset import OVERSAMPLING, StreamingCoreset, greedy_coreset
-from iadkit.nn.knn import nearest_neighbours
+from iadkit.nn.knn import held_out_nearest_distances, nearest_neighbours
 
 
 def plain_greedy_coreset(features: torch.Tensor, ratio: float, projection_dim: int = 128,
@@ -129,6 +129,25 @@ def test_nearest_neighbours_equal_brute_force_with_tiny_chunks() -> None:
     brute = torch.cdist(queries, bank).topk(3, largest=False)
     assert torch.equal(indices, brute.indices)
     assert torch.allclose(distances, brute.values, atol=1e-4)
+
+
+def test_held_out_patches_are_measured_against_the_other_images_only() -> None:
+    # Image i's 12 patches all sit at i along the first axis: a held-out image's nearest
+    # patch of another image is exactly 1 away (0 if its own patches were in the bank).
+    grid = torch.zeros(10, 12, 4)
+    grid[:, :, 0] = torch.arange(10.0)[:, None]
+    seen: list[torch.Tensor] = []
+
+    def patches_of(indices: torch.Tensor) -> torch.Tensor:
+        seen.append(indices)
+        return grid[indices].flatten(0, 1)
+
+    distances = held_out_nearest_distances(patches_of, 10, torch.Generator().manual_seed(3),
+                                           bank_size=30, batch_size=4)
+    torch.testing.assert_close(distances, torch.ones(12))  # one image held out: its 12
+    assert sorted(torch.cat(seen).tolist()) == list(range(10))  # every image read once
+    with pytest.raises(ValueError, match="two images"):
+        held_out_nearest_distances(patches_of, 1, torch.Generator())
 
 
 @pytest.mark.parametrize("size", [(64, 48), (10, 9)])

@@ -14,10 +14,11 @@ from sklearn.metrics import roc_auc_score
 
 from iadkit.data import generate_dataset, load_dataset, make_loader
 from iadkit.data.samples import SampleSet
-from iadkit.errors import IadkitError
+from iadkit.errors import ConfigError, IadkitError
 from iadkit.methods import Detector, create_detector
 from iadkit.methods.simplenet.mixture import RoutingNetwork, adapt_statistics, top_k_weights
 from iadkit.methods.simplenet.networks import SimpleNetHead, UnfoldPatchFeatures
+from iadkit.nn.knn import nearest_neighbours
 
 #: Small heads and few epochs: a fit takes seconds on 64 px images.
 #: SimpleNet's discriminator needs a few hundred steps: batches of 2 images give them.
@@ -52,13 +53,13 @@ def test_patch_features_equal_the_unfold_definition() -> None:
 
 
 def test_head_loss_is_truncated_l1() -> None:
-    head = SimpleNetHead(8, 4, noise_std=0.0, margin=0.5)
+    head = SimpleNetHead(8, 4, margin=0.5)
     head.eval()  # BatchNorm from running statistics: the loss is then a function of the scores
     features = torch.rand(6, 8)
     scores = head.discriminator(head.adaptor(features)).squeeze(1)
     # With zero noise both halves are the same features.
     expected = F.relu(0.5 - scores).mean() + F.relu(0.5 + scores).mean()
-    torch.testing.assert_close(head.loss(features), expected)
+    torch.testing.assert_close(head.loss(features, noise_std=0.0), expected)
     torch.testing.assert_close(head(features), -scores)
 
 
@@ -146,6 +147,27 @@ def test_simplenet_separates_generated_defects_and_round_trips(toy_root: Path,
     loaded = Detector.load(detector.save(tmp_path / "model"))
     reloaded, _ = _predict(loaded, samples.where(split="test"))
     np.testing.assert_array_equal(reloaded, scores)
+
+
+def test_automatic_noise_follows_the_spread_of_the_training_features(toy_root: Path,
+                                                                    tmp_path: Path) -> None:
+    train = load_dataset(toy_root, ["alpha"]).where(split="train")
+    fixed = create_detector("simplenet", "cpu", epochs=1, noise_std=0.2, **SMALL)
+    fixed.fit(make_loader(train, fixed.preprocess, batch_size=8))
+    assert fixed.noise_std_ == fixed.fit_info_["noise_std"] == 0.2
+    auto = create_detector("simplenet", "cpu", epochs=1, noise_std="auto", **SMALL)
+    auto.fit(make_loader(train, auto.preprocess, batch_size=8))
+    # The features' own scale: the median distance of a patch to the nearest patch of
+    # another training image, over sqrt(D), lies within the features' value range.
+    features = torch.cat([auto.patch_features(batch["image"]) for batch in
+                          make_loader(train, auto.preprocess, batch_size=8)])
+    patches = features.permute(0, 2, 3, 1).reshape(len(features), -1, features.shape[1])
+    first_to_others = nearest_neighbours(patches[0], patches[1:].flatten(0, 1))[0]
+    spread = float(first_to_others.median()) / features.shape[1] ** 0.5
+    assert 0.5 * spread < auto.noise_std_ < 2 * spread
+    assert Detector.load(auto.save(tmp_path / "model")).noise_std_ == auto.noise_std_
+    with pytest.raises(ConfigError, match="noise_std"):
+        create_detector("simplenet", "cpu", noise_std="automatic")
 
 
 def test_adapted_moe_without_moe_and_tta_equals_simplenet(three_styles: Path) -> None:

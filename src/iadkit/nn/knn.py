@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import platform
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -135,3 +136,53 @@ def nearest_neighbours(
         all_distances.append(values.sqrt_())
         all_indices.append(indices)
     return torch.cat(all_distances), torch.cat(all_indices)
+
+
+def held_out_nearest_distances(
+    patches_of: Callable[[torch.Tensor], torch.Tensor],
+    n_images: int,
+    generator: torch.Generator,
+    held_out_share: float = 0.1,
+    max_queries: int = 4096,
+    bank_size: int = 65536,
+    batch_size: int = 16,
+) -> torch.Tensor:
+    """How far normal patches lie from each other: the distance of patches of held-out images
+    to their nearest patch of the other images.
+
+    A seeded ``held_out_share`` of the images (at least one) gives the queries (at most
+    ``max_queries`` of their patches, drawn at random); the bank is about ``bank_size`` patches
+    drawn evenly from the remaining images. Every image's patches are read once.
+
+    Args:
+        patches_of: image indices (B,) -> their patch features (B * P, D), P per image.
+        n_images: how many images there are (at least two).
+        generator: the source of every random draw (seed it for a reproducible result).
+
+    Returns:
+        (Q,) distances, Q <= max_queries.
+
+    Example:
+        >>> grid = torch.randn(10, 49, 8)
+        >>> d = held_out_nearest_distances(lambda i: grid[i].flatten(0, 1), 10,
+        ...                                torch.Generator().manual_seed(0))
+        >>> d.shape
+        torch.Size([49])
+    """
+    if n_images < 2:
+        raise ValueError(f"held_out_nearest_distances needs two images or more, got {n_images}")
+    order = torch.randperm(n_images, generator=generator)
+    n_held = min(n_images - 1, max(1, round(held_out_share * n_images)))
+    held, rest = order[:n_held].sort().values, order[n_held:].sort().values
+    per_image = max(1, -(-bank_size // len(rest)))
+    bank_parts = []
+    for indices in rest.split(batch_size):
+        patches = patches_of(indices)
+        patches = patches.reshape(len(indices), -1, patches.shape[-1])
+        keep = min(per_image, patches.shape[1])
+        chosen = torch.rand(patches.shape[:2], generator=generator).argsort(dim=1)[:, :keep]
+        bank_parts.append(patches[torch.arange(len(indices))[:, None], chosen.to(
+            patches.device)].flatten(0, 1))
+    queries = torch.cat([patches_of(indices) for indices in held.split(batch_size)])
+    picked = torch.randperm(len(queries), generator=generator)[:max_queries]
+    return nearest_neighbours(queries[picked.to(queries.device)], torch.cat(bank_parts))[0][:, 0]

@@ -14,8 +14,8 @@ Design decisions the paper leaves open (all options, defaults from METHODS.md):
 - TTA acts on every patch feature with per-channel statistics over the test image's positions
   (AdaIN-style), mapped to the per-channel mean and std of the expert's training patches.
   Experts train on their own images adapted the same way, so training and test inputs match.
-- Eq. 6's L2 normalisation of adapted features keeps unit root-mean-square values (norm
-  sqrt(C)), so SimpleNet's noise level of 0.015 keeps its meaning.
+- Eq. 6's L2 normalisation of adapted features rescales them to the norm of the expert's
+  training features, so SimpleNet's noise keeps its size relative to them.
 - Centres start at the subclass means of the untrained router's embeddings, then follow the
   centre-loss update (rate 0.5) after every step.
 

@@ -101,7 +101,6 @@ class SimpleNetHead(nn.Module):
     Args:
         feature_dim: input feature size (1536 in the paper).
         hidden_dim: discriminator hidden width (1024).
-        noise_std: standard deviation of the Gaussian noise that makes anomalous features.
         margin: truncation threshold of the loss (0.5).
 
     Example:
@@ -110,10 +109,8 @@ class SimpleNetHead(nn.Module):
         torch.Size([10])
     """
 
-    def __init__(self, feature_dim: int, hidden_dim: int, noise_std: float = 0.015,
-                 margin: float = 0.5) -> None:
+    def __init__(self, feature_dim: int, hidden_dim: int, margin: float = 0.5) -> None:
         super().__init__()
-        self.noise_std = noise_std
         self.margin = margin
         self.adaptor = nn.Linear(feature_dim, feature_dim)
         self.discriminator = nn.Sequential(
@@ -128,14 +125,15 @@ class SimpleNetHead(nn.Module):
         """(N, D) patch features -> (N,) anomaly scores, -D(G(features))."""
         return -self.discriminator(self.adaptor(features)).squeeze(1)
 
-    def loss(self, features: torch.Tensor) -> torch.Tensor:
-        """Truncated L1 loss on (N, D) normal patch features and their noisy copies.
+    def loss(self, features: torch.Tensor, noise_std: float) -> torch.Tensor:
+        """Truncated L1 loss on (N, D) normal patch features and their copies moved by Gaussian
+        noise of std ``noise_std`` (the paper: 0.015).
 
         The noise is added to the *adapted* features, as in the official code, and both halves
         go through the discriminator's BatchNorm together.
         """
         adapted = self.adaptor(features)
-        noisy = adapted + torch.randn_like(adapted) * self.noise_std
+        noisy = adapted + torch.randn_like(adapted) * noise_std
         scores = self.discriminator(torch.cat([adapted, noisy])).squeeze(1)
         normal_scores, anomalous_scores = scores.split(adapted.shape[0])
         return (F.relu(self.margin - normal_scores).mean()
