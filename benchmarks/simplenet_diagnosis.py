@@ -114,7 +114,7 @@ def measure(data: Path, params: dict[str, Any], holdout: float, bank_fraction: f
         "discriminator": map_metrics(test_grids["scores"], masks, labels,
                                      detector.smoothing_sigma)}
     dimension = train_grids["adapted"].shape[-1]
-    record["noise_reach"] = round(detector.noise_std * math.sqrt(dimension), 4)
+    record["noise_reach"] = round(detector.noise_std_ * math.sqrt(dimension), 4)
     for space in ("adapted", "raw"):
         patches = train_grids[space].reshape(-1, dimension)
         chosen = torch.randperm(len(patches), generator=generator)[
