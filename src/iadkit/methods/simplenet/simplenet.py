@@ -53,11 +53,14 @@ class SimpleNet(TrainedDetector):
     name = "simplenet"
     summary = "discriminator separating adapted patch features from noise-perturbed copies"
     presets = {
-        # Lite0's stage outputs (std ~3) drown SimpleNet's 0.015 noise; its activated
-        # expansion features (std ~0.4) are in the range of WRN50's post-ReLU features.
+        # Lite0's stage outputs (std ~3) drown the paper's 0.015 noise; its activated
+        # expansion features (std ~0.4) are in the range of WRN50's post-ReLU features. Even
+        # there 0.015 moves a feature a fifth of the distance between normal patches of
+        # different images: "auto" measures that distance (docs/simplenet.md). No centre
+        # crop: on surfaces the border holds defects (as PatchCore's cpu preset).
         "cpu": dict(backbone="tf_efficientnet_lite0", feature_location="expansion", layers=(2, 3),
-                    image_size=256, crop_size=224, level_dim=384, feature_dim=384, hidden_dim=256,
-                    epochs=24),
+                    image_size=256, crop_size=None, level_dim=384, feature_dim=384,
+                    hidden_dim=256, noise_std="auto", epochs=24),
         "paper": dict(backbone="wide_resnet50_2", layers=("layer2", "layer3"), image_size=329,
                       crop_size=288, level_dim=1536, feature_dim=1536, hidden_dim=1024,
                       epochs=160),
