@@ -150,9 +150,10 @@ def held_out_nearest_distances(
     """How far normal patches lie from each other: the distance of patches of held-out images
     to their nearest patch of the other images.
 
-    A seeded ``held_out_share`` of the images (at least one) gives the queries (at most
-    ``max_queries`` of their patches, drawn at random); the bank is about ``bank_size`` patches
-    drawn evenly from the remaining images. Every image's patches are read once.
+    A seeded ``held_out_share`` of the images (at least one) gives the queries, about
+    ``max_queries`` patches drawn evenly from them; the bank is about ``bank_size`` patches
+    drawn evenly from the remaining images. Every image's patches are read once and only the
+    drawn ones are kept, so memory does not grow with the number of images.
 
     Args:
         patches_of: image indices (B,) -> their patch features (B * P, D), P per image.
@@ -174,15 +175,20 @@ def held_out_nearest_distances(
     order = torch.randperm(n_images, generator=generator)
     n_held = min(n_images - 1, max(1, round(held_out_share * n_images)))
     held, rest = order[:n_held].sort().values, order[n_held:].sort().values
-    per_image = max(1, -(-bank_size // len(rest)))
-    bank_parts = []
-    for indices in rest.split(batch_size):
-        patches = patches_of(indices)
-        patches = patches.reshape(len(indices), -1, patches.shape[-1])
-        keep = min(per_image, patches.shape[1])
-        chosen = torch.rand(patches.shape[:2], generator=generator).argsort(dim=1)[:, :keep]
-        bank_parts.append(patches[torch.arange(len(indices))[:, None], chosen.to(
-            patches.device)].flatten(0, 1))
-    queries = torch.cat([patches_of(indices) for indices in held.split(batch_size)])
-    picked = torch.randperm(len(queries), generator=generator)[:max_queries]
-    return nearest_neighbours(queries[picked.to(queries.device)], torch.cat(bank_parts))[0][:, 0]
+
+    def drawn(images: torch.Tensor, total: int) -> torch.Tensor:
+        """About ``total`` patches drawn evenly (at random within each image) from ``images``."""
+        per_image = -(-total // len(images))
+        parts = []
+        for indices in images.split(batch_size):
+            patches = patches_of(indices)
+            patches = patches.reshape(len(indices), -1, patches.shape[-1])
+            keep = min(per_image, patches.shape[1])
+            chosen = torch.rand(patches.shape[:2], generator=generator).argsort(dim=1)[:, :keep]
+            parts.append(patches[torch.arange(len(indices))[:, None],
+                                 chosen.to(patches.device)].flatten(0, 1))
+        return torch.cat(parts)
+
+    bank = drawn(rest, bank_size)
+    queries = drawn(held, max_queries)[:max_queries]
+    return nearest_neighbours(queries, bank)[0][:, 0]
