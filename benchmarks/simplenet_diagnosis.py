@@ -13,7 +13,9 @@ measured here on a fitted model in its own adapted feature space:
   the anomalous test images' defect patches (mask covering at least half of the patch cell).
 
 and an *oracle* that keeps SimpleNet's features and replaces its discriminator by that
-nearest-neighbour distance (the same upsampling, smoothing and maximum): image and pixel AUROC
+nearest-neighbour distance (``--bank coreset``: the bank is PatchCore's greedy coreset of the
+training patches instead, ``--bank-fraction`` of them, so the oracle is PatchCore on SimpleNet's
+features) (the same upsampling, smoothing and maximum): image and pixel AUROC
 of both, on the adapted and on the raw patch features. When the oracle separates the defects
 and the discriminator does not, the features are not what limits SimpleNet; when normal
 patches already lie further from the bank than the noise reaches, the discriminator calls
@@ -22,7 +24,8 @@ normal variation anomalous.
 Usage::
 
     .venv/bin/python benchmarks/simplenet_diagnosis.py --data ../shared/data/magnetic_tile
-        [--epochs 24] [--param noise_std=0.05] [--out /tmp/iadkit-simplenet-diagnosis]
+        [--epochs 24] [--param noise_std=0.05] [--bank random|coreset] [--bank-fraction 0.05]
+        [--out /tmp/iadkit-simplenet-diagnosis]
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from iadkit.data import load_dataset, make_loader
 from iadkit.data.samples import SampleSet
 from iadkit.methods import create_detector
 from iadkit.nn.anomaly_maps import gaussian_blur
+from iadkit.nn.coreset import greedy_coreset
 from iadkit.nn.knn import nearest_neighbours
 
 
@@ -87,7 +91,7 @@ def quantiles(values: torch.Tensor) -> dict[str, float] | None:
     return {"median": round(float(q[0]), 4), "q95": round(float(q[1]), 4)}
 
 
-def measure(data: Path, params: dict[str, Any], holdout: float, bank_fraction: float,
+def measure(data: Path, params: dict[str, Any], holdout: float, bank: str, bank_fraction: float,
             batch_size: int, seed: int) -> dict[str, Any]:
     samples = load_dataset(data)
     train, test = samples.where(split="train"), samples.where(split="test")
@@ -117,19 +121,22 @@ def measure(data: Path, params: dict[str, Any], holdout: float, bank_fraction: f
     record["noise_reach"] = round(detector.noise_std_ * math.sqrt(dimension), 4)
     for space in ("adapted", "raw"):
         patches = train_grids[space].reshape(-1, dimension)
-        chosen = torch.randperm(len(patches), generator=generator)[
-            :max(1, round(bank_fraction * len(patches)))]
-        bank = patches[chosen]
-        held_distances = nearest_neighbours(held_grids[space].reshape(-1, dimension), bank)[0][:, 0]
-        test_distances = nearest_neighbours(test_grids[space].reshape(-1, dimension), bank
-                                            )[0].view(len(labels), height, width)
+        if bank == "coreset":
+            chosen = greedy_coreset(patches, bank_fraction, seed=seed)
+        else:
+            chosen = torch.randperm(len(patches), generator=generator)[
+                :max(1, round(bank_fraction * len(patches)))]
+        held_distances = nearest_neighbours(held_grids[space].reshape(-1, dimension),
+                                            patches[chosen])[0][:, 0]
+        test_distances = nearest_neighbours(test_grids[space].reshape(-1, dimension),
+                                            patches[chosen])[0].view(len(labels), height, width)
         record[f"oracle_{space}"] = map_metrics(test_distances, masks, labels,
                                                 detector.smoothing_sigma)
         record[f"nearest_distance_{space}"] = {
             "held_out_normal": quantiles(held_distances),
             "test_normal": quantiles(test_distances[normal]),
             "test_defect": quantiles(test_distances[cells])}
-    record.update(fit_seconds=round(fit_seconds, 1), bank_fraction=bank_fraction,
+    record.update(fit_seconds=round(fit_seconds, 1), bank=bank, bank_fraction=bank_fraction,
                   peak_rss_gb=peak_rss_gb())
     return record
 
@@ -141,6 +148,8 @@ def main() -> None:
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                         help="a SimpleNet hyperparameter (repeatable)")
     parser.add_argument("--holdout", type=float, default=0.1)
+    parser.add_argument("--bank", choices=("random", "coreset"), default="random",
+                        help="the oracle's bank: a random sample or the greedy coreset")
     parser.add_argument("--bank-fraction", type=float, default=0.05)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
@@ -152,9 +161,10 @@ def main() -> None:
     if args.epochs is not None:
         params["epochs"] = args.epochs
     data = Path(args.data)
-    key = "-".join([data.name] + [f"{k}={v}" for k, v in sorted(params.items())])
+    key = "-".join([data.name] + [f"{k}={v}" for k, v in sorted(params.items())]
+                   + ([f"{args.bank}{args.bank_fraction}"] if args.bank != "random" else []))
     record = kept_record(Path(args.out) / f"{key}.json", lambda: measure(
-        data, params, args.holdout, args.bank_fraction, args.batch_size, args.seed))
+        data, params, args.holdout, args.bank, args.bank_fraction, args.batch_size, args.seed))
     print(json.dumps(record), flush=True)
 
 
