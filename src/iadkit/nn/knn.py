@@ -185,8 +185,8 @@ def held_out_nearest_distances(
             patches = patches.reshape(len(indices), -1, patches.shape[-1])
             keep = min(per_image, patches.shape[1])
             chosen = torch.rand(patches.shape[:2], generator=generator).argsort(dim=1)[:, :keep]
-            parts.append(patches[torch.arange(len(indices))[:, None],
-                                 chosen.to(patches.device)].flatten(0, 1))
+            rows = torch.arange(len(indices), device=patches.device)[:, None]
+            parts.append(patches[rows, chosen.to(patches.device)].flatten(0, 1))
         return torch.cat(parts)
 
     bank = drawn(rest, bank_size)

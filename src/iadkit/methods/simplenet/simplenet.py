@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -142,12 +142,18 @@ class SimpleNet(TrainedDetector):
         """What expert ``expert`` sees of (B, C, h, w) features (SimpleNet: the features)."""
         return features
 
+    def _inputs_by_expert(self, features: torch.Tensor, labels: torch.Tensor
+                          ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """For each expert among ``labels``: its index, the mask of its images in the batch,
+        and what it sees of them (:meth:`_expert_inputs` over those images together)."""
+        for expert in labels.unique().tolist():
+            chosen = labels == expert
+            yield expert, chosen, self._expert_inputs(features[chosen], expert)
+
     def _batch_loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean over the batch's images of their expert's SimpleNet loss."""
         total = features.new_zeros(())
-        for expert in labels.unique().tolist():
-            chosen = labels == expert
-            inputs = self._expert_inputs(features[chosen], expert)
+        for expert, chosen, inputs in self._inputs_by_expert(features, labels):
             patches = inputs.permute(0, 2, 3, 1).reshape(-1, inputs.shape[1])
             share = chosen.sum() / labels.numel()
             total = total + self.experts_[expert].loss(patches, self.noise_std_) * share
@@ -178,8 +184,9 @@ class SimpleNet(TrainedDetector):
 
         def patches_of(indices: torch.Tensor) -> torch.Tensor:
             grid = features(indices)[0]
-            inputs = torch.cat([self._expert_inputs(grid[row:row + 1], expert) for row, expert
-                                in enumerate(labels[indices].tolist())])
+            inputs = torch.empty_like(grid)
+            for _, chosen, expert_inputs in self._inputs_by_expert(grid, labels[indices]):
+                inputs[chosen] = expert_inputs
             return inputs.permute(0, 2, 3, 1).reshape(-1, inputs.shape[1])
 
         distances = held_out_nearest_distances(patches_of, len(labels),
