@@ -22,10 +22,13 @@ on the unseen one only:
 
 Configurations: the paper's Table 3 (baseline = SimpleNet, +MoE, +TTA, full). Prints one JSON
 line per (split, configuration), then one per configuration with the mean over the real splits;
-resumable (results under ``--out`` are kept: delete it to measure afresh). Usage::
+resumable (results under ``--out`` are kept: delete it to measure afresh). ``--param
+key=value`` overrides a hyperparameter in every configuration (e.g. ``tta_statistics=batch``);
+the configuration's name then carries the overrides (``tta+tta_statistics=batch``), so variants
+keep their own results and runs. Usage::
 
     .venv/bin/python benchmarks/adapted_moe_unseen_subclass.py [--splits elpv-poly deeppcb]
-        [--epochs 8] [--out /tmp/iadkit-moe] [--elpv DIR]
+        [--epochs 8] [--out /tmp/iadkit-moe] [--elpv DIR] [--param key=value ...]
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 from multi_category_data import SHARED, link_file
 from PIL import Image
 from records import kept_record, peak_rss_gb
@@ -145,28 +149,36 @@ def prepare(split: str, root: Path, elpv: Path, deeppcb_unseen: str
     return seen, [unseen]
 
 
+def variant_name(config: str, overrides: dict[str, object]) -> str:
+    """The configuration's name with its overrides: ``tta+tta_statistics=batch``."""
+    return "+".join([config, *(f"{key}={value}" for key, value in sorted(overrides.items()))])
+
+
 def run(split: str, name: str, root: Path, seen: list[str], unseen: list[str], epochs: int,
-        out: Path) -> dict[str, object]:
-    return kept_record(out / "results" / f"{split}-{name}.json",
-                       lambda: measure(split, name, root, seen, unseen, epochs, out))
+        overrides: dict[str, object], out: Path) -> dict[str, object]:
+    variant = variant_name(name, overrides)
+    return kept_record(out / "results" / f"{split}-{variant}.json",
+                       lambda: measure(split, name, root, seen, unseen, epochs, overrides, out))
 
 
 def measure(split: str, name: str, root: Path, seen: list[str], unseen: list[str], epochs: int,
-            out: Path) -> dict[str, object]:
+            overrides: dict[str, object], out: Path) -> dict[str, object]:
     from iadkit.engine import RunConfig, fit_run, test_run
 
     config = RunConfig(method="adapted_moe", data=str(root), setting="unseen-subclass",
                        seen_subclasses=seen, unseen_subclasses=unseen, calibration="none",
-                       validation_fraction=0, params={**CONFIGS[name], "epochs": epochs},
+                       validation_fraction=0,
+                       params={**CONFIGS[name], "epochs": epochs, **overrides},
                        device="auto", show_progress=False)
-    run_dir = out / "runs" / split / name
+    variant = variant_name(name, overrides)
+    run_dir = out / "runs" / split / variant
     started = time.perf_counter()
     fit_run(config, run_dir, resume=True)
     fit_seconds = time.perf_counter() - started
     results, _ = test_run(run_dir)
     tested = results["per_category"][unseen[0]]
     return {
-        "benchmark": "adapted_moe_unseen_subclass", "split": split, "config": name,
+        "benchmark": "adapted_moe_unseen_subclass", "split": split, "config": variant,
         "params": config.params, "seen": seen, "unseen": unseen,
         **{key: None if tested[key] is None else round(tested[key], 4)
            for key in ("image_auroc", "image_ap", "pixel_auroc")},
@@ -186,17 +198,21 @@ def main() -> None:
                         help="the DeepPCB board design kept unseen")
     parser.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "iadkit-moe"))
     parser.add_argument("--elpv", default=str(Path(tempfile.gettempdir()) / "iadkit-elpv"))
+    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                        help="hyperparameter override for every configuration")
     args = parser.parse_args()
+    overrides = {key: yaml.safe_load(value)
+                 for key, value in (text.split("=", 1) for text in args.param)}
     out = Path(args.out)
     records = []
     for split in args.splits:
         root = out / "data" / split
         seen, unseen = prepare(split, root, Path(args.elpv), args.deeppcb_unseen)
         for name in args.configs:
-            record = run(split, name, root, seen, unseen, args.epochs, out)
+            record = run(split, name, root, seen, unseen, args.epochs, overrides, out)
             records.append(record)
             print(json.dumps(record), flush=True)
-    for name in args.configs:
+    for name in (variant_name(config, overrides) for config in args.configs):
         real = [r for r in records if r["config"] == name and r["split"] in REAL_SPLITS]
         if not real:
             continue
