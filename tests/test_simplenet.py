@@ -3,6 +3,7 @@ routing, test-time adaption, checkpoints, the unseen-subclass setting and bad in
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -16,7 +17,12 @@ from iadkit.data import generate_dataset, load_dataset, make_loader
 from iadkit.data.samples import SampleSet
 from iadkit.errors import ConfigError, IadkitError
 from iadkit.methods import Detector, create_detector
-from iadkit.methods.simplenet.mixture import RoutingNetwork, adapt_statistics, top_k_weights
+from iadkit.methods.simplenet.mixture import (
+    RoutingNetwork,
+    adapt_statistics,
+    rescale_to_expert_norm,
+    top_k_weights,
+)
 from iadkit.methods.simplenet.networks import SimpleNetHead, UnfoldPatchFeatures
 from iadkit.nn.knn import nearest_neighbours
 
@@ -190,6 +196,22 @@ def fitted_moe(three_styles: Path) -> tuple[Detector, SampleSet]:
     detector = create_detector("adapted_moe", "cpu", epochs=12, top_k=2, **SMALL)
     detector.fit(make_loader(samples.where(split="train"), detector.preprocess, batch_size=8))
     return detector, samples
+
+
+def test_experts_train_on_unadapted_features_unless_asked(
+        fitted_moe: tuple[Detector, SampleSet]) -> None:
+    # The paper's TTA is a test-time step: by default an expert trains on its features only
+    # L2-normalised (to its training norm), while inference re-styles them first.
+    detector, _ = fitted_moe
+    features = torch.randn(2, detector.feature_dim, 5, 5, generator=torch.Generator().manual_seed(3))
+    mean, std = detector.statistics_.mean[1], detector.statistics_.std[1]
+    trained_on = detector._expert_training_inputs(features, 1)
+    torch.testing.assert_close(trained_on, rescale_to_expert_norm(features, mean, std))
+    seen_at_test = detector._expert_inputs(features, 1)
+    assert not torch.allclose(trained_on, seen_at_test, atol=1e-3)
+    restyled = copy.deepcopy(detector)
+    restyled.tta_in_training = True
+    torch.testing.assert_close(restyled._expert_training_inputs(features, 1), seen_at_test)
 
 
 def test_routing_learns_the_subclasses(fitted_moe: tuple[Detector, SampleSet]) -> None:

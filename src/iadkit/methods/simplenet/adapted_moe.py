@@ -13,7 +13,10 @@ Design decisions the paper leaves open (all options, defaults from METHODS.md):
 
 - TTA acts on every patch feature with per-channel statistics over the test image's positions
   (AdaIN-style), mapped to the per-channel mean and std of the expert's training patches.
-  Experts train on their own images adapted the same way, so training and test inputs match.
+- TTA is a test-time step, as the paper describes it: experts train on their features as they
+  are (L2-normalised with ``use_norm``). ``tta_in_training=True`` re-styles the training
+  features the same way as the test ones; on unseen ELPV mono cells that made a discriminator
+  whose ranking of test images turned over (docs/simplenet.md, "Why TTA failed").
 - Eq. 6's L2 normalisation of adapted features rescales them to the norm of the expert's
   training features, so SimpleNet's noise keeps its size relative to them.
 - Centres start at the subclass means of the untrained router's embeddings, then follow the
@@ -39,6 +42,7 @@ from .mixture import (
     TTA_STATISTICS,
     RoutingNetwork,
     adapt_statistics,
+    rescale_to_expert_norm,
     top_k_weights,
 )
 from .simplenet import SimpleNet
@@ -107,6 +111,9 @@ class AdaptedMoE(SimpleNet):
                                                 "softmax temperature of the routing weights")
     tta_statistics: str = hyperparameter("channel", Choice(*TTA_STATISTICS), "see "
                                          "adapt_statistics")
+    tta_in_training: bool = hyperparameter(False, Flag(), "also re-style the experts' "
+                                           "training features (false: test time only, as "
+                                           "in the paper)")
     expert_assignment: str = hyperparameter("label", Choice(*ASSIGNMENTS), "train each image's "
                                             "expert by its 'label' or by 'routed' (nearest "
                                             "centre)")
@@ -167,6 +174,14 @@ class AdaptedMoE(SimpleNet):
         return adapt_statistics(features, self.statistics_.mean[expert],
                                 self.statistics_.std[expert], self.tta_statistics,
                                 normalize=self.use_norm)
+
+    def _expert_training_inputs(self, features: torch.Tensor, expert: int) -> torch.Tensor:
+        if not self.use_tta or self.tta_in_training:
+            return self._expert_inputs(features, expert)
+        if not self.use_norm:
+            return features
+        return rescale_to_expert_norm(features, self.statistics_.mean[expert],
+                                      self.statistics_.std[expert])
 
     def _batch_loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if not self.use_moe:

@@ -67,6 +67,20 @@ class RoutingNetwork(nn.Module):
         return F.normalize(embeddings, dim=1) @ F.normalize(self.centres, dim=1).T
 
 
+def rescale_to_expert_norm(features: torch.Tensor, target_mean: torch.Tensor,
+                           target_std: torch.Tensor) -> torch.Tensor:
+    """L2-normalise each position's feature of (B, C, H, W) ``features`` (paper Eq. 6) and
+    scale it to the root-mean-square norm of an expert's training features,
+    ``sqrt(sum(target_mean**2 + target_std**2))``.
+
+    Not to unit norm (sqrt(C) smaller): unit features would shrink Lite0's features
+    (root-mean-square 0.5) and make SimpleNet's noise twice as large relative to them, which
+    halved the pixel AUROC.
+    """
+    target_norm = (target_mean.pow(2) + target_std.pow(2)).sum().sqrt()
+    return F.normalize(features, dim=1) * target_norm
+
+
 def adapt_statistics(features: torch.Tensor, target_mean: torch.Tensor, target_std: torch.Tensor,
                      statistics: str = "channel", normalize: bool = True, eps: float = 1e-5
                      ) -> torch.Tensor:
@@ -78,10 +92,9 @@ def adapt_statistics(features: torch.Tensor, target_mean: torch.Tensor, target_s
         statistics: what the source and target statistics are taken over: "channel" (per
             channel, over each image's positions; AdaIN-style), "scalar" (one mean and std per
             image over all values) or "batch" (per channel over the whole batch).
-        normalize: then L2-normalise each position's feature (Eq. 6) and scale it to the
-            target's root-mean-square norm, ``sqrt(sum(target_mean**2 + target_std**2))``, so
-            adapted features keep the size of the expert's training features and SimpleNet's
-            fixed noise (std 0.015) stays as large relative to them as without adaption.
+        normalize: then L2-normalise each position's feature to the norm of the expert's
+            training features (:func:`rescale_to_expert_norm`), so SimpleNet's noise stays as
+            large relative to them as without adaption.
 
     Example:
         >>> x = torch.rand(2, 8, 5, 5)
@@ -91,7 +104,7 @@ def adapt_statistics(features: torch.Tensor, target_mean: torch.Tensor, target_s
     """
     if statistics not in TTA_STATISTICS:
         raise ValueError(f"statistics must be one of {TTA_STATISTICS}, got {statistics!r}")
-    target_norm = (target_mean.pow(2) + target_std.pow(2)).sum().sqrt()
+    expert_mean, expert_std = target_mean, target_std
     if statistics == "channel":
         mean = features.mean(dim=(2, 3), keepdim=True)
         std = features.std(dim=(2, 3), keepdim=True)
@@ -109,9 +122,7 @@ def adapt_statistics(features: torch.Tensor, target_mean: torch.Tensor, target_s
         target_mean, target_std = overall_mean, overall_var.clamp_min(0).sqrt()
     adapted = (features - mean) / (std + eps) * target_std + target_mean
     if normalize:
-        # Not unit values (sqrt(C)): that rescaled Lite0's features (root-mean-square 0.5) to
-        # twice their size, halving the noise's relative size and the pixel AUROC with it.
-        adapted = F.normalize(adapted, dim=1) * target_norm
+        return rescale_to_expert_norm(adapted, expert_mean, expert_std)
     return adapted
 
 

@@ -139,16 +139,23 @@ class SimpleNet(TrainedDetector):
         """Statistics the experts need before training (SimpleNet: none)."""
 
     def _expert_inputs(self, features: torch.Tensor, expert: int) -> torch.Tensor:
-        """What expert ``expert`` sees of (B, C, h, w) features (SimpleNet: the features)."""
+        """What expert ``expert`` sees of (B, C, h, w) features at inference (SimpleNet: the
+        features)."""
         return features
+
+    def _expert_training_inputs(self, features: torch.Tensor, expert: int) -> torch.Tensor:
+        """What expert ``expert`` trains on of (B, C, h, w) features (SimpleNet: what it sees at
+        inference)."""
+        return self._expert_inputs(features, expert)
 
     def _inputs_by_expert(self, features: torch.Tensor, labels: torch.Tensor
                           ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """For each expert among ``labels``: its index, the mask of its images in the batch,
-        and what it sees of them (:meth:`_expert_inputs` over those images together)."""
+        and what it trains on of them (:meth:`_expert_training_inputs` over those images
+        together)."""
         for expert in labels.unique().tolist():
             chosen = labels == expert
-            yield expert, chosen, self._expert_inputs(features[chosen], expert)
+            yield expert, chosen, self._expert_training_inputs(features[chosen], expert)
 
     def _batch_loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean over the batch's images of their expert's SimpleNet loss."""
