@@ -176,7 +176,7 @@ class SimpleNet(TrainedDetector):
     # -- training -----------------------------------------------------------------------------
     def _training_noise_std(self, features: FrozenFeatures, labels: torch.Tensor) -> float:
         """The noise std the experts train with: ``noise_std``, or for ``"auto"`` the median
-        distance of held-out training patches (as their expert sees them) to the nearest patch
+        distance of held-out training patches (as their expert trains on them) to the nearest patch
         of the other training images, over sqrt(feature_dim).
 
         A noise vector of std s in D dimensions has length about s * sqrt(D). "auto" makes that

@@ -1,0 +1,159 @@
+"""Which statistics should Adapted-MoE's test-time adaption use? An analysis of one fitted model.
+
+Takes a fitted single-expert Adapted-MoE (``use_moe=False``, ``use_tta=True``) from an
+unseen-subclass run (e.g. ``benchmarks/adapted_moe_unseen_subclass.py``'s ``tta`` runs) and
+scores the unseen subclass's test images with the same expert under several test-time
+re-stylings, changing nothing but the statistics (mean, std) the features are re-styled from:
+
+- ``per-image`` (the paper's Eq. 5 read per channel over the image's positions), ``per-image
+  scalar`` (one mean and std over the image's values), ``none`` (only the Eq. 6 norm);
+- ``oracle``: per-channel statistics of the unseen subclass's *training* normals (images the
+  model never saw; an upper bound of what any re-styling toward the expert can give, not a
+  deployable rule), and the two halves of it: the image's own mean with the oracle std, and
+  the oracle mean with the image's own std;
+- ``test set``: per-channel statistics over all test images together (the limit of
+  ``tta_statistics="batch"`` with a large batch).
+
+It also scores the images by their per-image statistics alone (median over channels of the
+image's std, and of its mean's distance, in units of the expert's training std): when those
+separate defective from normal images, per-image re-styling removes anomaly evidence.
+
+With ``--batch-order`` it scores a ``tta_statistics="batch"`` model in file order (test images
+grouped by label), in shuffled orders and one image at a time: a batch-dependent score must not
+owe its AUROC to label-grouped batches. One JSON line. Usage::
+
+    .venv/bin/python benchmarks/tta_statistics.py RUN_MODEL_DIR DATA_DIR --unseen mono
+        [--category elpv] [--batch-order]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+from iadkit.data import SampleSet, load_dataset, make_loader
+from iadkit.methods import Detector
+from iadkit.methods.simplenet.mixture import adapt_statistics, rescale_to_expert_norm
+
+Restyle = Callable[[torch.Tensor], torch.Tensor]
+
+
+def features_of(detector: Detector, samples: SampleSet) -> tuple[torch.Tensor, np.ndarray]:
+    """(N, C, h, w) patch features and labels of ``samples``."""
+    features, labels = [], []
+    with torch.no_grad():
+        for batch in make_loader(samples, detector.preprocess, 16):
+            features.append(detector.patch_features(batch["image"].to(detector.torch_device)))
+            labels.append(batch["label"])
+    return torch.cat(features), torch.cat(labels).numpy()
+
+
+def image_scores(detector: Detector, features: torch.Tensor, restyle: Restyle | None,
+                 order: np.ndarray | None = None, batch_size: int = 16) -> np.ndarray:
+    """Image scores (maximum patch score) of the single expert seeing ``restyle(batch)``, or
+    the model's own rule (``restyle`` None), in batches of ``batch_size`` taken in ``order``."""
+    head = detector.experts_[0]
+    order = np.arange(len(features)) if order is None else order
+    scores = np.empty(len(features))
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            chosen = order[start:start + batch_size]
+            batch = features[chosen]
+            if restyle is None:
+                patch_scores = detector.patch_scores(batch)
+            else:
+                inputs = restyle(batch)
+                count, channels, height, width = inputs.shape
+                patch_scores = head(inputs.permute(0, 2, 3, 1).reshape(-1, channels)).view(
+                    count, height, width)
+            scores[chosen] = patch_scores.flatten(1).amax(1).cpu().numpy()
+    return scores
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("model", help="a saved single-expert Adapted-MoE (use_moe=False)")
+    parser.add_argument("data", help="the dataset folder of the unseen-subclass run")
+    parser.add_argument("--unseen", required=True, help="the unseen subclass")
+    parser.add_argument("--category", default=None, help="the category holding it")
+    parser.add_argument("--batch-order", action="store_true")
+    args = parser.parse_args()
+    detector = Detector.load(args.model)
+    if detector.name != "adapted_moe" or detector.use_moe or not detector.use_tta:
+        raise SystemExit(f"{args.model}: needs an Adapted-MoE fitted with use_moe=False and "
+                         "use_tta=True")
+    samples = load_dataset(args.data, [args.category] if args.category else None)
+    test, labels = features_of(detector, samples.where(split="test", subclass=args.unseen))
+    reference, _ = features_of(detector, samples.where(split="train", subclass=args.unseen))
+    if len(reference) < 2:
+        raise SystemExit(f"{args.data}: the oracle needs training normals of {args.unseen}")
+    mean, std = detector.statistics_.mean[0], detector.statistics_.std[0]
+    eps = 1e-5
+
+    def to_expert(source_mean: torch.Tensor, source_std: torch.Tensor) -> Restyle:
+        def restyle(batch: torch.Tensor) -> torch.Tensor:
+            adapted = (batch - source_mean) / (source_std + eps) * std.view(1, -1, 1, 1) + \
+                mean.view(1, -1, 1, 1)
+            return rescale_to_expert_norm(adapted, mean, std) if detector.use_norm else adapted
+        return restyle
+
+    def per_image(kind: str) -> Restyle:
+        return lambda batch: adapt_statistics(batch, mean, std, kind, detector.use_norm)
+
+    oracle_mean = reference.mean(dim=(0, 2, 3), keepdim=True)
+    oracle_std = reference.std(dim=(0, 2, 3), keepdim=True)
+
+    def split_rule(use_image_mean: bool) -> Restyle:
+        def restyle(batch: torch.Tensor) -> torch.Tensor:
+            if use_image_mean:
+                return to_expert(batch.mean(dim=(2, 3), keepdim=True), oracle_std)(batch)
+            return to_expert(oracle_mean, batch.std(dim=(2, 3), keepdim=True))(batch)
+        return restyle
+
+    def none(batch: torch.Tensor) -> torch.Tensor:
+        return rescale_to_expert_norm(batch, mean, std) if detector.use_norm else batch
+
+    restyles: dict[str, Restyle | None] = {
+        "as_fitted": None,
+        "per_image": per_image("channel"),
+        "per_image_scalar": per_image("scalar"),
+        "none": none,
+        "oracle": to_expert(oracle_mean, oracle_std),
+        "image_mean_oracle_std": split_rule(True),
+        "oracle_mean_image_std": split_rule(False),
+        "test_set": to_expert(test.mean(dim=(0, 2, 3), keepdim=True),
+                              test.std(dim=(0, 2, 3), keepdim=True)),
+    }
+    record: dict[str, object] = {
+        "benchmark": "tta_statistics", "model": args.model, "unseen": args.unseen,
+        "params": {key: detector.get_params()[key]
+                   for key in ("tta_statistics", "use_norm")},
+        "n_test": len(labels), "n_reference": len(reference),
+        "image_auroc": {name: round(float(roc_auc_score(labels, image_scores(
+            detector, test, restyle))), 4) for name, restyle in restyles.items()},
+    }
+    # Per-image statistics as anomaly scores on their own.
+    spread = (test.std(dim=(2, 3)) / (std + eps)).median(dim=1).values
+    shift = ((test.mean(dim=(2, 3)) - mean).abs() / (std + eps)).median(dim=1).values
+    record["statistic_as_score_auroc"] = {
+        "image_std": round(float(roc_auc_score(labels, spread.cpu().numpy())), 4),
+        "image_mean_shift": round(float(roc_auc_score(labels, shift.cpu().numpy())), 4)}
+    if args.batch_order:
+        orders = {"file_order": np.arange(len(labels)), **{
+            f"shuffled_{seed}": np.random.default_rng(seed).permutation(len(labels))
+            for seed in range(3)}}
+        record["batch_order_auroc"] = {
+            name: round(float(roc_auc_score(labels, image_scores(detector, test, None, order))),
+                        4) for name, order in orders.items()}
+        record["batch_order_auroc"]["one_at_a_time"] = round(float(roc_auc_score(
+            labels, image_scores(detector, test, None, batch_size=1))), 4)
+    print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+    main()
