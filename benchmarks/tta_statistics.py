@@ -1,4 +1,5 @@
-"""Which statistics should Adapted-MoE's test-time adaption use? An analysis of one fitted model.
+"""Which statistics should Adapted-MoE's test-time adaption use, and which expert detects an
+unseen subclass? An analysis of one fitted model.
 
 Takes a fitted single-expert Adapted-MoE (``use_moe=False``, ``use_tta=True``) from an
 unseen-subclass run (e.g. ``benchmarks/adapted_moe_unseen_subclass.py``'s ``tta`` runs) and
@@ -17,6 +18,10 @@ re-stylings, changing nothing but the statistics (mean, std) the features are re
 It also scores the images by their per-image statistics alone (median over channels of the
 image's std, and of its mean's distance, in units of the expert's training std): when those
 separate defective from normal images, per-image re-styling removes anomaly evidence.
+
+For a mixture (``use_moe=True``) it reports instead each expert's mean routing weight on the
+unseen subclass and its image AUROC alone, with and without test-time adaption: whether the
+experts the routing prefers are the ones that detect best.
 
 With ``--batch-order`` it scores a ``tta_statistics="batch"`` model in file order (test images
 grouped by label), in shuffled orders and one image at a time: a batch-dependent score must not
@@ -54,10 +59,11 @@ def features_of(detector: Detector, samples: SampleSet) -> tuple[torch.Tensor, n
 
 
 def image_scores(detector: Detector, features: torch.Tensor, restyle: Restyle | None,
-                 order: np.ndarray | None = None, batch_size: int = 16) -> np.ndarray:
-    """Image scores (maximum patch score) of the single expert seeing ``restyle(batch)``, or
-    the model's own rule (``restyle`` None), in batches of ``batch_size`` taken in ``order``."""
-    head = detector.experts_[0]
+                 order: np.ndarray | None = None, batch_size: int = 16, expert: int = 0
+                 ) -> np.ndarray:
+    """Image scores (maximum patch score) of expert ``expert`` alone seeing ``restyle(batch)``,
+    or of the whole model (``restyle`` None), in batches of ``batch_size`` taken in ``order``."""
+    head = detector.experts_[expert]
     order = np.arange(len(features)) if order is None else order
     scores = np.empty(len(features))
     with torch.no_grad():
@@ -75,6 +81,38 @@ def image_scores(detector: Detector, features: torch.Tensor, restyle: Restyle | 
     return scores
 
 
+def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    return round(float(roc_auc_score(labels, scores)), 4)
+
+
+def experts_alone(detector: Detector, features: torch.Tensor, labels: np.ndarray
+                  ) -> dict[str, dict[str, float]]:
+    """For each expert of a mixture: its mean routing weight on ``features`` and its image
+    AUROC alone, with its test-time adaption and without (only the Eq. 6 norm)."""
+    with torch.no_grad():
+        weights = torch.cat([detector._expert_weights(batch) for batch in features.split(16)])
+    report = {}
+    for expert, name in enumerate(detector.expert_names):
+        mean, std = detector.statistics_.mean[expert], detector.statistics_.std[expert]
+
+        def adapted(batch: torch.Tensor, expert: int = expert) -> torch.Tensor:
+            return detector._expert_inputs(batch, expert)
+
+        def unadapted(batch: torch.Tensor, mean: torch.Tensor = mean,
+                      std: torch.Tensor = std) -> torch.Tensor:
+            # The Eq. 6 norm comes with TTA: without TTA the model never applies it.
+            if detector.use_tta and detector.use_norm:
+                return rescale_to_expert_norm(batch, mean, std)
+            return batch
+
+        report[name] = {
+            "routing_weight": round(float(weights[:, expert].mean()), 4),
+            "alone": auroc(labels, image_scores(detector, features, adapted, expert=expert)),
+            "alone_without_tta": auroc(labels, image_scores(detector, features, unadapted,
+                                                            expert=expert))}
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("model", help="a saved single-expert Adapted-MoE (use_moe=False)")
@@ -84,11 +122,22 @@ def main() -> None:
     parser.add_argument("--batch-order", action="store_true")
     args = parser.parse_args()
     detector = Detector.load(args.model)
-    if detector.name != "adapted_moe" or detector.use_moe or not detector.use_tta:
-        raise SystemExit(f"{args.model}: needs an Adapted-MoE fitted with use_moe=False and "
-                         "use_tta=True")
+    if detector.name != "adapted_moe":
+        raise SystemExit(f"{args.model}: needs an Adapted-MoE model")
     samples = load_dataset(args.data, [args.category] if args.category else None)
     test, labels = features_of(detector, samples.where(split="test", subclass=args.unseen))
+    record: dict[str, object] = {
+        "benchmark": "tta_statistics", "model": args.model, "unseen": args.unseen,
+        "params": {key: detector.get_params()[key]
+                   for key in ("use_moe", "use_tta", "tta_statistics", "use_norm")},
+        "n_test": len(labels), "image_auroc_as_fitted": auroc(labels, image_scores(
+            detector, test, None))}
+    if detector.use_moe:
+        record["experts"] = experts_alone(detector, test, labels)
+        print(json.dumps(record), flush=True)
+        return
+    if not detector.use_tta:
+        raise SystemExit(f"{args.model}: a single-expert model needs use_tta=True")
     reference, _ = features_of(detector, samples.where(split="train", subclass=args.unseen))
     if len(reference) < 2:
         raise SystemExit(f"{args.data}: the oracle needs training normals of {args.unseen}")
@@ -118,8 +167,7 @@ def main() -> None:
     def none(batch: torch.Tensor) -> torch.Tensor:
         return rescale_to_expert_norm(batch, mean, std) if detector.use_norm else batch
 
-    restyles: dict[str, Restyle | None] = {
-        "as_fitted": None,
+    restyles: dict[str, Restyle] = {
         "per_image": per_image("channel"),
         "per_image_scalar": per_image("scalar"),
         "none": none,
@@ -129,29 +177,23 @@ def main() -> None:
         "test_set": to_expert(test.mean(dim=(0, 2, 3), keepdim=True),
                               test.std(dim=(0, 2, 3), keepdim=True)),
     }
-    record: dict[str, object] = {
-        "benchmark": "tta_statistics", "model": args.model, "unseen": args.unseen,
-        "params": {key: detector.get_params()[key]
-                   for key in ("tta_statistics", "use_norm")},
-        "n_test": len(labels), "n_reference": len(reference),
-        "image_auroc": {name: round(float(roc_auc_score(labels, image_scores(
-            detector, test, restyle))), 4) for name, restyle in restyles.items()},
-    }
+    record["n_reference"] = len(reference)
+    record["image_auroc"] = {name: auroc(labels, image_scores(detector, test, restyle))
+                             for name, restyle in restyles.items()}
     # Per-image statistics as anomaly scores on their own.
     spread = (test.std(dim=(2, 3)) / (std + eps)).median(dim=1).values
     shift = ((test.mean(dim=(2, 3)) - mean).abs() / (std + eps)).median(dim=1).values
-    record["statistic_as_score_auroc"] = {
-        "image_std": round(float(roc_auc_score(labels, spread.cpu().numpy())), 4),
-        "image_mean_shift": round(float(roc_auc_score(labels, shift.cpu().numpy())), 4)}
+    record["statistic_as_score_auroc"] = {"image_std": auroc(labels, spread.cpu().numpy()),
+                                          "image_mean_shift": auroc(labels, shift.cpu().numpy())}
     if args.batch_order:
         orders = {"file_order": np.arange(len(labels)), **{
             f"shuffled_{seed}": np.random.default_rng(seed).permutation(len(labels))
             for seed in range(3)}}
         record["batch_order_auroc"] = {
-            name: round(float(roc_auc_score(labels, image_scores(detector, test, None, order))),
-                        4) for name, order in orders.items()}
-        record["batch_order_auroc"]["one_at_a_time"] = round(float(roc_auc_score(
-            labels, image_scores(detector, test, None, batch_size=1))), 4)
+            name: auroc(labels, image_scores(detector, test, None, order))
+            for name, order in orders.items()}
+        record["batch_order_auroc"]["one_at_a_time"] = auroc(
+            labels, image_scores(detector, test, None, batch_size=1))
     print(json.dumps(record), flush=True)
 
 
