@@ -11,7 +11,8 @@ re-stylings, changing nothing but the statistics (mean, std) the features are re
 - ``oracle``: per-channel statistics of the unseen subclass's *training* normals (images the
   model never saw; an upper bound of what any re-styling toward the expert can give, not a
   deployable rule), and the two halves of it: the image's own mean with the oracle std, and
-  the oracle mean with the image's own std;
+  the oracle mean with the image's own std; ``reference_K``: the same from K seeded
+  training normals only (what a user could supply for a new variant);
 - ``test set``: per-channel statistics over all test images together (the limit of
   ``tta_statistics="batch"`` with a large batch).
 
@@ -46,6 +47,16 @@ from iadkit.methods import Detector
 from iadkit.methods.simplenet.mixture import adapt_statistics, rescale_to_expert_norm
 
 Restyle = Callable[[torch.Tensor], torch.Tensor]
+#: How many of the unseen subclass's training normals the few-shot references take.
+REFERENCE_COUNTS = (1, 4, 16)
+
+
+def reference_statistics(reference: torch.Tensor, count: int, seed: int = 0
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std over ``count`` seeded images of ``reference`` (N, C, h, w)."""
+    chosen = reference[torch.randperm(len(reference), generator=torch.Generator().manual_seed(
+        seed))[:count]]
+    return chosen.mean(dim=(0, 2, 3), keepdim=True), chosen.std(dim=(0, 2, 3), keepdim=True)
 
 
 def features_of(detector: Detector, samples: SampleSet) -> tuple[torch.Tensor, np.ndarray]:
@@ -174,6 +185,8 @@ def main() -> None:
         "oracle": to_expert(oracle_mean, oracle_std),
         "image_mean_oracle_std": split_rule(True),
         "oracle_mean_image_std": split_rule(False),
+        **{f"reference_{count}": to_expert(*reference_statistics(reference, count))
+           for count in REFERENCE_COUNTS if count < len(reference)},
         "test_set": to_expert(test.mean(dim=(0, 2, 3), keepdim=True),
                               test.std(dim=(0, 2, 3), keepdim=True)),
     }
