@@ -25,10 +25,12 @@ line per (split, configuration), then one per configuration with the mean over t
 resumable (results under ``--out`` are kept: delete it to measure afresh). ``--param
 key=value`` overrides a hyperparameter in every configuration (e.g. ``tta_statistics=batch``);
 the configuration's name then carries the overrides (``tta+tta_statistics=batch``), so variants
-keep their own results and runs. Usage::
+keep their own results and runs; ``--reference-normals K`` (with ``--param
+tta_statistics=reference``) gives TTA K training normals of the unseen subclass. Usage::
 
     .venv/bin/python benchmarks/adapted_moe_unseen_subclass.py [--splits elpv-poly deeppcb]
         [--epochs 8] [--out /tmp/iadkit-moe] [--elpv DIR] [--param key=value ...]
+        [--reference-normals K]
 """
 
 from __future__ import annotations
@@ -149,28 +151,33 @@ def prepare(split: str, root: Path, elpv: Path, deeppcb_unseen: str
     return seen, [unseen]
 
 
-def variant_name(config: str, overrides: dict[str, object]) -> str:
+def variant_name(config: str, overrides: dict[str, object], reference_normals: int = 0) -> str:
     """The configuration's name with its overrides: ``tta+tta_statistics=batch``."""
-    return "+".join([config, *(f"{key}={value}" for key, value in sorted(overrides.items()))])
+    settings = {**overrides, **({"reference_normals": reference_normals}
+                                if reference_normals else {})}
+    return "+".join([config, *(f"{key}={value}" for key, value in sorted(settings.items()))])
 
 
 def run(split: str, name: str, root: Path, seen: list[str], unseen: list[str], epochs: int,
-        overrides: dict[str, object], out: Path) -> dict[str, object]:
-    variant = variant_name(name, overrides)
+        overrides: dict[str, object], reference_normals: int, out: Path) -> dict[str, object]:
+    variant = variant_name(name, overrides, reference_normals)
     return kept_record(out / "results" / f"{split}-{variant}.json",
-                       lambda: measure(split, name, root, seen, unseen, epochs, overrides, out))
+                       lambda: measure(split, name, root, seen, unseen, epochs, overrides,
+                                       reference_normals, out))
 
 
 def measure(split: str, name: str, root: Path, seen: list[str], unseen: list[str], epochs: int,
-            overrides: dict[str, object], out: Path) -> dict[str, object]:
+            overrides: dict[str, object], reference_normals: int, out: Path
+            ) -> dict[str, object]:
     from iadkit.engine import RunConfig, fit_run, test_run
 
     config = RunConfig(method="adapted_moe", data=str(root), setting="unseen-subclass",
                        seen_subclasses=seen, unseen_subclasses=unseen, calibration="none",
                        validation_fraction=0,
                        params={**CONFIGS[name], "epochs": epochs, **overrides},
-                       device="auto", show_progress=False)
-    variant = variant_name(name, overrides)
+                       reference_normals=reference_normals, device="auto",
+                       show_progress=False)
+    variant = variant_name(name, overrides, reference_normals)
     run_dir = out / "runs" / split / variant
     started = time.perf_counter()
     fit_run(config, run_dir, resume=True)
@@ -200,6 +207,8 @@ def main() -> None:
     parser.add_argument("--elpv", default=str(Path(tempfile.gettempdir()) / "iadkit-elpv"))
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                         help="hyperparameter override for every configuration")
+    parser.add_argument("--reference-normals", type=int, default=0,
+                        help="training normals of the unseen subclass given to TTA")
     args = parser.parse_args()
     overrides = {key: yaml.safe_load(value)
                  for key, value in (text.split("=", 1) for text in args.param)}
@@ -209,10 +218,12 @@ def main() -> None:
         root = out / "data" / split
         seen, unseen = prepare(split, root, Path(args.elpv), args.deeppcb_unseen)
         for name in args.configs:
-            record = run(split, name, root, seen, unseen, args.epochs, overrides, out)
+            record = run(split, name, root, seen, unseen, args.epochs, overrides,
+                         args.reference_normals, out)
             records.append(record)
             print(json.dumps(record), flush=True)
-    for name in (variant_name(config, overrides) for config in args.configs):
+    for name in (variant_name(config, overrides, args.reference_normals)
+                 for config in args.configs):
         real = [r for r in records if r["config"] == name and r["split"] in REAL_SPLITS]
         if not real:
             continue

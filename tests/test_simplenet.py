@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from iadkit.data import generate_dataset, load_dataset, make_loader
 from iadkit.data.samples import SampleSet
 from iadkit.errors import ConfigError, IadkitError
 from iadkit.methods import Detector, create_detector
+from iadkit.methods.simplenet.adapted_moe import AdaptedMoE
 from iadkit.methods.simplenet.mixture import (
     RoutingNetwork,
     adapt_statistics,
@@ -96,6 +98,20 @@ def test_tta_output_has_the_target_statistics(statistics: str) -> None:
     normalised = adapt_statistics(features, target_mean, target_std, statistics, normalize=True)
     expected = float((target_mean**2 + target_std**2).sum().sqrt())
     torch.testing.assert_close(normalised.norm(dim=1), torch.full((3, 7, 7), expected))
+
+
+def test_reference_statistics_re_style_like_the_batch_rule_on_the_reference_itself() -> None:
+    generator = torch.Generator().manual_seed(4)
+    features = torch.randn(4, 6, 5, 5, generator=generator) * 3 + 1
+    target_mean, target_std = torch.linspace(-1, 1, 6), torch.linspace(0.5, 2, 6)
+    reference = (features.mean(dim=(0, 2, 3)), features.std(dim=(0, 2, 3)))
+    for normalize in (False, True):
+        torch.testing.assert_close(
+            adapt_statistics(features, target_mean, target_std, "reference", normalize,
+                             reference=reference),
+            adapt_statistics(features, target_mean, target_std, "batch", normalize))
+    with pytest.raises(ValueError, match="reference"):
+        adapt_statistics(features, target_mean, target_std, "reference")
 
 
 def test_fusion_weights_sum_to_one_over_the_top_k() -> None:
@@ -214,6 +230,37 @@ def test_experts_train_on_unadapted_features_unless_asked(
     torch.testing.assert_close(restyled._expert_training_inputs(features, 1), seen_at_test)
 
 
+def test_reference_tta_re_styles_from_the_given_normals(fitted_moe: tuple[Detector, SampleSet],
+                                                       tmp_path: Path) -> None:
+    detector, samples = fitted_moe
+    adapted = copy.deepcopy(detector)
+    adapted.tta_statistics = "reference"
+    images = next(iter(make_loader(samples.where(split="test"), adapted.preprocess,
+                                   batch_size=4)))["image"]
+    with pytest.raises(IadkitError, match="adapt_to_references"):
+        adapted.predict(images)
+    references = make_loader(samples.where(split="train", subclass="s2"), adapted.preprocess,
+                             batch_size=3)
+    adapted.adapt_to_references(references)
+    features = torch.cat([adapted.patch_features(batch["image"]) for batch in references])
+    torch.testing.assert_close(adapted.reference_.mean[0], features.mean(dim=(0, 2, 3)),
+                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(adapted.reference_.std[0], features.std(dim=(0, 2, 3)),
+                               atol=1e-4, rtol=1e-4)
+    scores = adapted.predict(images).scores
+    assert not torch.allclose(scores, detector.predict(images).scores)
+    # The references are saved with the model: adapted once, it is deployed as it is.
+    reloaded = Detector.load(adapted.save(tmp_path / "adapted"))
+    assert torch.equal(reloaded.predict(images).scores, scores)
+    # A model saved before adapting loads, then asks for its references.
+    waiting = copy.deepcopy(adapted)
+    waiting.reference_ = None
+    with pytest.raises(IadkitError, match="adapt_to_references"):
+        Detector.load(waiting.save(tmp_path / "waiting")).predict(images)
+    with pytest.raises(IadkitError, match="tta_statistics='reference'"):
+        detector.adapt_to_references(references)
+
+
 def test_routing_learns_the_subclasses(fitted_moe: tuple[Detector, SampleSet]) -> None:
     detector, samples = fitted_moe
     assert detector.expert_names == ["s0", "s1", "s2"]
@@ -282,6 +329,42 @@ def test_unseen_subclass_run_reports_each_unseen_subclass(three_styles: Path,
     assert results["image_auroc"] == results["per_category"]["s2"]["image_auroc"]
     saved = Detector.load(tmp_path / "run" / "models" / "seen-s0+s1")
     assert saved.expert_names == ["s0", "s1"]
+
+
+def test_reference_normals_are_drawn_from_the_unseen_subclass_training_images(
+        three_styles: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from iadkit.engine import RunConfig, fit_run, test_run
+
+    params = {"epochs": 1, "tta_statistics": "reference",
+              **{k: v for k, v in SMALL.items() if k != "device"}}
+    base = dict(method="adapted_moe", data=str(three_styles), setting="unseen-subclass",
+                unseen_subclasses=["s2"], device="cpu", show_progress=False, params=params)
+    refused = tmp_path / "refused"
+    for settings, message in [({}, "reference_normals >= 1"),
+                              ({"reference_normals": 2, "calibration": "holdout"},
+                               "calibration none"),
+                              ({"reference_normals": 17}, "'s2' has 16 training normals"),
+                              ({"reference_normals": 2, "params": {**params,
+                                "tta_statistics": "channel"}}, "uses no reference images")]:
+        with pytest.raises(ConfigError, match=message):
+            fit_run(RunConfig(**{**base, **settings}), refused)
+    assert not refused.exists()
+    given: list[SampleSet] = []
+    adapt = AdaptedMoE.adapt_to_references
+
+    def recorded(self: AdaptedMoE, references: Any) -> AdaptedMoE:
+        given.append(references.dataset.samples)
+        return adapt(self, references)
+
+    monkeypatch.setattr(AdaptedMoE, "adapt_to_references", recorded)
+    fit_run(RunConfig(**base, reference_normals=3), tmp_path / "run")
+    first, _ = test_run(tmp_path / "run")
+    second, _ = test_run(tmp_path / "run")
+    assert len(given) == 2 and len(given[0]) == 3
+    assert all(s.split == "train" and s.subclass == "s2" for s in given[0])
+    assert [s.image_path for s in given[0]] == [s.image_path for s in given[1]]
+    assert first["per_category"]["s2"]["image_auroc"] == \
+        second["per_category"]["s2"]["image_auroc"]
 
 
 def test_adapted_moe_needs_subclasses_and_valid_options() -> None:

@@ -70,6 +70,7 @@ def _run_config(args: argparse.Namespace) -> Any:
         "validation_fraction": args.validation_fraction, "calibration": args.calibration,
         "target_fpr": args.target_fpr, "fpr_confidence": args.fpr_confidence,
         "seen_subclasses": args.seen, "unseen_subclasses": args.unseen,
+        "reference_normals": args.reference_normals,
     }
     values.update({k: v for k, v in flags.items() if v is not None})
     search = {"stages": args.search if args.search in (None, "default")
@@ -490,6 +491,10 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
                         "absolute-unified, unseen-subclass")
     parser.add_argument("--seen", action="append", help="seen subclass (unseen-subclass setting)")
     parser.add_argument("--unseen", action="append", help="unseen subclass")
+    parser.add_argument("--reference-normals", type=int, help="unseen-subclass setting: how "
+                        "many training normals of each unseen subclass a detector that adapts "
+                        "to it (adapted_moe, tta_statistics=reference) is given before it is "
+                        "tested")
     parser.add_argument("--param", action="append", type=_parse_param, metavar="KEY=VALUE",
                         help="override a hyperparameter (value parsed as YAML)")
     parser.add_argument("--config", help="YAML file of run settings")

@@ -35,6 +35,9 @@ class Task:
         test_groups: group name -> test samples; metrics are computed per group.
         pooled: also compute one metric set over all groups together (absolute-unified).
         validation: extra normal images the layout provides (used for calibration).
+        references: group name -> that group's normal training images, which the task never
+            trains on (unseen-subclass: each unseen subclass's); a detector that adapts to
+            the subclass under test (run setting ``reference_normals``) draws a few from them.
     """
 
     name: str
@@ -42,6 +45,7 @@ class Task:
     test_groups: dict[str, SampleSet]
     pooled: bool = False
     validation: SampleSet = field(default_factory=lambda: SampleSet([]))
+    references: dict[str, SampleSet] = field(default_factory=dict)
 
 
 def _split(samples: SampleSet) -> tuple[SampleSet, SampleSet, SampleSet]:
@@ -109,4 +113,5 @@ def _unseen_subclass_task(
     if empty:
         raise DatasetError(f"unseen subclasses {empty} have no test images")
     return Task("seen-" + "+".join(seen), train.where(subclass=seen), groups,
-                validation=validation.filter(lambda s: s.subclass in seen))
+                validation=validation.filter(lambda s: s.subclass in seen),
+                references={s: train.where(subclass=s) for s in unseen})

@@ -114,6 +114,10 @@ def plan_calibration(config: RunConfig, detector: Detector, task: Task) -> Calib
     """
     choice = config.calibration
     layout_split = len(task.validation) > 0
+    if choice == "auto" and detector.needs_references:
+        # Scores are made against references of the subclass under test, which the seen
+        # subclasses' normals are not.
+        choice = "none"
     if choice == "auto":
         choice = ("leave-one-out" if detector.supports_leave_one_out and not layout_split
                   else "holdout" if layout_split or config.validation_fraction > 0 else "none")

@@ -64,6 +64,10 @@ class RunConfig:
         fpr_confidence: with this probability (over the draw of the calibration images).
         search: choose inference parameters after fitting, on a pseudo-validation set made
             from the held-out normals (see :class:`SearchSettings`); None keeps them as given.
+        reference_normals: unseen-subclass setting, for a detector that adapts to the subclass
+            under test (:attr:`Detector.needs_references`): how many of each unseen
+            subclass's training normals (seeded draw; never trained on) it is given before
+            that subclass is tested.
         batch_size: images per batch when predicting.
         workers: DataLoader worker processes.
         device: "auto" (CUDA when present), "cpu", "cuda", ...
@@ -85,6 +89,7 @@ class RunConfig:
     target_fpr: float = run_setting(Number(float, 0, 0.5, low_open=True), 0.01, model=True)
     fpr_confidence: float = run_setting(Number(float, 0.5, 1, high_open=True), 0.9, model=True)
     search: SearchSettings | None = run_setting(None, None, model=True)
+    reference_normals: int = run_setting(Number(int, 0), 0)
     batch_size: int = run_setting(Number(int, 1), 16)
     workers: int = run_setting(Number(int, 0), 0)
     device: str = run_setting(Text(), "auto")
@@ -133,6 +138,32 @@ class RunConfig:
     def tasks(self, data: str | None = None, categories: list[str] | None = None) -> list[Task]:
         samples = load_dataset(data or self.data, categories or self.categories, self.layout)
         return make_tasks(samples, self.setting, self.seen_subclasses, self.unseen_subclasses)
+
+    def check_references(self, detector: Detector, tasks: list[Task]) -> None:
+        """Refuse, before any training, a reference setting the detector or the data cannot
+        serve."""
+        if not detector.needs_references:
+            if self.reference_normals:
+                raise ConfigError(f"run setting reference_normals: {detector.name} with these "
+                                  "hyperparameters uses no reference images (adapted_moe "
+                                  "with tta_statistics='reference' does)")
+            return
+        if self.setting != "unseen-subclass" or self.reference_normals < 1:
+            raise ConfigError(f"{detector.name}: tta_statistics='reference' needs normal images "
+                              "of each tested subclass: use the unseen-subclass setting with "
+                              "reference_normals >= 1")
+        if self.calibration not in ("auto", "none") or self.search is not None:
+            raise ConfigError(f"{detector.name}: tta_statistics='reference' scores each subclass "
+                              "against its own references, so a threshold or a search on the "
+                              "seen subclasses' normals does not carry over: use calibration "
+                              "none and no search")
+        for task in tasks:
+            for name in task.test_groups:
+                available = len(task.references.get(name, ()))
+                if available < self.reference_normals:
+                    raise ConfigError(f"run setting reference_normals={self.reference_normals}: "
+                                      f"unseen subclass {name!r} has {available} training "
+                                      "normals to draw them from")
 
     def new_detector(self) -> Detector:
         return create_detector(self.method, self.preset, device=self.device, seed=self.seed,

@@ -17,7 +17,7 @@ import torch
 
 from .. import distributed, metrics
 from ..calibration import Calibration, rate_interval
-from ..data.dataset import image_units_loader
+from ..data.dataset import image_units_loader, make_loader
 from ..data.preprocess import Preprocess, predict_by_units
 from ..data.samples import SampleSet
 from ..data.settings import Task
@@ -208,18 +208,34 @@ def _check_masks(name: str, group: SampleSet) -> None:
                            "category at image level only")
 
 
+def adapt_to_references(detector: Detector, references: SampleSet, count: int, seed: int,
+                        batch_size: int = 16, workers: int = 0) -> None:
+    """Give the detector ``count`` of a test group's reference normals, a seeded draw."""
+    if len(references) < count:
+        raise DatasetError(f"{count} reference normals asked, {len(references)} available")
+    order = np.random.default_rng(seed).permutation(len(references))[:count]
+    chosen = SampleSet(references[int(i)] for i in sorted(order))
+    detector.adapt_to_references(make_loader(chosen, detector.preprocess, batch_size, workers))
+
+
 def evaluate_task(detector: Detector, task: Task, batch_size: int = 16, workers: int = 0,
-                  show_progress: bool = False) -> TaskEvaluation:
+                  show_progress: bool = False, reference_normals: int = 0, seed: int = 0
+                  ) -> TaskEvaluation:
     """Metrics per test group (and pooled for absolute-unified tasks), with the decision at
     the detector's calibrated threshold: a group of one category uses that category's own
     threshold when a unified model has one; pooled images, whose category is not known to the
-    model, use the common one."""
+    model, use the common one. A detector that adapts to the subclass under test is first
+    given ``reference_normals`` of the group's reference normals (see
+    :func:`adapt_to_references`)."""
     calibration = detector.calibration
     per_group, predictions = {}, {}
     for name, group in task.test_groups.items():
         if len(group) == 0:
             raise IadkitError(f"test group {name!r} of task {task.name!r} has no images")
         _check_masks(name, group)
+        if detector.needs_references and reference_normals:
+            adapt_to_references(detector, task.references.get(name, SampleSet([])),
+                                reference_normals, seed, batch_size, workers)
         predicted = predict_samples(detector, group, batch_size, workers, show_progress,
                                     f"test {name}")
         predictions[name] = predicted

@@ -87,6 +87,7 @@ def fit_run(config: RunConfig, run_dir: str | Path, resume: bool = False) -> lis
         config.search.check(detector)
     detector.check_resources()
     tasks = config.tasks()
+    config.check_references(detector, tasks)
     plans = {task.name: plan_calibration(config, detector, task) for task in tasks}
     run_dir.mkdir(parents=True, exist_ok=True)
     record = {"config": config.to_dict(), "data_as_given": data_as_given,
@@ -201,7 +202,7 @@ def test_run(run_dir: str | Path, data: str | None = None, categories: list[str]
         if chosen is not None:
             chosen.check_model(task.name, detector.calibration)
         evaluations.append(evaluate_task(detector, task, config.batch_size, config.workers,
-                                         show_progress))
+                                         show_progress, config.reference_normals, config.seed))
     results = summarise(evaluations, config.setting)
     if chosen is not None:
         results["protocol"] = protocol_results(chosen, evaluations, views)

@@ -127,6 +127,9 @@ class Detector(ABC):
     tiny_params: ClassVar[dict[str, Any]] = {}
     #: Whether :meth:`predict` needs each image's category (class-aware references only).
     needs_categories: bool = False
+    #: Whether :meth:`predict` needs :meth:`adapt_to_references` first: statistics of a few
+    #: normal images of the subclass under test (Adapted-MoE with tta_statistics="reference").
+    needs_references: bool = False
     #: Whether :meth:`predict_left_out` can score a training image as if the detector had been
     #: fitted without it (memory banks: leave its own entries out), which gives calibration
     #: scores for every training normal instead of a held-out share.
@@ -325,6 +328,11 @@ class Detector(ABC):
         if not torch.isfinite(prediction.scores).all() or not torch.isfinite(prediction.anomaly_maps).all():
             raise IadkitError(f"{self._label}: the model produced NaN or infinite scores")
         return Prediction(prediction.anomaly_maps.float().cpu(), prediction.scores.float().cpu())
+
+    def adapt_to_references(self, references: Iterable[dict[str, torch.Tensor]]) -> Detector:
+        """Adapt to the subclass about to be tested from batches of a few of its normal images
+        (only detectors with :attr:`needs_references`)."""
+        raise IadkitError(f"{self._label}: this detector does not adapt to reference images")
 
     @torch.no_grad()
     def predict_left_out(self, images: torch.Tensor | np.ndarray,

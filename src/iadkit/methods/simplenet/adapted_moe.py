@@ -32,11 +32,11 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-from ...errors import IadkitError
+from ...errors import IadkitError, NotFittedError
 from ...validation import Choice, Flag, Number
 from .. import register
 from ..hyperparameters import hyperparameter
-from ..training import FrozenFeatures, TrainingImages
+from ..training import FrozenFeatures, TrainingImages, load_module_states
 from .mixture import (
     ROUTING_SCORES,
     TTA_STATISTICS,
@@ -110,7 +110,9 @@ class AdaptedMoE(SimpleNet):
     routing_temperature: float = hyperparameter(1.0, Number(float, 0, low_open=True),
                                                 "softmax temperature of the routing weights")
     tta_statistics: str = hyperparameter("channel", Choice(*TTA_STATISTICS), "see "
-                                         "adapt_statistics")
+                                         "adapt_statistics; 'reference': from a few normal "
+                                         "images of the subclass under test "
+                                         "(adapt_to_references)")
     tta_in_training: bool = hyperparameter(False, Flag(), "also re-style the experts' "
                                            "training features (false: test time only, as "
                                            "in the paper)")
@@ -131,6 +133,7 @@ class AdaptedMoE(SimpleNet):
     def _create_networks(self, num_experts: int) -> None:
         super()._create_networks(num_experts)
         self.statistics_ = ExpertStatistics(num_experts, self.feature_dim).to(self.torch_device)
+        self.reference_: ExpertStatistics | None = None
         if self.use_moe:
             self.router_ = RoutingNetwork(self.feature_dim, num_experts, self.use_norm)
             self.router_.to(self.torch_device)
@@ -139,6 +142,8 @@ class AdaptedMoE(SimpleNet):
         modules = {**super()._trained_modules(), "statistics": self.statistics_}
         if self.use_moe:
             modules["router"] = self.router_
+        if self.reference_ is not None:
+            modules["reference"] = self.reference_
         return modules
 
     def _make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
@@ -171,17 +176,30 @@ class AdaptedMoE(SimpleNet):
     def _expert_inputs(self, features: torch.Tensor, expert: int) -> torch.Tensor:
         if not self.use_tta:
             return features
+        reference = None
+        if self.needs_references:
+            if self.reference_ is None:
+                raise IadkitError(f"{self._label}: tta_statistics='reference' re-styles from "
+                                  "normal images of the subclass under test: call "
+                                  "adapt_to_references first (the run setting "
+                                  "reference_normals does it)")
+            reference = (self.reference_.mean[0], self.reference_.std[0])
         return adapt_statistics(features, self.statistics_.mean[expert],
                                 self.statistics_.std[expert], self.tta_statistics,
-                                normalize=self.use_norm)
+                                normalize=self.use_norm, reference=reference)
 
     def _expert_training_inputs(self, features: torch.Tensor, expert: int) -> torch.Tensor:
-        if not self.use_tta or self.tta_in_training:
-            return self._expert_inputs(features, expert)
-        if not self.use_norm:
+        mean, std = self.statistics_.mean[expert], self.statistics_.std[expert]
+        if not self.use_tta:
             return features
-        return rescale_to_expert_norm(features, self.statistics_.mean[expert],
-                                      self.statistics_.std[expert])
+        if not self.tta_in_training:
+            return rescale_to_expert_norm(features, mean, std) if self.use_norm else features
+        if self.needs_references:
+            # A training image belongs to its expert's subclass, whose statistics are the
+            # expert's own.
+            return adapt_statistics(features, mean, std, "reference", normalize=self.use_norm,
+                                    reference=(mean, std))
+        return self._expert_inputs(features, expert)
 
     def _batch_loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if not self.use_moe:
@@ -197,6 +215,64 @@ class AdaptedMoE(SimpleNet):
     def _after_step(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         if self.use_moe and self.routing_loss == "center":
             self.router_.update_centres(self._last_embeddings, labels, self.center_rate)
+
+    # -- test-time references -----------------------------------------------------------------
+    @property
+    def needs_references(self) -> bool:  # type: ignore[override]
+        """Whether TTA re-styles from normal images of the subclass under test
+        (``tta_statistics="reference"``): :meth:`adapt_to_references` comes before predict."""
+        return self.use_tta and self.tta_statistics == "reference"
+
+    @torch.no_grad()
+    def adapt_to_references(self, references: Iterable[dict[str, torch.Tensor]]
+                            ) -> AdaptedMoE:
+        """Take TTA's statistics from a few normal images of the subclass about to be tested.
+
+        The per-channel mean and std of their patch features stand in for each test image's
+        own (which include its defect; docs/simplenet.md, "Why test-time adaption failed on
+        unseen mono cells": one to sixteen images sufficed there). They are saved with the
+        detector, so a model adapted once to a new product variant can be deployed as it is.
+
+        Args:
+            references: batches (``make_loader`` dicts with an ``"image"`` entry) of
+                preprocessed normal images of one subclass; a few, they are held in memory.
+
+        Example:
+            >>> detector.adapt_to_references(make_loader(variant_normals, detector.preprocess))
+        """
+        if not self.is_fitted:
+            raise NotFittedError(f"{self._label}: call fit() or load() before "
+                                 "adapt_to_references()")
+        if not self.needs_references:
+            raise IadkitError(f"{self._label}: adapt_to_references needs use_tta=True and "
+                              "tta_statistics='reference'")
+        features = [self.patch_features(batch["image"].to(self.torch_device))
+                    for batch in references]
+        if not features:
+            raise IadkitError(f"{self._label}: adapt_to_references was given no images")
+        statistics = ExpertStatistics(1, self.feature_dim).to(self.torch_device)
+        statistics.fit((batch, torch.zeros(len(batch), dtype=torch.long, device=batch.device))
+                       for batch in features)
+        self.reference_ = statistics
+        return self
+
+    def _load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        super()._load_state_tensors(tensors)
+        if any(key.startswith("reference.") for key in tensors):
+            self.reference_ = ExpertStatistics(1, self.feature_dim).to(self.torch_device)
+            load_module_states({"reference": self.reference_}, tensors)
+
+    def _probe(self) -> None:
+        if not self.needs_references or self.reference_ is not None:
+            super()._probe()
+            return
+        # A model still waiting for its references has weights to check all the same: probe
+        # with the first expert's own statistics as the reference.
+        self.reference_ = self.statistics_
+        try:
+            super()._probe()
+        finally:
+            self.reference_ = None
 
     # -- inference ----------------------------------------------------------------------------
     def _expert_weights(self, features: torch.Tensor) -> torch.Tensor:

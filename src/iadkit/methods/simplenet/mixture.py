@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-TTA_STATISTICS = ("channel", "scalar", "batch")
+TTA_STATISTICS = ("channel", "scalar", "batch", "reference")
 ROUTING_SCORES = ("centre", "classifier")
 
 
@@ -82,7 +82,8 @@ def rescale_to_expert_norm(features: torch.Tensor, target_mean: torch.Tensor,
 
 
 def adapt_statistics(features: torch.Tensor, target_mean: torch.Tensor, target_std: torch.Tensor,
-                     statistics: str = "channel", normalize: bool = True, eps: float = 1e-5
+                     statistics: str = "channel", normalize: bool = True, eps: float = 1e-5,
+                     reference: tuple[torch.Tensor, torch.Tensor] | None = None
                      ) -> torch.Tensor:
     """Test-time adaption (paper Eq. 5-6): re-style features to a target mean and std.
 
@@ -91,10 +92,13 @@ def adapt_statistics(features: torch.Tensor, target_mean: torch.Tensor, target_s
         target_mean, target_std: (C,) per-channel statistics of an expert's training features.
         statistics: what the source and target statistics are taken over: "channel" (per
             channel, over each image's positions; AdaIN-style), "scalar" (one mean and std per
-            image over all values) or "batch" (per channel over the whole batch).
+            image over all values), "batch" (per channel over the whole batch) or "reference"
+            (per channel, the given ``reference``).
         normalize: then L2-normalise each position's feature to the norm of the expert's
             training features (:func:`rescale_to_expert_norm`), so SimpleNet's noise stays as
             large relative to them as without adaption.
+        reference: for "reference": the (C,) per-channel mean and std of the features of a
+            few normal images of the subclass under test.
 
     Example:
         >>> x = torch.rand(2, 8, 5, 5)
@@ -112,6 +116,11 @@ def adapt_statistics(features: torch.Tensor, target_mean: torch.Tensor, target_s
     elif statistics == "batch":
         mean = features.mean(dim=(0, 2, 3), keepdim=True)
         std = features.std(dim=(0, 2, 3), keepdim=True)
+        target_mean, target_std = target_mean.view(1, -1, 1, 1), target_std.view(1, -1, 1, 1)
+    elif statistics == "reference":
+        if reference is None:
+            raise ValueError("statistics='reference' needs the reference mean and std")
+        mean, std = (value.view(1, -1, 1, 1) for value in reference)
         target_mean, target_std = target_mean.view(1, -1, 1, 1), target_std.view(1, -1, 1, 1)
     else:
         mean = features.mean(dim=(1, 2, 3), keepdim=True)
