@@ -16,7 +16,8 @@ Design decisions the paper leaves open (all options, defaults from METHODS.md):
 - TTA is a test-time step, as the paper describes it: experts train on their features as they
   are (L2-normalised with ``use_norm``). ``tta_in_training=True`` re-styles the training
   features the same way as the test ones; on unseen ELPV mono cells that made a discriminator
-  whose ranking of test images turned over (docs/simplenet.md, "Why TTA failed").
+  whose ranking of test images turned over (docs/simplenet.md, "Why test-time
+  adaption failed on unseen mono cells").
 - Eq. 6's L2 normalisation of adapted features rescales them to the norm of the expert's
   training features, so SimpleNet's noise keeps its size relative to them.
 - Centres start at the subclass means of the untrained router's embeddings, then follow the
