@@ -16,10 +16,10 @@ and an *oracle* that keeps SimpleNet's features and replaces its discriminator b
 nearest-neighbour distance, with the same upsampling, smoothing and maximum (``--bank
 coreset``: the bank is PatchCore's greedy coreset of the training patches instead, a
 ``--bank-fraction`` of them, so the oracle is PatchCore on SimpleNet's features): image and
-pixel AUROC of both, on the adapted and on the raw patch features. When the oracle separates the defects
-and the discriminator does not, the features are not what limits SimpleNet; when normal
-patches already lie further from the bank than the noise reaches, the discriminator calls
-normal variation anomalous.
+pixel AUROC of both, on the adapted and on the raw patch features. When the oracle separates
+the defects and the discriminator does not, the features are not what limits SimpleNet; when
+normal patches already lie further from the bank than the noise reaches, the discriminator
+calls normal variation anomalous.
 
 Usage::
 
