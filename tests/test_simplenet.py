@@ -16,7 +16,7 @@ from sklearn.metrics import roc_auc_score
 
 from iadkit.data import generate_dataset, load_dataset, make_loader
 from iadkit.data.samples import SampleSet
-from iadkit.errors import ConfigError, IadkitError
+from iadkit.errors import ConfigError, DatasetError, IadkitError
 from iadkit.methods import Detector, create_detector
 from iadkit.methods.simplenet.adapted_moe import AdaptedMoE
 from iadkit.methods.simplenet.mixture import (
@@ -259,6 +259,15 @@ def test_reference_tta_re_styles_from_the_given_normals(fitted_moe: tuple[Detect
         Detector.load(waiting.save(tmp_path / "waiting")).predict(images)
     with pytest.raises(IadkitError, match="tta_statistics='reference'"):
         detector.adapt_to_references(references)
+    # Testing on data with fewer reference normals than asked names the group.
+    from iadkit.data.settings import Task
+    from iadkit.engine.evaluation import evaluate_task
+
+    few = Task("seen-s0+s1", samples.where(split="train", subclass="s0"),
+               {"s2": samples.where(split="test", subclass="s2")},
+               references={"s2": SampleSet(list(samples.where(split="train", subclass="s2"))[:2])})
+    with pytest.raises(DatasetError, match="test group 's2': 3 reference normals asked, 2"):
+        evaluate_task(adapted, few, reference_normals=3)
 
 
 def test_routing_learns_the_subclasses(fitted_moe: tuple[Detector, SampleSet]) -> None:

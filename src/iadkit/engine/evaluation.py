@@ -208,11 +208,15 @@ def _check_masks(name: str, group: SampleSet) -> None:
                            "category at image level only")
 
 
-def adapt_to_references(detector: Detector, references: SampleSet, count: int, seed: int,
-                        batch_size: int = 16, workers: int = 0) -> None:
-    """Give the detector ``count`` of a test group's reference normals, a seeded draw."""
+def adapt_to_references(detector: Detector, group: str, references: SampleSet, count: int,
+                        seed: int, batch_size: int = 16, workers: int = 0) -> None:
+    """Give the detector ``count`` of test group ``group``'s reference normals, a seeded draw.
+
+    (:meth:`RunConfig.check_references` refuses a run whose data has too few before training;
+    this guards a test on other data and direct callers.)"""
     if len(references) < count:
-        raise DatasetError(f"{count} reference normals asked, {len(references)} available")
+        raise DatasetError(f"test group {group!r}: {count} reference normals asked, "
+                           f"{len(references)} training normals available")
     order = np.random.default_rng(seed).permutation(len(references))[:count]
     chosen = SampleSet(references[int(i)] for i in sorted(order))
     detector.adapt_to_references(make_loader(chosen, detector.preprocess, batch_size, workers))
@@ -234,7 +238,7 @@ def evaluate_task(detector: Detector, task: Task, batch_size: int = 16, workers:
             raise IadkitError(f"test group {name!r} of task {task.name!r} has no images")
         _check_masks(name, group)
         if detector.needs_references and reference_normals:
-            adapt_to_references(detector, task.references.get(name, SampleSet([])),
+            adapt_to_references(detector, name, task.references.get(name, SampleSet([])),
                                 reference_normals, seed, batch_size, workers)
         predicted = predict_samples(detector, group, batch_size, workers, show_progress,
                                     f"test {name}")
