@@ -270,6 +270,42 @@ def test_reference_tta_re_styles_from_the_given_normals(fitted_moe: tuple[Detect
         evaluate_task(adapted, few, reference_normals=3)
 
 
+def test_iadkit_adapt_saves_a_model_adapted_to_reference_images(
+        fitted_moe: tuple[Detector, SampleSet], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from iadkit.cli import main
+
+    detector, samples = fitted_moe
+    waiting = copy.deepcopy(detector)
+    waiting.tta_statistics = "reference"
+    waiting_dir = waiting.save(tmp_path / "waiting")
+    references = [str(s.image_path) for s in samples.where(split="train", subclass="s2")]
+    out = tmp_path / "adapted"
+    assert main(["adapt", str(waiting_dir), *references, "--out", str(out), "--quiet"]) == 0
+    expected = copy.deepcopy(waiting)
+    expected.adapt_to_references(make_loader(samples.where(split="train", subclass="s2"),
+                                             expected.preprocess, batch_size=16))
+    images = next(iter(make_loader(samples.where(split="test"), expected.preprocess,
+                                   batch_size=4)))["image"]
+    torch.testing.assert_close(Detector.load(out).predict(images).scores,
+                               expected.predict(images).scores)
+    with pytest.raises(IadkitError, match="adapt_to_references"):  # the original is unchanged
+        Detector.load(waiting_dir).predict(images)
+    capsys.readouterr()
+    # Refused, one line, nothing written: an occupied --out, a model without references,
+    # a missing reference file.
+    plain_dir = detector.save(tmp_path / "plain")
+    for arguments, message in [
+            ([str(waiting_dir), *references, "--out", str(out)], "not an empty folder"),
+            ([str(plain_dir), *references, "--out", str(tmp_path / "a")],
+             "does not adapt to reference images"),
+            ([str(waiting_dir), str(tmp_path / "none.png"), "--out", str(tmp_path / "b")],
+             "none.png: no such file")]:
+        assert main(["adapt", *arguments, "--quiet"]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_routing_learns_the_subclasses(fitted_moe: tuple[Detector, SampleSet]) -> None:
     detector, samples = fitted_moe
     assert detector.expert_names == ["s0", "s1", "s2"]

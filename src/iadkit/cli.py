@@ -10,6 +10,7 @@ Stable commands (scripts and CI rely on them)::
     iadkit benchmark GRID.yaml --out DIR [--executor ray [--address HOST:PORT]]
     iadkit serve RUN_DIR|EXPORT_DIR [--port 8000] [--runtime onnxruntime|openvino]
     iadkit export RUN_DIR --format onnx --out DIR
+    iadkit adapt RUN_DIR REFERENCE_IMAGES... --out MODEL_DIR
     iadkit data prepare elpv DEST | iadkit data generate DEST
     iadkit synth preview --data ROOT --synthesis draem --out grid.png
     iadkit synth pseudo-val --data ROOT --synthesis fragments --out DIR
@@ -254,6 +255,32 @@ def cmd_predict(args: argparse.Namespace) -> int:
     print(f"{summary.scored} images scored, {summary.failed} unreadable{resumed}: "
           f"{summary.output}")
     return 0 if summary.failed == 0 else 1
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    """Adapt a saved detector to a new subclass (product variant) from a few of its normal
+    images and save the adapted copy; the original model is left as it is."""
+    from .data import Sample, SampleSet, make_loader
+    from .engine import resolve_model_dir
+    from .methods import Detector
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise IadkitError(f"--out {out}: exists and is not an empty folder; the adapted model "
+                          "goes into a new one")
+    model_dir = resolve_model_dir(args.run_dir, args.model)
+    detector = Detector.load(model_dir, device=args.device,
+                             accept_backbone_change=args.accept_backbone_change)
+    if not detector.needs_references:
+        raise IadkitError(f"{model_dir}: this {detector.name} model does not adapt to reference "
+                          "images (adapted_moe with use_tta=True and "
+                          "tta_statistics='reference' does)")
+    paths = _collect_images(args.references)
+    references = SampleSet(Sample(path, 0, "reference", "good", "train") for path in paths)
+    detector.adapt_to_references(make_loader(references, detector.preprocess, args.batch_size))
+    detector.save(out)
+    print(f"adapted to {len(paths)} reference images: {out}")
+    return 0
 
 
 def _predict_submission(args: argparse.Namespace) -> int:
@@ -585,6 +612,17 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--actors", type=int, default=2,
                          help="with --executor ray: actors, each holding the model once")
     predict.set_defaults(func=cmd_predict)
+
+    adapt = add_command("adapt", "adapt a trained detector to a new subclass from a few of its "
+                        "normal images (adapted_moe, tta_statistics=reference)")
+    adapt.add_argument("run_dir", help="run folder or model folder")
+    adapt.add_argument("references", nargs="+",
+                       help="normal images of the new subclass: files, folders or globs")
+    adapt.add_argument("--out", required=True,
+                       help="new folder for the adapted model (iadkit predict takes it)")
+    adapt.add_argument("--model", help="which model of a multi-model run folder")
+    adapt.add_argument("--batch-size", type=int, default=16)
+    adapt.set_defaults(func=cmd_adapt)
 
     benchmark = add_command("benchmark", "run a grid of methods x datasets x settings "
                             "(resumable) into CSV/JSON/markdown results")
