@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy import ndimage
 
 from iadkit.methods.patchcore.patch_features import LocalPatchFeatures
@@ -197,3 +198,43 @@ def test_flat_index_backends_agree_with_brute_force() -> None:
         assert torch.allclose(distances, brute.values, atol=1e-4), backend
     with pytest.raises(ValueError, match="unknown nearest-neighbour backend"):
         FlatIndex(bank, "annoy")
+
+
+def test_screened_search_finds_the_exact_nearest_rows() -> None:
+    from iadkit.nn.knn import FlatIndex, ScreenedSearch
+
+    generator = torch.Generator().manual_seed(0)
+    low_rank = torch.randn(3000, 8, generator=generator) @ torch.randn(8, 64, generator=generator)
+    low_rank += 0.05 * torch.randn(3000, 64, generator=generator)
+    isotropic = torch.randn(3000, 64, generator=generator) + 3.0
+    for data in (low_rank, isotropic):
+        # ties: duplicated bank rows, and queries equal to bank rows
+        bank = torch.cat([data[:1000], data[:100]])
+        queries = torch.cat([data[1000:1500], data[:50]])
+        exact = torch.cdist(queries.double(), bank.double(),
+                            compute_mode="donot_use_mm_for_euclid_dist")
+        for k in (1, 3):
+            search = ScreenedSearch(bank, max_elements=1 << 16)
+            distances, indices = search.search(queries, k)
+            nearest = exact.topk(k, dim=1, largest=False).values
+            # the rows found are k nearest ones (tied rows in any order), distances exact
+            torch.testing.assert_close(exact.gather(1, indices).sort(dim=1).values, nearest,
+                                       rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(distances.double(), nearest, rtol=1e-5, atol=1e-6)
+        assert torch.equal(FlatIndex(bank, "screened").search(queries)[1],
+                           search.search(queries)[1])
+    # A bank smaller than one group, every row a candidate
+    distances, indices = ScreenedSearch(bank[:4]).search(queries, 3)
+    torch.testing.assert_close(distances.double(), torch.cdist(
+        queries.double(), bank[:4].double()).topk(3, dim=1, largest=False).values, rtol=1e-5,
+        atol=1e-6)
+    # Most single nearest rows of spread-out data are proven by the first pass alone.
+    search.search(queries)
+    assert search.unproven < 0.1 * len(queries)
+    # Rows all at one distance from the query: nothing can be proven, the exhaustive search
+    # answers.
+    sphere = 10 * F.normalize(torch.randn(500, 32, generator=generator), dim=1)
+    search = ScreenedSearch(sphere)
+    distances, _ = search.search(torch.zeros(3, 32))
+    assert search.unproven == 3
+    torch.testing.assert_close(distances, torch.full((3, 1), 10.0))

@@ -1,0 +1,96 @@
+"""Where PatchCore's inference time goes, and what each exact nearest-neighbour search costs.
+
+For a fitted PatchCore model (a run or model folder) and ``--test`` preprocessed test images
+(decoding excluded), in batches of 16 and one by one, milliseconds per image of:
+
+- the backbone alone (the floor), and the patch features (backbone plus the neighbourhood
+  average and the level resizing);
+- the neighbour search of the patches, with each exact backend: ``torch`` (chunked matrix
+  products), ``faiss`` (flat L2 index, when installed) and ``screened`` (a bfloat16 first pass,
+  exact candidates, a proof per query), and for ``screened`` the share of queries it could not
+  prove (searched exhaustively);
+- the whole ``predict`` with each backend, and its largest relative score difference from
+  the torch backend's (the exactness check; 1e-5 is the goal).
+
+One JSON line per backend, then one of the stages. Usage (repository root)::
+
+    .venv/bin/python benchmarks/patchcore_knn.py RUN_OR_MODEL [--data magnetic_tile]
+        [--test 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+from onnx_vs_torch import rate
+
+from iadkit.data import SampleSet, load_dataset, make_loader
+from iadkit.engine import resolve_model_dir
+from iadkit.methods import Detector
+from iadkit.nn.knn import FlatIndex, ScreenedSearch, faiss_available
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def ms_per_image(function: Any, images: torch.Tensor, batch: int) -> float:
+    """Milliseconds per image of ``function`` in batches of ``batch`` (16 images one by one)."""
+    batches = list(images.split(batch))[:16 if batch == 1 else None]
+    return round(1000 / rate(function, batches), 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("model", help="a fitted PatchCore: run folder or model folder")
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "magnetic_tile"))
+    parser.add_argument("--test", type=int, default=64)
+    args = parser.parse_args()
+    detector = Detector.load(resolve_model_dir(args.model), device="cpu")
+    if detector.name != "patchcore":
+        raise SystemExit(f"{args.model}: a {detector.name} model, not patchcore")
+    test = load_dataset(args.data).where(split="test")
+    spread = SampleSet(list(test)[::max(1, len(test) // args.test)][:args.test])
+    images = torch.cat([b["image"] for b in make_loader(spread, detector.preprocess, 16)])
+    bank = detector.memory_bank_
+    common = {"benchmark": "patchcore_knn", "cpu": platform.processor() or platform.machine(),
+              "threads": torch.get_num_threads(), "bank": list(bank.shape),
+              "n_test": len(images)}
+    with torch.inference_mode():
+        features = detector.patch_features(images)
+        queries = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+        per_image = queries.shape[0] // len(images)
+        stages = {**common, "stage": "features",
+                  "backbone_ms_batch16": ms_per_image(detector.extractor, images, 16),
+                  "backbone_ms_batch1": ms_per_image(detector.extractor, images, 1),
+                  "patch_features_ms_batch16": ms_per_image(detector.patch_features, images, 16),
+                  "patch_features_ms_batch1": ms_per_image(detector.patch_features, images, 1)}
+        detector._index = FlatIndex(bank, "torch")
+        reference = detector.predict(images).scores
+        backends = ["torch"] + (["faiss"] if faiss_available() else []) + ["screened"]
+        for backend in backends:
+            index = FlatIndex(bank, backend)
+            # rate() counts queries: milliseconds per image are per_image times those per query
+            line = {**common, "backend": backend, **{
+                f"search_ms_batch{size}": round(1000 * per_image / rate(
+                    index.search, list(queries.split(per_image * size))[:16]), 2)
+                for size in (16, 1)}}
+            if backend == "screened":
+                screen = ScreenedSearch(bank)
+                screen.search(queries)
+                line["unproven_share"] = round(screen.unproven / len(queries), 4)
+            detector._index = index
+            line["predict_ms_batch16"] = ms_per_image(detector.predict, images, 16)
+            line["predict_ms_batch1"] = ms_per_image(detector.predict, images, 1)
+            scores = detector.predict(images).scores
+            line["max_relative_score_difference"] = float(
+                ((scores - reference).abs() / reference.abs().clamp_min(1e-12)).max())
+            print(json.dumps(line), flush=True)
+    print(json.dumps(stages), flush=True)
+
+
+if __name__ == "__main__":
+    main()
