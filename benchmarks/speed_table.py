@@ -16,7 +16,8 @@ RSS is its own; resumable: a method with a result under ``--out`` is not run aga
 3. the process's peak RSS.
 
 One JSON line per method; the markdown table between the ``speed-table`` markers of
-docs/performance.md is rewritten from all the results. Usage (repository root)::
+docs/performance.md is rewritten from all the results under ``--out`` (a method measured again
+replaces its row only). Usage (repository root)::
 
     .venv/bin/python benchmarks/speed_table.py [--schedule one-epoch] [--methods rd patchcore]
         [--data ../shared/data/magnetic_tile] [--out /tmp/iadkit-speed]
@@ -194,8 +195,10 @@ def main() -> None:
             print(json.dumps({"benchmark": "speed_table", "method": method,
                               "schedule": args.schedule, "error": "the cell failed (above)"}),
                   flush=True)
-    if lines and Path(args.page).is_file():
-        write_table(lines, Path(args.page))
+    # The table shows every method measured under --out, not only this call's --methods.
+    measured = [json.loads(path.read_text()) for path in sorted(out.glob("*.json"))]
+    if measured and Path(args.page).is_file():
+        write_table(measured, Path(args.page))
 
 
 if __name__ == "__main__":
