@@ -22,7 +22,8 @@ separate defective from normal images, per-image re-styling removes anomaly evid
 
 For a mixture (``use_moe=True``) it reports instead each expert's mean routing weight on the
 unseen subclass and its image AUROC alone, with and without test-time adaption: whether the
-experts the routing prefers are the ones that detect best.
+experts the routing prefers are the ones that detect best; and the mean score each expert
+gives 16 seeded training normals of the unseen subclass (whether that picks the best expert).
 
 With ``--batch-order`` it scores a ``tta_statistics="batch"`` model in file order (test images
 grouped by label), in shuffled orders and one image at a time: a batch-dependent score must not
@@ -49,6 +50,8 @@ from iadkit.methods.simplenet.mixture import adapt_statistics, rescale_to_expert
 Restyle = Callable[[torch.Tensor], torch.Tensor]
 #: How many of the unseen subclass's training normals the few-shot references take.
 REFERENCE_COUNTS = (1, 4, 16)
+#: How many of them a mixture's experts score (``reference_score``).
+MIXTURE_REFERENCES = 16
 
 
 def reference_statistics(reference: torch.Tensor, count: int, seed: int = 0
@@ -96,10 +99,13 @@ def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     return round(float(roc_auc_score(labels, scores)), 4)
 
 
-def experts_alone(detector: Detector, features: torch.Tensor, labels: np.ndarray
-                  ) -> dict[str, dict[str, float]]:
-    """For each expert of a mixture: its mean routing weight on ``features`` and its image
-    AUROC alone, with its test-time adaption and without (only the Eq. 6 norm)."""
+def experts_alone(detector: Detector, features: torch.Tensor, labels: np.ndarray,
+                  references: torch.Tensor) -> dict[str, dict[str, float]]:
+    """For each expert of a mixture: its mean routing weight on ``features``, its image AUROC
+    alone, with its test-time adaption and without (only the Eq. 6 norm), and the mean image
+    score it gives ``references``, normal images of the unseen subclass (every expert's
+    discriminator is trained to the same margin, so a lower mean says that expert finds the
+    new subclass's normal images more normal: a way to choose an expert without test labels)."""
     with torch.no_grad():
         weights = torch.cat([detector._expert_weights(batch) for batch in features.split(16)])
     report = {}
@@ -120,7 +126,11 @@ def experts_alone(detector: Detector, features: torch.Tensor, labels: np.ndarray
             "routing_weight": round(float(weights[:, expert].mean()), 4),
             "alone": auroc(labels, image_scores(detector, features, adapted, expert=expert)),
             "alone_without_tta": auroc(labels, image_scores(detector, features, unadapted,
-                                                            expert=expert))}
+                                                            expert=expert)),
+            "reference_score": round(float(image_scores(
+                detector, references, adapted, expert=expert).mean()), 4),
+            "reference_score_without_tta": round(float(image_scores(
+                detector, references, unadapted, expert=expert).mean()), 4)}
     return report
 
 
@@ -137,6 +147,12 @@ def main() -> None:
         raise SystemExit(f"{args.model}: needs an Adapted-MoE model")
     samples = load_dataset(args.data, [args.category] if args.category else None)
     test, labels = features_of(detector, samples.where(split="test", subclass=args.unseen))
+    references = samples.where(split="train", subclass=args.unseen)
+    reference, _ = features_of(detector, references)
+    chosen = torch.randperm(len(reference), generator=torch.Generator().manual_seed(0))
+    if detector.needs_references:  # tta_statistics="reference": the 16 scored below
+        detector.adapt_to_references(make_loader(SampleSet(
+            references[int(i)] for i in chosen[:MIXTURE_REFERENCES]), detector.preprocess, 16))
     record: dict[str, object] = {
         "benchmark": "tta_statistics", "model": args.model, "unseen": args.unseen,
         "params": {key: detector.get_params()[key]
@@ -144,12 +160,12 @@ def main() -> None:
         "n_test": len(labels), "image_auroc_as_fitted": auroc(labels, image_scores(
             detector, test, None))}
     if detector.use_moe:
-        record["experts"] = experts_alone(detector, test, labels)
+        record["experts"] = experts_alone(detector, test, labels,
+                                          reference[chosen[:MIXTURE_REFERENCES]])
         print(json.dumps(record), flush=True)
         return
     if not detector.use_tta:
         raise SystemExit(f"{args.model}: a single-expert model needs use_tta=True")
-    reference, _ = features_of(detector, samples.where(split="train", subclass=args.unseen))
     if len(reference) < 2:
         raise SystemExit(f"{args.data}: the oracle needs training normals of {args.unseen}")
     mean, std = detector.statistics_.mean[0], detector.statistics_.std[0]
