@@ -1,6 +1,6 @@
 """Exact nearest-neighbour search in Euclidean distance, in bounded memory.
 
-Two interchangeable backends compute the same (exact) result up to float rounding:
+Three interchangeable backends compute the same (exact) result up to float rounding:
 
 - ``"torch"``: chunked matrix products on any device;
 - ``"faiss"``: faiss-cpu's exhaustive ``IndexFlatL2`` (``pip install 'iadkit[faiss]'``);
@@ -174,11 +174,12 @@ class ScreenedSearch:
     def search(self, queries: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """(M, k) Euclidean distances (ascending) and (M, k) int64 bank indices."""
         k = min(k, self.bank.shape[0])
+        if len(queries) == 0:
+            return queries.new_zeros(0, k), torch.zeros(0, k, dtype=torch.long,
+                                                        device=queries.device)
         chunk = max(1, self.max_elements // max(1, self.bank.shape[0]))
         found = [self._search_chunk(part, k) for part in queries.split(chunk)]
         self.unproven = sum(unproven for *_, unproven in found)
-        if not found:
-            return queries.new_zeros(0, k), torch.zeros(0, k, dtype=torch.long)
         return torch.cat([d for d, _, _ in found]), torch.cat([i for _, i, _ in found])
 
     def _search_chunk(self, queries: torch.Tensor, k: int
