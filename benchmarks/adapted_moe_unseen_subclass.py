@@ -26,11 +26,14 @@ resumable (results under ``--out`` are kept: delete it to measure afresh). ``--p
 key=value`` overrides a hyperparameter in every configuration (e.g. ``tta_statistics=batch``);
 the configuration's name then carries the overrides (``tta+tta_statistics=batch``), so variants
 keep their own results and runs; ``--reference-normals K`` (with ``--param
-tta_statistics=reference``) gives TTA K training normals of the unseen subclass. Usage::
+tta_statistics=reference``, or ``expert_choice=references``) gives the model K training
+normals of the unseen subclass; ``--reference-draws N`` tests the fitted model N times with
+the references drawn by seeds 0..N-1 and reports each draw and the mean (a figure from one draw
+of a few images can be luck). Usage::
 
     .venv/bin/python benchmarks/adapted_moe_unseen_subclass.py [--splits elpv-poly deeppcb]
         [--epochs 8] [--out /tmp/iadkit-moe] [--elpv DIR] [--param key=value ...]
-        [--reference-normals K]
+        [--reference-normals K [--reference-draws N]]
 """
 
 from __future__ import annotations
@@ -151,25 +154,37 @@ def prepare(split: str, root: Path, elpv: Path, deeppcb_unseen: str
     return seen, [unseen]
 
 
-def variant_name(config: str, overrides: dict[str, object], reference_normals: int = 0) -> str:
+def variant_name(config: str, overrides: dict[str, object], reference_normals: int = 0,
+                 reference_draws: int = 1) -> str:
     """The configuration's name with its overrides: ``tta+tta_statistics=batch``."""
     settings = {**overrides, **({"reference_normals": reference_normals}
-                                if reference_normals else {})}
+                                if reference_normals else {}),
+                **({"reference_draws": reference_draws} if reference_draws > 1 else {})}
     return "+".join([config, *(f"{key}={value}" for key, value in sorted(settings.items()))])
 
 
 def run(split: str, name: str, root: Path, seen: list[str], unseen: list[str], epochs: int,
-        overrides: dict[str, object], reference_normals: int, out: Path) -> dict[str, object]:
-    variant = variant_name(name, overrides, reference_normals)
+        overrides: dict[str, object], reference_normals: int, reference_draws: int, out: Path
+        ) -> dict[str, object]:
+    variant = variant_name(name, overrides, reference_normals, reference_draws)
     return kept_record(out / "results" / f"{split}-{variant}.json",
                        lambda: measure(split, name, root, seen, unseen, epochs, overrides,
-                                       reference_normals, out))
+                                       reference_normals, reference_draws, out))
+
+
+METRICS = ("image_auroc", "image_ap", "pixel_auroc")
+
+
+def rounded(metrics: dict[str, object]) -> dict[str, float | None]:
+    return {key: None if metrics[key] is None else round(float(metrics[key]), 4)
+            for key in METRICS}
 
 
 def measure(split: str, name: str, root: Path, seen: list[str], unseen: list[str], epochs: int,
-            overrides: dict[str, object], reference_normals: int, out: Path
-            ) -> dict[str, object]:
-    from iadkit.engine import RunConfig, fit_run, test_run
+            overrides: dict[str, object], reference_normals: int, reference_draws: int,
+            out: Path) -> dict[str, object]:
+    from iadkit.engine import RunConfig, evaluate_task, fit_run, test_run
+    from iadkit.methods import Detector
 
     config = RunConfig(method="adapted_moe", data=str(root), setting="unseen-subclass",
                        seen_subclasses=seen, unseen_subclasses=unseen, calibration="none",
@@ -177,18 +192,30 @@ def measure(split: str, name: str, root: Path, seen: list[str], unseen: list[str
                        params={**CONFIGS[name], "epochs": epochs, **overrides},
                        reference_normals=reference_normals, device="auto",
                        show_progress=False)
-    variant = variant_name(name, overrides, reference_normals)
-    run_dir = out / "runs" / split / variant
+    # The runs of every draw count share one model: the draws change testing only.
+    run_dir = out / "runs" / split / variant_name(name, overrides, reference_normals)
     started = time.perf_counter()
     fit_run(config, run_dir, resume=True)
     fit_seconds = time.perf_counter() - started
-    results, _ = test_run(run_dir)
-    tested = results["per_category"][unseen[0]]
+    draws = []
+    if reference_draws > 1:
+        (task,) = config.tasks()
+        detector = Detector.load(run_dir / "models" / task.name)
+        for seed in range(reference_draws):
+            draws.append(evaluate_task(detector, task, config.batch_size,
+                                       reference_normals=reference_normals,
+                                       seed=seed).per_group[unseen[0]])
+        tested = {**draws[0], **{key: None if draws[0][key] is None
+                                 else float(np.mean([draw[key] for draw in draws]))
+                                 for key in METRICS}}
+    else:
+        results, _ = test_run(run_dir)
+        tested = results["per_category"][unseen[0]]
     return {
-        "benchmark": "adapted_moe_unseen_subclass", "split": split, "config": variant,
-        "params": config.params, "seen": seen, "unseen": unseen,
-        **{key: None if tested[key] is None else round(tested[key], 4)
-           for key in ("image_auroc", "image_ap", "pixel_auroc")},
+        "benchmark": "adapted_moe_unseen_subclass", "split": split,
+        "config": variant_name(name, overrides, reference_normals, reference_draws),
+        "params": config.params, "seen": seen, "unseen": unseen, **rounded(tested),
+        **({"per_draw": [rounded(draw) for draw in draws]} if draws else {}),
         "n_test": tested["n_images"],
         "fit_seconds": round(fit_seconds, 1),
         "ms_per_image": tested["ms_per_image"],
@@ -208,7 +235,9 @@ def main() -> None:
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                         help="hyperparameter override for every configuration")
     parser.add_argument("--reference-normals", type=int, default=0,
-                        help="training normals of the unseen subclass given to TTA")
+                        help="training normals of the unseen subclass given to the model")
+    parser.add_argument("--reference-draws", type=int, default=1,
+                        help="test with this many seeded draws of the references")
     args = parser.parse_args()
     overrides = {key: yaml.safe_load(value)
                  for key, value in (text.split("=", 1) for text in args.param)}
@@ -219,10 +248,10 @@ def main() -> None:
         seen, unseen = prepare(split, root, Path(args.elpv), args.deeppcb_unseen)
         for name in args.configs:
             record = run(split, name, root, seen, unseen, args.epochs, overrides,
-                         args.reference_normals, out)
+                         args.reference_normals, args.reference_draws, out)
             records.append(record)
             print(json.dumps(record), flush=True)
-    for name in (variant_name(config, overrides, args.reference_normals)
+    for name in (variant_name(config, overrides, args.reference_normals, args.reference_draws)
                  for config in args.configs):
         real = [r for r in records if r["config"] == name and r["split"] in REAL_SPLITS]
         if not real:

@@ -270,6 +270,37 @@ def test_reference_tta_re_styles_from_the_given_normals(fitted_moe: tuple[Detect
         evaluate_task(adapted, few, reference_normals=3)
 
 
+def test_reference_expert_choice_takes_the_expert_that_finds_the_references_normal(
+        fitted_moe: tuple[Detector, SampleSet], tmp_path: Path) -> None:
+    detector, samples = fitted_moe
+    chooser = copy.deepcopy(detector)
+    chooser.expert_choice = "references"
+    test = samples.where(split="test")
+    images = next(iter(make_loader(test, chooser.preprocess, batch_size=6)))["image"]
+    with pytest.raises(IadkitError, match="adapt_to_references"):
+        chooser.predict(images)
+    for subclass in ("s0", "s1", "s2"):
+        chooser.adapt_to_references(make_loader(
+            samples.where(split="train", subclass=subclass), chooser.preprocess, batch_size=8))
+        # Each expert trained on one style: the references' own style's expert scores them
+        # lowest, and from then on it alone scores every image.
+        assert chooser.expert_names[chooser.reference_scores_.chosen] == subclass
+        assert chooser.reference_scores_.scores.shape == (3,)
+        chosen = chooser.expert_names.index(subclass)
+        expected = torch.zeros(len(images), 3)
+        expected[:, chosen] = 1
+        torch.testing.assert_close(chooser.routing_weights(images), expected)
+        features = chooser.patch_features(images)
+        torch.testing.assert_close(chooser.patch_scores(features),
+                                   chooser._expert_patch_scores(features, chosen))
+    scores = chooser.predict(images).scores
+    reloaded = Detector.load(chooser.save(tmp_path / "chosen"))
+    assert reloaded.reference_scores_.chosen == chooser.reference_scores_.chosen
+    assert torch.equal(reloaded.predict(images).scores, scores)
+    with pytest.raises(ConfigError, match="expert_choice='references'.*use_moe=True"):
+        create_detector("adapted_moe", "cpu", use_moe=False, expert_choice="references")
+
+
 def test_iadkit_adapt_saves_a_model_adapted_to_reference_images(
         fitted_moe: tuple[Detector, SampleSet], tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:

@@ -22,6 +22,11 @@ Design decisions the paper leaves open (all options, defaults from METHODS.md):
   training features, so SimpleNet's noise keeps its size relative to them.
 - Centres start at the subclass means of the untrained router's embeddings, then follow the
   centre-loss update (rate 0.5) after every step.
+- ``expert_choice="references"`` (our addition, not the paper's): for a subclass the router
+  never saw, the one expert that scores a few of its normal images lowest takes every image
+  of it (:meth:`AdaptedMoE.adapt_to_references`). On real unseen subclasses the routing's
+  choice was no better than chance while the lowest reference score picked a good expert
+  (docs/simplenet.md, item 6).
 
 With ``use_moe=False`` and ``use_tta=False`` the detector is exactly SimpleNet.
 """
@@ -50,6 +55,7 @@ from .simplenet import SimpleNet
 
 ROUTING_LOSSES = ("center", "softmax")
 ASSIGNMENTS = ("label", "routed")
+EXPERT_CHOICES = ("routing", "references")
 
 
 class ExpertStatistics(nn.Module):
@@ -76,6 +82,20 @@ class ExpertStatistics(nn.Module):
         variance = (squares - count[:, None] * mean.pow(2)) / (count[:, None] - 1).clamp_min(1)
         self.mean.copy_(mean.float())
         self.std.copy_(variance.clamp_min(0).sqrt().float())
+
+
+class ReferenceScores(nn.Module):
+    """Each expert's mean image score over a few normal images of the subclass under test
+    (a buffer); the lowest one's expert takes the subclass (``expert_choice="references"``)."""
+
+    def __init__(self, num_experts: int) -> None:
+        super().__init__()
+        self.register_buffer("scores", torch.zeros(num_experts))
+
+    @property
+    def chosen(self) -> int:
+        """The index of the expert that finds the references most normal."""
+        return int(self.scores.argmin())
 
 
 @register
@@ -120,6 +140,16 @@ class AdaptedMoE(SimpleNet):
     expert_assignment: str = hyperparameter("label", Choice(*ASSIGNMENTS), "train each image's "
                                             "expert by its 'label' or by 'routed' (nearest "
                                             "centre)")
+    expert_choice: str = hyperparameter("routing", Choice(*EXPERT_CHOICES), "'routing' (top-k "
+                                        "per image, the paper) or 'references': the one expert "
+                                        "scoring a few normal images of the subclass under "
+                                        "test lowest (adapt_to_references)")
+
+    def _check_params(self) -> None:
+        super()._check_params()
+        if self.expert_choice == "references" and not self.use_moe:
+            raise self._refuse("expert_choice='references' chooses among the experts of "
+                               "use_moe=True; with use_moe=False there is one")
 
     # -- experts ------------------------------------------------------------------------------
     def _expert_names(self, data: TrainingImages) -> list[str]:
@@ -135,6 +165,7 @@ class AdaptedMoE(SimpleNet):
         super()._create_networks(num_experts)
         self.statistics_ = ExpertStatistics(num_experts, self.feature_dim).to(self.torch_device)
         self.reference_: ExpertStatistics | None = None
+        self.reference_scores_: ReferenceScores | None = None
         if self.use_moe:
             self.router_ = RoutingNetwork(self.feature_dim, num_experts, self.use_norm)
             self.router_.to(self.torch_device)
@@ -145,6 +176,8 @@ class AdaptedMoE(SimpleNet):
             modules["router"] = self.router_
         if self.reference_ is not None:
             modules["reference"] = self.reference_
+        if self.reference_scores_ is not None:
+            modules["reference_scores"] = self.reference_scores_
         return modules
 
     def _make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
@@ -178,7 +211,7 @@ class AdaptedMoE(SimpleNet):
         if not self.use_tta:
             return features
         reference = None
-        if self.needs_references:
+        if self.tta_statistics == "reference":
             if self.reference_ is None:
                 raise IadkitError(f"{self._label}: tta_statistics='reference' re-styles from "
                                   "normal images of the subclass under test: call "
@@ -195,7 +228,7 @@ class AdaptedMoE(SimpleNet):
             return features
         if not self.tta_in_training:
             return rescale_to_expert_norm(features, mean, std) if self.use_norm else features
-        if self.needs_references:
+        if self._restyles_from_references:
             # A training image belongs to its expert's subclass, whose statistics are the
             # expert's own.
             return adapt_statistics(features, mean, std, "reference", normalize=self.use_norm,
@@ -220,19 +253,29 @@ class AdaptedMoE(SimpleNet):
     # -- test-time references -----------------------------------------------------------------
     @property
     def needs_references(self) -> bool:  # type: ignore[override]
-        """Whether TTA re-styles from normal images of the subclass under test
-        (``tta_statistics="reference"``): :meth:`adapt_to_references` comes before predict."""
+        """Whether a few normal images of the subclass under test choose the expert
+        (``expert_choice="references"``) or give TTA its statistics (``use_tta`` with
+        ``tta_statistics="reference"``): :meth:`adapt_to_references` comes before predict."""
+        return self.expert_choice == "references" or self._restyles_from_references
+
+    @property
+    def _restyles_from_references(self) -> bool:
         return self.use_tta and self.tta_statistics == "reference"
 
     @torch.no_grad()
     def adapt_to_references(self, references: Iterable[dict[str, torch.Tensor]]
                             ) -> AdaptedMoE:
-        """Take TTA's statistics from a few normal images of the subclass about to be tested.
+        """Adapt to the subclass about to be tested from a few of its normal images.
 
-        The per-channel mean and std of their patch features stand in for each test image's
-        own (which include its defect; docs/simplenet.md, "Why test-time adaption failed on
-        unseen mono cells": one to sixteen images sufficed there). They are saved with the
-        detector, so a model adapted once to a new product variant can be deployed as it is.
+        With ``tta_statistics="reference"``, the per-channel mean and std of their patch
+        features stand in for each test image's own in TTA (which include its defect;
+        docs/simplenet.md, "Why test-time adaption failed on unseen mono cells": one to
+        sixteen images sufficed there). With ``expert_choice="references"``, every expert
+        scores them (after its TTA, if any) and the one with the lowest mean image score takes
+        every image from then on: each discriminator is trained to the same margin, so a
+        lower score says that expert finds the new subclass more normal. Both are saved with
+        the detector, so a model adapted once to a new product variant can be deployed as it
+        is.
 
         Args:
             references: batches (``make_loader`` dicts with an ``"image"`` entry) of
@@ -245,16 +288,28 @@ class AdaptedMoE(SimpleNet):
             raise NotFittedError(f"{self._label}: call fit() or load() before "
                                  "adapt_to_references()")
         if not self.needs_references:
-            raise IadkitError(f"{self._label}: adapt_to_references needs use_tta=True and "
+            raise IadkitError(f"{self._label}: adapt_to_references needs "
+                              "expert_choice='references', or use_tta=True and "
                               "tta_statistics='reference'")
         features = [self.patch_features(batch["image"].to(self.torch_device))
                     for batch in references]
         if not features:
             raise IadkitError(f"{self._label}: adapt_to_references was given no images")
-        statistics = ExpertStatistics(1, self.feature_dim).to(self.torch_device)
-        statistics.fit((batch, torch.zeros(len(batch), dtype=torch.long, device=batch.device))
-                       for batch in features)
-        self.reference_ = statistics
+        if self._restyles_from_references:
+            statistics = ExpertStatistics(1, self.feature_dim).to(self.torch_device)
+            statistics.fit((batch, torch.zeros(len(batch), dtype=torch.long,
+                                               device=batch.device)) for batch in features)
+            self.reference_ = statistics
+        if self.expert_choice == "references":
+            for module in self._trained_modules().values():
+                module.eval()
+            choice = ReferenceScores(len(self.experts_)).to(self.torch_device)
+            count = sum(len(batch) for batch in features)
+            for expert in range(len(self.experts_)):
+                total = sum(float(self._expert_patch_scores(batch, expert).flatten(1).amax(1)
+                                  .sum()) for batch in features)
+                choice.scores[expert] = total / count
+            self.reference_scores_ = choice
         return self
 
     def _load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -262,30 +317,48 @@ class AdaptedMoE(SimpleNet):
         if any(key.startswith("reference.") for key in tensors):
             self.reference_ = ExpertStatistics(1, self.feature_dim).to(self.torch_device)
             load_module_states({"reference": self.reference_}, tensors)
+        if any(key.startswith("reference_scores.") for key in tensors):
+            self.reference_scores_ = ReferenceScores(len(self.experts_)).to(self.torch_device)
+            load_module_states({"reference_scores": self.reference_scores_}, tensors)
 
     def _probe(self) -> None:
-        if not self.needs_references or self.reference_ is not None:
-            super()._probe()
-            return
         # A model still waiting for its references has weights to check all the same: probe
-        # with the first expert's own statistics as the reference.
-        self.reference_ = self.statistics_
+        # with the first expert's own statistics as the reference, and the first expert.
+        waiting_statistics = self._restyles_from_references and self.reference_ is None
+        waiting_choice = self.expert_choice == "references" and self.reference_scores_ is None
+        if waiting_statistics:
+            self.reference_ = self.statistics_
+        if waiting_choice:
+            self.reference_scores_ = ReferenceScores(len(self.experts_)).to(self.torch_device)
         try:
             super()._probe()
         finally:
-            self.reference_ = None
+            if waiting_statistics:
+                self.reference_ = None
+            if waiting_choice:
+                self.reference_scores_ = None
 
     # -- inference ----------------------------------------------------------------------------
     def _expert_weights(self, features: torch.Tensor) -> torch.Tensor:
         if not self.use_moe:
             return super()._expert_weights(features)
+        if self.expert_choice == "references":
+            if self.reference_scores_ is None:
+                raise IadkitError(f"{self._label}: expert_choice='references' takes the expert "
+                                  "from normal images of the subclass under test: call "
+                                  "adapt_to_references first (the run setting "
+                                  "reference_normals does it)")
+            weights = features.new_zeros(features.shape[0], len(self.experts_))
+            weights[:, self.reference_scores_.chosen] = 1.0
+            return weights
         scores = self.router_.routing_scores(self.router_(features), self.routing_scores)
         return top_k_weights(scores, self.top_k, self.routing_temperature)
 
     @torch.no_grad()
     def routing_weights(self, images: torch.Tensor) -> torch.Tensor:
         """(B, n_experts) fusion weights of preprocessed images; columns follow
-        :attr:`expert_names`. Each row sums to 1."""
+        :attr:`expert_names`. Each row sums to 1 (one-hot on the chosen expert with
+        ``expert_choice="references"``)."""
         for module in self._trained_modules().values():
             module.eval()
         return self._expert_weights(self.patch_features(images.to(self.torch_device))).cpu()

@@ -236,24 +236,26 @@ class SimpleNet(TrainedDetector):
     def patch_scores(self, features: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) patch features -> (B, h, w) scores, the experts' weighted sum."""
         weights = self._expert_weights(features)
-        batch, channels, height, width = features.shape
+        batch, _, height, width = features.shape
         scores = features.new_zeros(batch, height, width)
         if torch.onnx.is_in_onnx_export():  # one fixed graph: every expert on every image
-            for expert, head in enumerate(self.experts_):
-                inputs = self._expert_inputs(features, expert)
-                patches = inputs.permute(0, 2, 3, 1).reshape(-1, channels)
-                scores = scores + weights[:, expert].view(-1, 1, 1) * head(patches).view(
-                    -1, height, width)
+            for expert in range(len(self.experts_)):
+                scores = scores + weights[:, expert].view(-1, 1, 1) * \
+                    self._expert_patch_scores(features, expert)
             return scores
-        for expert, head in enumerate(self.experts_):
+        for expert in range(len(self.experts_)):
             rows = weights[:, expert] > 0
-            if not rows.any():
-                continue
-            inputs = self._expert_inputs(features[rows], expert)
-            patches = inputs.permute(0, 2, 3, 1).reshape(-1, channels)
-            expert_scores = head(patches).view(-1, height, width)
-            scores[rows] += weights[rows, expert].view(-1, 1, 1) * expert_scores
+            if rows.any():
+                scores[rows] += weights[rows, expert].view(-1, 1, 1) * \
+                    self._expert_patch_scores(features[rows], expert)
         return scores
+
+    def _expert_patch_scores(self, features: torch.Tensor, expert: int) -> torch.Tensor:
+        """(B, C, h, w) patch features -> (B, h, w) scores of expert ``expert`` alone."""
+        inputs = self._expert_inputs(features, expert)
+        batch, channels, height, width = inputs.shape
+        patches = inputs.permute(0, 2, 3, 1).reshape(-1, channels)
+        return self.experts_[expert](patches).view(batch, height, width)
 
     def _score(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Patch features (B, C, h, w), patch scores (B, h, w) and unsmoothed maps (B, S, S)."""
