@@ -44,6 +44,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from iadkit.data import SampleSet, load_dataset, make_loader
+from iadkit.engine.evaluation import draw_references
 from iadkit.methods import Detector
 from iadkit.methods.simplenet.mixture import adapt_statistics, rescale_to_expert_norm
 
@@ -52,14 +53,6 @@ Restyle = Callable[[torch.Tensor], torch.Tensor]
 REFERENCE_COUNTS = (1, 4, 16)
 #: How many of them a mixture's experts score (``reference_score``).
 MIXTURE_REFERENCES = 16
-
-
-def reference_statistics(reference: torch.Tensor, count: int, seed: int = 0
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std over ``count`` seeded images of ``reference`` (N, C, h, w)."""
-    chosen = reference[torch.randperm(len(reference), generator=torch.Generator().manual_seed(
-        seed))[:count]]
-    return chosen.mean(dim=(0, 2, 3), keepdim=True), chosen.std(dim=(0, 2, 3), keepdim=True)
 
 
 def features_of(detector: Detector, samples: SampleSet) -> tuple[torch.Tensor, np.ndarray]:
@@ -146,22 +139,26 @@ def main() -> None:
     if detector.name != "adapted_moe":
         raise SystemExit(f"{args.model}: needs an Adapted-MoE model")
     samples = load_dataset(args.data, [args.category] if args.category else None)
+    if not samples.where(subclass=args.unseen):  # mixed categories: each is a subclass
+        samples = SampleSet(s.with_subclass(s.category) for s in samples)
     test, labels = features_of(detector, samples.where(split="test", subclass=args.unseen))
     references = samples.where(split="train", subclass=args.unseen)
     reference, _ = features_of(detector, references)
-    chosen = torch.randperm(len(reference), generator=torch.Generator().manual_seed(0))
-    if detector.needs_references:  # tta_statistics="reference": the 16 scored below
-        detector.adapt_to_references(make_loader(SampleSet(
-            references[int(i)] for i in chosen[:MIXTURE_REFERENCES]), detector.preprocess, 16))
+    # The references a run would draw with reference_normals K and seed 0.
+    drawn = {count: features_of(detector, draw_references(references, count, 0))[0]
+             for count in {*REFERENCE_COUNTS, MIXTURE_REFERENCES}}
+    if detector.needs_references:  # the 16 scored below
+        detector.adapt_to_references(make_loader(draw_references(
+            references, MIXTURE_REFERENCES, 0), detector.preprocess, 16))
     record: dict[str, object] = {
         "benchmark": "tta_statistics", "model": args.model, "unseen": args.unseen,
         "params": {key: detector.get_params()[key]
-                   for key in ("use_moe", "use_tta", "tta_statistics", "use_norm")},
+                   for key in ("use_moe", "use_tta", "tta_statistics", "use_norm",
+                                 "expert_choice")},
         "n_test": len(labels), "image_auroc_as_fitted": auroc(labels, image_scores(
             detector, test, None))}
     if detector.use_moe:
-        record["experts"] = experts_alone(detector, test, labels,
-                                          reference[chosen[:MIXTURE_REFERENCES]])
+        record["experts"] = experts_alone(detector, test, labels, drawn[MIXTURE_REFERENCES])
         print(json.dumps(record), flush=True)
         return
     if not detector.use_tta:
@@ -201,7 +198,8 @@ def main() -> None:
         "oracle": to_expert(oracle_mean, oracle_std),
         "image_mean_oracle_std": split_rule(True),
         "oracle_mean_image_std": split_rule(False),
-        **{f"reference_{count}": to_expert(*reference_statistics(reference, count))
+        **{f"reference_{count}": to_expert(drawn[count].mean(dim=(0, 2, 3), keepdim=True),
+                                           drawn[count].std(dim=(0, 2, 3), keepdim=True))
            for count in REFERENCE_COUNTS if count < len(reference)},
         "test_set": to_expert(test.mean(dim=(0, 2, 3), keepdim=True),
                               test.std(dim=(0, 2, 3), keepdim=True)),

@@ -268,14 +268,14 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise IadkitError(f"--out {out}: exists and is not an empty folder; the adapted model "
                           "goes into a new one")
+    paths = _collect_images(args.references)
     model_dir = resolve_model_dir(args.run_dir, args.model)
     detector = Detector.load(model_dir, device=args.device,
                              accept_backbone_change=args.accept_backbone_change)
     if not detector.needs_references:
         raise IadkitError(f"{model_dir}: this {detector.name} model does not adapt to reference "
-                          "images (adapted_moe with use_tta=True and "
-                          "tta_statistics='reference' does)")
-    paths = _collect_images(args.references)
+                          "images (adapted_moe with expert_choice='references', or with "
+                          "use_tta=True and tta_statistics='reference', does)")
     references = SampleSet(Sample(path, 0, "reference", "good", "train") for path in paths)
     detector.adapt_to_references(make_loader(references, detector.preprocess, args.batch_size))
     detector.save(out)

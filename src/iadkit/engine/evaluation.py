@@ -217,9 +217,14 @@ def adapt_to_references(detector: Detector, group: str, references: SampleSet, c
     if len(references) < count:
         raise DatasetError(f"test group {group!r}: {count} reference normals asked, "
                            f"{len(references)} training normals available")
-    order = np.random.default_rng(seed).permutation(len(references))[:count]
-    chosen = SampleSet(references[int(i)] for i in sorted(order))
+    chosen = draw_references(references, count, seed)
     detector.adapt_to_references(make_loader(chosen, detector.preprocess, batch_size, workers))
+
+
+def draw_references(references: SampleSet, count: int, seed: int) -> SampleSet:
+    """``count`` of ``references`` drawn by ``seed``, in their order (all when fewer)."""
+    order = np.random.default_rng(seed).permutation(len(references))[:count]
+    return SampleSet(references[int(i)] for i in sorted(order))
 
 
 def evaluate_task(detector: Detector, task: Task, batch_size: int = 16, workers: int = 0,
