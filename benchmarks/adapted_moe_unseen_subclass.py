@@ -205,6 +205,8 @@ def measure(split: str, name: str, root: Path, seen: list[str], unseen: list[str
             draws.append(evaluate_task(detector, task, config.batch_size,
                                        reference_normals=reference_normals,
                                        seed=seed).per_group[unseen[0]])
+            if detector.reference_scores_ is not None:  # expert_choice="references"
+                draws[-1]["expert"] = detector.expert_names[detector.reference_scores_.chosen]
         tested = {**draws[0], **{key: None if draws[0][key] is None
                                  else float(np.mean([draw[key] for draw in draws]))
                                  for key in METRICS}}
@@ -215,7 +217,8 @@ def measure(split: str, name: str, root: Path, seen: list[str], unseen: list[str
         "benchmark": "adapted_moe_unseen_subclass", "split": split,
         "config": variant_name(name, overrides, reference_normals, reference_draws),
         "params": config.params, "seen": seen, "unseen": unseen, **rounded(tested),
-        **({"per_draw": [rounded(draw) for draw in draws]} if draws else {}),
+        **({"per_draw": [{**rounded(draw), **({"expert": draw["expert"]} if "expert" in draw
+                                                else {})} for draw in draws]} if draws else {}),
         "n_test": tested["n_images"],
         "fit_seconds": round(fit_seconds, 1),
         "ms_per_image": tested["ms_per_image"],

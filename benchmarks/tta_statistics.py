@@ -22,8 +22,12 @@ separate defective from normal images, per-image re-styling removes anomaly evid
 
 For a mixture (``use_moe=True``) it reports instead each expert's mean routing weight on the
 unseen subclass and its image AUROC alone, with and without test-time adaption: whether the
-experts the routing prefers are the ones that detect best; and the mean score each expert
-gives 16 seeded training normals of the unseen subclass (whether that picks the best expert).
+experts the routing prefers are the ones that detect best; the mean score each expert
+gives 16 seeded training normals of the unseen subclass (whether that picks the best expert);
+and, where the test images have masks, each expert's pixel AUROC alone (the model's own maps,
+its test-time adaption included). ``standardised_ensemble``: every expert's patch scores in
+units of their mean and std over the 16 references, averaged over the experts (a mixture that
+needs neither routing nor a choice), for three reference draws.
 
 With ``--batch-order`` it scores a ``tta_statistics="batch"`` model in file order (test images
 grouped by label), in shuffled orders and one image at a time: a batch-dependent score must not
@@ -41,12 +45,16 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
+from iadkit import metrics
 from iadkit.data import SampleSet, load_dataset, make_loader
-from iadkit.engine.evaluation import draw_references
+from iadkit.engine.evaluation import draw_references, predict_samples, score_predictions
 from iadkit.methods import Detector
+from iadkit.methods.simplenet.adapted_moe import ReferenceScores
 from iadkit.methods.simplenet.mixture import adapt_statistics, rescale_to_expert_norm
+from iadkit.nn.anomaly_maps import gaussian_blur
 
 Restyle = Callable[[torch.Tensor], torch.Tensor]
 #: How many of the unseen subclass's training normals the few-shot references take.
@@ -127,6 +135,56 @@ def experts_alone(detector: Detector, features: torch.Tensor, labels: np.ndarray
     return report
 
 
+def pixel_auroc_alone(detector: Detector, test: SampleSet) -> dict[str, float]:
+    """Each expert's pixel AUROC on ``test`` when it alone scores every image."""
+    saved = detector.expert_choice, detector.reference_scores_
+    result = {}
+    try:
+        detector.expert_choice = "references"
+        for expert, name in enumerate(detector.expert_names):
+            forced = ReferenceScores(len(detector.expert_names)).to(detector.torch_device)
+            forced.scores[expert] = -1.0
+            detector.reference_scores_ = forced
+            metrics = score_predictions(predict_samples(detector, test), pixel=True)
+            result[name] = round(float(metrics["pixel_auroc"]), 4)
+    finally:
+        detector.expert_choice, detector.reference_scores_ = saved
+    return result
+
+
+def standardised_ensemble(detector: Detector, test: SampleSet, references: SampleSet,
+                          seed: int) -> dict[str, float]:
+    """Image (and pixel) AUROC of the experts' patch scores standardised by their mean and std
+    over ``MIXTURE_REFERENCES`` references drawn by ``seed``, averaged over the experts."""
+    experts = range(len(detector.expert_names))
+
+    def expert_scores(images: torch.Tensor) -> torch.Tensor:  # (B, E, h, w)
+        features = detector.patch_features(images.to(detector.torch_device))
+        return torch.stack([detector._expert_patch_scores(features, e) for e in experts], 1)
+
+    with torch.no_grad():
+        for module in detector._trained_modules().values():
+            module.eval()
+        reference = torch.cat([expert_scores(batch["image"]) for batch in make_loader(
+            draw_references(references, MIXTURE_REFERENCES, seed), detector.preprocess, 16)])
+        mean = reference.mean(dim=(0, 2, 3)).view(1, -1, 1, 1)
+        std = reference.std(dim=(0, 2, 3)).view(1, -1, 1, 1)
+        scores, maps, masks, labels = [], [], [], []
+        for batch in make_loader(test, detector.preprocess, 16):
+            fused = ((expert_scores(batch["image"]) - mean) / std).mean(dim=1)
+            scores.append(fused.flatten(1).amax(1).cpu())
+            upsampled = F.interpolate(fused.unsqueeze(1), size=batch["image"].shape[-2:],
+                                      mode="bilinear", align_corners=False).squeeze(1)
+            maps.append(gaussian_blur(upsampled, detector.smoothing_sigma).cpu())
+            masks.append(batch["mask"])
+            labels.append(batch["label"])
+    result = {"image_auroc": auroc(torch.cat(labels).numpy(), torch.cat(scores).numpy())}
+    if test.has_masks:
+        result["pixel_auroc"] = round(float(metrics.pixel_metrics(
+            torch.cat(masks).numpy(), torch.cat(maps).numpy())["pixel_auroc"]), 4)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("model", help="a saved single-expert Adapted-MoE (use_moe=False)")
@@ -159,6 +217,12 @@ def main() -> None:
             detector, test, None))}
     if detector.use_moe:
         record["experts"] = experts_alone(detector, test, labels, drawn[MIXTURE_REFERENCES])
+        test_samples = samples.where(split="test", subclass=args.unseen)
+        if test_samples.has_masks:
+            for name, value in pixel_auroc_alone(detector, test_samples).items():
+                record["experts"][name]["pixel_auroc_alone"] = value
+        record["standardised_ensemble"] = [
+            standardised_ensemble(detector, test_samples, references, seed) for seed in range(3)]
         print(json.dumps(record), flush=True)
         return
     if not detector.use_tta:
