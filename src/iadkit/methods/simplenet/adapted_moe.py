@@ -213,10 +213,7 @@ class AdaptedMoE(SimpleNet):
         reference = None
         if self.tta_statistics == "reference":
             if self.reference_ is None:
-                raise IadkitError(f"{self._label}: tta_statistics='reference' re-styles from "
-                                  "normal images of the subclass under test: call "
-                                  "adapt_to_references first (the run setting "
-                                  "reference_normals does it)")
+                raise self._not_adapted("tta_statistics='reference' re-styles from")
             reference = (self.reference_.mean[0], self.reference_.std[0])
         return adapt_statistics(features, self.statistics_.mean[expert],
                                 self.statistics_.std[expert], self.tta_statistics,
@@ -261,6 +258,11 @@ class AdaptedMoE(SimpleNet):
     @property
     def _restyles_from_references(self) -> bool:
         return self.use_tta and self.tta_statistics == "reference"
+
+    def _not_adapted(self, what_it_does: str) -> IadkitError:
+        return IadkitError(f"{self._label}: {what_it_does} normal images of the subclass under "
+                           "test: call adapt_to_references first (the run setting "
+                           "reference_normals does it)")
 
     @torch.no_grad()
     def adapt_to_references(self, references: Iterable[dict[str, torch.Tensor]]
@@ -344,10 +346,7 @@ class AdaptedMoE(SimpleNet):
             return super()._expert_weights(features)
         if self.expert_choice == "references":
             if self.reference_scores_ is None:
-                raise IadkitError(f"{self._label}: expert_choice='references' takes the expert "
-                                  "from normal images of the subclass under test: call "
-                                  "adapt_to_references first (the run setting "
-                                  "reference_normals does it)")
+                raise self._not_adapted("expert_choice='references' takes the expert from")
             weights = features.new_zeros(features.shape[0], len(self.experts_))
             weights[:, self.reference_scores_.chosen] = 1.0
             return weights
