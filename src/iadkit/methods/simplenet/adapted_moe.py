@@ -25,8 +25,8 @@ Design decisions the paper leaves open (all options, defaults from METHODS.md):
 - ``expert_choice="references"`` (our addition, not the paper's): for a subclass the router
   never saw, the one expert that scores a few of its normal images lowest takes every image
   of it (:meth:`AdaptedMoE.adapt_to_references`). On real unseen subclasses the routing's
-  choice was no better than chance while the lowest reference score picked a good expert
-  (docs/simplenet.md, item 6).
+  mixture scored below SimpleNet; the expert so chosen is above it in mean image AUROC, not in
+  pixel AUROC (docs/simplenet.md, items 6 and 7).
 
 With ``use_moe=False`` and ``use_tta=False`` the detector is exactly SimpleNet.
 """
