@@ -421,7 +421,10 @@ def test_reference_normals_are_drawn_from_the_unseen_subclass_training_images(
                                "calibration none"),
                               ({"reference_normals": 17}, "'s2' has 16 training normals"),
                               ({"reference_normals": 2, "params": {**params,
-                                "tta_statistics": "channel"}}, "uses no reference images")]:
+                                "tta_statistics": "channel"}}, "uses no reference images"),
+                              ({"params": {**params, "use_tta": False,
+                                           "expert_choice": "references"}},
+                               "reference_normals >= 1")]:
         with pytest.raises(ConfigError, match=message):
             fit_run(RunConfig(**{**base, **settings}), refused)
     assert not refused.exists()

@@ -146,17 +146,18 @@ class RunConfig:
             if self.reference_normals:
                 raise ConfigError(f"run setting reference_normals: {detector.name} with these "
                                   "hyperparameters uses no reference images (adapted_moe "
-                                  "with tta_statistics='reference' does)")
+                                  "with expert_choice='references', or with use_tta and "
+                                  "tta_statistics='reference', does)")
             return
         if self.setting != "unseen-subclass" or self.reference_normals < 1:
-            raise ConfigError(f"{detector.name}: tta_statistics='reference' needs normal images "
-                              "of each tested subclass: use the unseen-subclass setting with "
-                              "reference_normals >= 1")
+            raise ConfigError(f"{detector.name} with these hyperparameters adapts to each tested "
+                              "subclass from a few of its normal images: use the "
+                              "unseen-subclass setting with reference_normals >= 1")
         if self.calibration not in ("auto", "none") or self.search is not None:
-            raise ConfigError(f"{detector.name}: tta_statistics='reference' scores each subclass "
-                              "against its own references, so a threshold or a search on the "
-                              "seen subclasses' normals does not carry over: use calibration "
-                              "none and no search")
+            raise ConfigError(f"{detector.name} with these hyperparameters scores each subclass "
+                              "against its own references, so a threshold or a search on the seen "
+                              "subclasses' normals does not carry over: use calibration none "
+                              "and no search")
         for task in tasks:
             for name in task.test_groups:
                 available = len(task.references.get(name, ()))
