@@ -299,6 +299,17 @@ def test_reference_expert_choice_takes_the_expert_that_finds_the_references_norm
     assert torch.equal(reloaded.predict(images).scores, scores)
     with pytest.raises(ConfigError, match="expert_choice='references'.*use_moe=True"):
         create_detector("adapted_moe", "cpu", use_moe=False, expert_choice="references")
+    # `iadkit adapt` makes the same choice from the same images and saves it.
+    from iadkit.cli import main
+
+    waiting = copy.deepcopy(detector)
+    waiting.expert_choice = "references"
+    references = [str(s.image_path) for s in samples.where(split="train", subclass="s1")]
+    out = tmp_path / "adapted"
+    assert main(["adapt", str(waiting.save(tmp_path / "waiting")), *references, "--out",
+                 str(out), "--quiet"]) == 0
+    adapted = Detector.load(out)
+    assert adapted.expert_names[adapted.reference_scores_.chosen] == "s1"
 
 
 def test_iadkit_adapt_saves_a_model_adapted_to_reference_images(
