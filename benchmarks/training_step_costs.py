@@ -5,10 +5,12 @@ optimisation step on a batch of the preset's size (teacher features already cach
 epoch after the first has them), and for ReContrast its parts: the trainable encoder's forward
 and backward, and the cross reconstruction (the shared student on the stacked batch of both
 encoders' features, both head sets, their losses, backward). Timing only: the images are random
-and the weights the preset's. One JSON line per method, median of ``--repeats`` steps after one
+and the weights the preset's. ``--precision bf16`` runs every step under
+``torch.autocast(dtype=torch.bfloat16)`` (what a bfloat16 training path would cost on this CPU;
+no method offers one yet). One JSON line per method, median of ``--repeats`` steps after one
 warm-up::
 
-    .venv/bin/python benchmarks/training_step_costs.py [--repeats 10]
+    .venv/bin/python benchmarks/training_step_costs.py [--repeats 10] [--precision bf16]
 """
 
 from __future__ import annotations
@@ -35,7 +37,18 @@ def median_seconds(step: Callable[[], None], repeats: int) -> float:
     return round(statistics.median(times), 4)
 
 
-def measure(name: str, repeats: int) -> dict[str, object]:
+def in_precision(step: Callable[[], None], precision: str) -> Callable[[], None]:
+    """``step`` as it is (fp32), or under bfloat16 autocast (bf16)."""
+    if precision == "fp32":
+        return step
+
+    def autocast_step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            step()
+    return autocast_step
+
+
+def measure(name: str, repeats: int, precision: str) -> dict[str, object]:
     """The step's seconds of method ``name`` (and ReContrast's parts)."""
     detector = create_detector(name, "cpu", device="cpu")
     detector._build_networks()
@@ -47,14 +60,15 @@ def measure(name: str, repeats: int) -> dict[str, object]:
     optimizer = detector._make_optimizers()["recontrast" if name == "recontrast" else "distill"]
     line: dict[str, object] = {
         "benchmark": "training_step_costs", "method": name, "batch_size": detector.batch_size,
-        "image_size": detector.image_size, "torch_threads": torch.get_num_threads()}
+        "image_size": detector.image_size, "precision": precision,
+        "torch_threads": torch.get_num_threads()}
     if name != "recontrast":
         def step() -> None:
             optimizer.zero_grad(set_to_none=True)
             detector._distillation_loss(teacher, detector.student_(teacher)).backward()
             optimizer.step()
 
-        line["step_seconds"] = median_seconds(step, repeats)
+        line["step_seconds"] = median_seconds(in_precision(step, precision), repeats)
         return line
     encoder = detector.encoder_
 
@@ -76,18 +90,20 @@ def measure(name: str, repeats: int) -> dict[str, object]:
         detector.student_.zero_grad(set_to_none=True)
         cross_loss([level.clone() for level in teacher]).backward()
 
-    line.update(encoder_seconds=median_seconds(encoder_only, repeats),
-                cross_reconstruction_seconds=median_seconds(cross_only, repeats),
-                step_seconds=median_seconds(recontrast_step, repeats))
+    line.update(encoder_seconds=median_seconds(in_precision(encoder_only, precision), repeats),
+                cross_reconstruction_seconds=median_seconds(in_precision(cross_only, precision),
+                                                            repeats),
+                step_seconds=median_seconds(in_precision(recontrast_step, precision), repeats))
     return line
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     args = parser.parse_args()
     for name in ("rd", "aand", "recontrast"):
-        print(json.dumps(measure(name, args.repeats)), flush=True)
+        print(json.dumps(measure(name, args.repeats, args.precision)), flush=True)
 
 
 if __name__ == "__main__":
