@@ -61,23 +61,24 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 @functools.cache
+def _cpuinfo() -> str | None:
+    """The text of /proc/cpuinfo (Linux), read once; None elsewhere."""
+    cpuinfo = Path("/proc/cpuinfo")
+    return cpuinfo.read_text(errors="replace") if cpuinfo.is_file() else None
+
+
 def _cpu_has_bfloat16() -> bool:
     """Whether this machine's CPU has bfloat16 matrix instructions (AVX512-BF16 or AMX), which
     make the ``"screened"`` backend's first pass fast."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.is_file():
-        return False
-    flags = set(cpuinfo.read_text(errors="replace").split())
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return bool(set((_cpuinfo() or "").split()) & {"avx512_bf16", "amx_bf16"})
 
 
-@functools.cache
 def _intel_cpu() -> bool:
     """Whether this machine's CPU is an Intel one (torch's MKL matrix products are fastest
     there)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        return "GenuineIntel" in cpuinfo.read_text(errors="replace")
+    info = _cpuinfo()
+    if info is not None:
+        return "GenuineIntel" in info
     return "intel" in platform.processor().lower()
 
 
