@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from pathlib import Path
 from typing import Any
 
 import torch
 from onnx_vs_torch import rate
+from records import cpu_model
 
 from iadkit.data import SampleSet, load_dataset, make_loader
 from iadkit.engine import resolve_model_dir
@@ -56,7 +56,7 @@ def main() -> None:
     spread = SampleSet(list(test)[::max(1, len(test) // args.test)][:args.test])
     images = torch.cat([b["image"] for b in make_loader(spread, detector.preprocess, 16)])
     bank = detector.memory_bank_
-    common = {"benchmark": "patchcore_knn", "cpu": platform.processor() or platform.machine(),
+    common = {"benchmark": "patchcore_knn", "cpu": cpu_model(),
               "threads": torch.get_num_threads(), "bank": list(bank.shape),
               "n_test": len(images)}
     with torch.inference_mode():

@@ -1,12 +1,24 @@
-"""What the resumable benchmarks share: a measurement kept in a JSON file, and peak memory."""
+"""What the resumable benchmarks share: a measurement kept in a JSON file, peak memory and
+the CPU's name."""
 
 from __future__ import annotations
 
 import json
+import platform
 import resource
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else what Python knows of the machine."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for row in cpuinfo.read_text().splitlines():
+            if row.startswith("model name"):
+                return row.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def peak_rss_gb() -> float:

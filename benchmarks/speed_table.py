@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -38,7 +37,7 @@ from typing import Any
 
 import torch
 from onnx_vs_torch import rate
-from records import peak_rss_gb
+from records import cpu_model, peak_rss_gb
 
 from iadkit.cli import main as iadkit
 from iadkit.data import SampleSet, load_dataset, make_loader
@@ -141,16 +140,6 @@ def markdown_table(lines: list[dict[str, Any]]) -> str:
     rows = ["| " + " | ".join("–" if line.get(key) is None else str(line[key])
                               for key, _ in TABLE_COLUMNS) + " |" for line in lines]
     return "\n".join([head, rule, *rows])
-
-
-def cpu_model() -> str:
-    """The CPU's model name (Linux), else what Python knows of the machine."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for row in cpuinfo.read_text().splitlines():
-            if row.startswith("model name"):
-                return row.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def write_table(lines: list[dict[str, Any]], page: Path) -> None:
