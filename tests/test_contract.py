@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +143,65 @@ def test_the_onnx_export_matches_pytorch(name: str, fitted, toy, tmp_path: Path)
     expected = detector.predict(images)
     for got, want in ((maps, expected.anomaly_maps.numpy()), (scores, expected.scores.numpy())):
         assert np.abs(got - want).max() <= 1e-3 * max(1.0, np.abs(want).max())
+
+
+def _weighted_leaves(detector: Detector) -> dict[int, str]:
+    """The modules holding weights of their own (convolutions, linear layers, norms...) in
+    every network the detector holds, by id."""
+    from iadkit.deploy.export import _networks
+
+    return {id(leaf): f"{name}.{leaf_name}" for name, network in _networks(detector).items()
+            for leaf_name, leaf in network.named_modules()
+            if next(leaf.parameters(recurse=False), None) is not None}
+
+
+@contextmanager
+def _autocast_of_every_call() -> Iterator[dict[int, set[bool]]]:
+    """Whether CPU autocast was on, for every module call in the block, by module id."""
+    seen: dict[int, set[bool]] = {}
+    called: list[torch.nn.Module] = []  # kept alive, so that no id is reused
+
+    def record(module: torch.nn.Module, *_: Any) -> None:
+        called.append(module)
+        seen.setdefault(id(module), set()).add(torch.is_autocast_enabled("cpu"))
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize(("name", "method", "extra"), CASES, ids=CASE_IDS)
+def test_bf16_runs_every_network_in_bfloat16_and_keeps_the_scores(
+        name: str, method: str, extra: dict[str, Any], fitted, toy) -> None:
+    train, test = toy
+    detector = fitted[name]
+    images = _test_images(detector, test)
+    categories = ["alpha"] * len(images)
+    leaves = _weighted_leaves(detector)
+    with _autocast_of_every_call() as seen:
+        f32 = detector.predict(images, categories)
+    assert {leaves[i] for i, modes in seen.items() if i in leaves and True in modes} == set()
+    detector.set_inference_params(precision="bf16")
+    try:
+        with _autocast_of_every_call() as seen:
+            bf16 = detector.predict(images, categories)
+    finally:
+        detector.set_inference_params(precision="f32")
+    ran = {i for i in seen if i in leaves}
+    assert ran, "no network ran"
+    assert {leaves[i] for i in ran if False in seen[i]} == set()
+    assert bf16.scores.dtype == bf16.anomaly_maps.dtype == torch.float32
+    span = float(f32.anomaly_maps.max() - f32.anomaly_maps.min())
+    assert float((bf16.anomaly_maps - f32.anomaly_maps).abs().max()) <= 0.15 * span
+    # Training: every network that learns or feeds the learning computes in bfloat16 too.
+    trained = tiny(method, **extra, precision="bf16")
+    trained.check_resources()  # builds the backbone (folding its BatchNorm runs it in float32)
+    with _autocast_of_every_call() as seen:
+        trained.fit(make_loader(train, trained.preprocess, batch_size=8))
+    leaves = _weighted_leaves(trained)
+    assert {leaves[i] for i, modes in seen.items() if i in leaves and False in modes} == set()
+    assert torch.isfinite(trained.predict(images, categories).scores).all()
 
 
 def _bad_values(method: str) -> list[tuple[str, Any]]:

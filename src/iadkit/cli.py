@@ -44,6 +44,7 @@ from .deploy.quantize import DEFAULT_DRIFT_TOLERANCE
 from .deploy.settings import ServiceSettings
 from .errors import IadkitError
 from .fanout import check_executor, start_ray
+from .nn.precision import PRECISIONS
 
 log = logging.getLogger("iadkit")
 
@@ -84,6 +85,8 @@ def _run_config(args: argparse.Namespace) -> Any:
         values["categories"] = None if args.category == ["all"] else args.category
     params = dict(values.get("params") or {})
     params.update(dict(args.param or []))
+    if args.precision is not None:
+        params["precision"] = args.precision
     values["params"] = params
     values["show_progress"] = not args.quiet
     for needed in ("method", "data"):
@@ -200,7 +203,8 @@ def cmd_test(args: argparse.Namespace) -> int:
     results, evaluations = test_run(args.run_dir, args.data, args.category, args.device,
                                     show_progress=not args.quiet,
                                     accept_backbone_change=args.accept_backbone_change,
-                                    protocol=args.protocol, views=args.views)
+                                    protocol=args.protocol, views=args.views,
+                                    precision=args.precision)
     if distributed.is_main():
         if "protocol" in results:
             print(_format_protocol(results["protocol"]))
@@ -245,7 +249,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     _start_executor(args)
     model_dir = resolve_model_dir(args.run_dir, args.model)
     detector = Detector.load(model_dir, device=args.device,
-                             accept_backbone_change=args.accept_backbone_change)
+                             accept_backbone_change=args.accept_backbone_change,
+                             precision=args.precision)
     summary = predict_files(detector, _collect_images(args.inputs), Path(args.out),
                             output_format=args.format, resume=args.resume,
                             heatmaps=not args.no_heatmaps, batch_size=args.batch_size,
@@ -271,7 +276,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     paths = _collect_images(args.references)
     model_dir = resolve_model_dir(args.run_dir, args.model)
     detector = Detector.load(model_dir, device=args.device,
-                             accept_backbone_change=args.accept_backbone_change)
+                             accept_backbone_change=args.accept_backbone_change,
+                             precision=args.precision)
     if not detector.needs_references:
         raise IadkitError(f"{model_dir}: this {detector.name} model does not adapt to reference "
                           "images (adapted_moe with expert_choice='references', or with "
@@ -302,7 +308,8 @@ def _predict_submission(args: argparse.Namespace) -> int:
     written, failed = 0, []
     for name, images in by_object.items():
         detector = Detector.load(models[name], device=args.device,
-                                 accept_backbone_change=args.accept_backbone_change)
+                                 accept_backbone_change=args.accept_backbone_change,
+                                 precision=args.precision)
         summary = write_mvtec_ad2_submission(detector, images, Path(args.out),
                                              args.batch_size, not args.quiet)
         written += summary.written
@@ -569,21 +576,29 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--accept-backbone-change", action="store_true",
                         help="load a saved detector although its backbone weights file differs "
                         "from the one it was fitted with (SHA-256 checked otherwise)")
+    # The commands that run a detector in PyTorch (export and serve name the runtime's).
+    networks = argparse.ArgumentParser(add_help=False)
+    networks.add_argument("--precision", choices=PRECISIONS,
+                          help="what the networks compute in: f32 or bf16 (bfloat16 autocast, "
+                          "for GPUs and CPUs with bfloat16 units); default: the saved model's, "
+                          "f32 for a new one")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def add_command(name: str, help: str) -> argparse.ArgumentParser:
-        return commands.add_parser(name, help=help, parents=[common])
+    def add_command(name: str, help: str, runs_networks: bool = False
+                    ) -> argparse.ArgumentParser:
+        parents = [common, networks] if runs_networks else [common]
+        return commands.add_parser(name, help=help, parents=parents)
 
     add_command("methods", "list methods and presets").set_defaults(func=cmd_methods)
 
-    fit = add_command("fit", "train detector(s) into a run folder")
+    fit = add_command("fit", "train detector(s) into a run folder", runs_networks=True)
     _add_run_flags(fit)
     fit.add_argument("--out", required=True, help="run folder to create")
     fit.add_argument("--resume", action="store_true",
                      help="keep models an interrupted run already saved; fit the rest")
     fit.set_defaults(func=cmd_fit)
 
-    test = add_command("test", "evaluate a run folder on its test split")
+    test = add_command("test", "evaluate a run folder on its test split", runs_networks=True)
     test.add_argument("run_dir")
     test.add_argument("--data", help="dataset root (default: the one used for fitting)")
     test.add_argument("--category", action="append")
@@ -595,7 +610,8 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("--report", help="write an HTML report into this folder")
     test.set_defaults(func=cmd_test)
 
-    predict = add_command("predict", "score images with a trained detector")
+    predict = add_command("predict", "score images with a trained detector",
+                          runs_networks=True)
     predict.add_argument("run_dir", help="run folder or model folder")
     predict.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
     predict.add_argument("--out", required=True, help="folder for scores.csv and heatmaps/")
@@ -614,7 +630,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(func=cmd_predict)
 
     adapt = add_command("adapt", "adapt a trained detector to a new subclass from a few of its "
-                        "normal images (adapted_moe, tta_statistics=reference)")
+                        "normal images (adapted_moe, tta_statistics=reference)",
+                        runs_networks=True)
     adapt.add_argument("run_dir", help="run folder or model folder")
     adapt.add_argument("references", nargs="+",
                        help="normal images of the new subclass: files, folders or globs")

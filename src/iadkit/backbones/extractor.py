@@ -6,9 +6,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ..errors import ConfigError
+from ..nn.precision import Network
 from .fold import fold_batchnorm
 from .weights import ResolvedWeights, build_with_weights
 
@@ -46,7 +46,7 @@ def normalisation(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return IMAGENET_MEAN, IMAGENET_STD
 
 
-class FeatureExtractor(nn.Module):
+class FeatureExtractor(Network):
     """A frozen timm network returning feature maps of chosen stages.
 
     Args:

@@ -147,7 +147,7 @@ def predict_files(detector: Detector, paths: Sequence[Path], out_dir: Path,
     if executor == "ray":
         assert model_dir is not None
         records = _records_on_ray(model_dir, todo, out_dir, heatmaps, batch_size, address,
-                                  actors, detector.device)
+                                  actors, detector.device, detector.precision)
     elif distributed.is_distributed():
         records = _records_over_ranks(detector, todo, out_dir, heatmaps, batch_size)
     else:
@@ -216,8 +216,8 @@ def _records_over_ranks(detector: Detector, files: Sequence[tuple[Path, int]], o
 class PredictionActor:
     """A Ray actor's work: one saved detector, loaded once, scoring chunks of files."""
 
-    def __init__(self, model_dir: str, device: str) -> None:
-        self.detector = Detector.load(model_dir, device=device)
+    def __init__(self, model_dir: str, device: str, precision: str) -> None:
+        self.detector = Detector.load(model_dir, device=device, precision=precision)
 
     def score(self, files: list[tuple[str, int]], out_dir: str, heatmaps: bool,
               batch_size: int) -> list[dict[str, Any]]:
@@ -227,7 +227,7 @@ class PredictionActor:
 
 def _records_on_ray(model_dir: Path, files: Sequence[tuple[Path, int]], out_dir: Path,
                     heatmaps: bool, batch_size: int, address: str | None, actors: int,
-                    device: str) -> Iterator[dict[str, Any]]:
+                    device: str, precision: str) -> Iterator[dict[str, Any]]:
     """The records of ``files`` scored by a pool of Ray actors, in the files' order."""
     from ..fanout import start_ray
 
@@ -235,7 +235,8 @@ def _records_on_ray(model_dir: Path, files: Sequence[tuple[Path, int]], out_dir:
     from ray.util import ActorPool
 
     remote = ray.remote(num_gpus=1 if device.startswith("cuda") else 0)(PredictionActor)
-    pool = ActorPool([remote.remote(str(model_dir), device) for _ in range(max(1, actors))])
+    pool = ActorPool([remote.remote(str(model_dir), device, precision)
+                      for _ in range(max(1, actors))])
     # Chunks of a few batches: large enough to keep an actor busy, small enough that a
     # killed run loses little (the log is written as chunks come back, in order).
     size = 4 * batch_size

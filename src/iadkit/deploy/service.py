@@ -145,15 +145,17 @@ class DetectorScorer(Scorer):
         settings: limits and access (:class:`ServiceSettings`).
         accept_backbone_change: load although the backbone weights found here differ from
             those the detector was fitted with (their SHA-256 is checked).
+        precision: overrides the saved precision of the networks ("f32" or "bf16").
     """
 
     def __init__(self, model_dir: str | Path, device: str | None = None,
                  settings: ServiceSettings | None = None,
-                 accept_backbone_change: bool = False) -> None:
+                 accept_backbone_change: bool = False, precision: str | None = None) -> None:
         from ..methods import Detector
 
         self.detector = Detector.load(model_dir, device=device,
-                                      accept_backbone_change=accept_backbone_change)
+                                      accept_backbone_change=accept_backbone_change,
+                                      precision=precision)
         super().__init__(Path(model_dir), self.detector.name, self.detector.preprocess,
                          self.detector.calibration, settings or ServiceSettings())
 
@@ -209,9 +211,10 @@ def load_scorer(model_dir: str | Path, device: str | None = None, runtime: str |
                               f"{device} applies to saved detectors only")
         runtime = runtime or ("openvino" if precision == "int8" else "onnxruntime")
         return ExportedScorer(model_dir, runtime, threads, settings, precision or "f32")
-    if precision is not None:
-        raise IadkitError(f"{model_dir} is a saved detector, run by PyTorch; --precision "
-                          f"{precision} needs an export (iadkit export)")
+    if precision == "int8":
+        raise IadkitError(f"{model_dir} is a saved detector, run by PyTorch in f32 or bf16; "
+                          "--precision int8 needs an OpenVINO export (iadkit export --format "
+                          "openvino --precision int8)")
     if runtime is not None:
         raise IadkitError(f"{model_dir} is a saved detector, run by PyTorch; --runtime "
                           f"{runtime} needs an export (iadkit export {model_dir} --out DIR)")
@@ -219,7 +222,7 @@ def load_scorer(model_dir: str | Path, device: str | None = None, runtime: str |
         raise IadkitError("threads applies to an export's runtime; a saved detector runs with "
                           "torch's process-wide setting (torch.set_num_threads, or iadkit serve "
                           "--threads)")
-    return DetectorScorer(model_dir, device, settings, accept_backbone_change)
+    return DetectorScorer(model_dir, device, settings, accept_backbone_change, precision)
 
 
 class RequestGuard:

@@ -45,7 +45,7 @@ def fit_detector(config: RunConfig, task: Task, checkpoint_dir: Path | None = No
     plan = plan or plan_calibration(config, detector, task)
     train, held_out = plan.fit_samples, plan.held_out
     # Not shuffled: a training image's position is its index for leave-one-out calibration.
-    loader = make_loader(train, detector.preprocess, config.batch_size, config.workers,
+    loader = make_loader(train, detector.preprocess, config.batch_size, config.loader_workers,
                          shuffle=False, seed=config.seed)
     started = time.perf_counter()
     detector.fit(loader, show_progress=config.show_progress, checkpoint_dir=checkpoint_dir)
@@ -58,7 +58,7 @@ def fit_detector(config: RunConfig, task: Task, checkpoint_dir: Path | None = No
             raise IadkitError("an inference-parameter search needs held-out normal images: "
                               "set validation_fraction > 0")
         search = search_on_held_out_normals(detector, held_out, config.search, config.seed,
-                                            config.batch_size, config.workers,
+                                            config.batch_size, config.loader_workers,
                                             config.show_progress)
         detector.fit_info_["search"] = search
         log.info("search chose %s", search["chosen"])
@@ -172,9 +172,10 @@ def resolve_model_dir(path: str | Path, model: str | None = None) -> Path:
 def test_run(run_dir: str | Path, data: str | None = None, categories: list[str] | None = None,
              device: str | None = None, show_progress: bool = False,
              accept_backbone_change: bool = False, protocol: str | None = None,
-             views: str = "max") -> tuple[dict[str, Any], list[TaskEvaluation]]:
+             views: str = "max", precision: str | None = None
+             ) -> tuple[dict[str, Any], list[TaskEvaluation]]:
     """Evaluate the saved detectors of a run folder on the test split of its setting
-    (``accept_backbone_change``: see :meth:`Detector.load`); with ``protocol`` (see
+    (``accept_backbone_change`` and ``precision``: see :meth:`Detector.load`); with ``protocol`` (see
     :mod:`.protocols`; ``views`` for multi-view samples), the results gain that benchmark's
     table as ``"protocol"``. A protocol that cannot apply is refused before any prediction."""
     config, task_names = read_run(run_dir)
@@ -198,10 +199,11 @@ def test_run(run_dir: str | Path, data: str | None = None, categories: list[str]
                               "did not finish); complete it with the same 'iadkit fit' command "
                               "and --resume")
         detector = Detector.load(model_dir, device=device or config.device,
-                                 accept_backbone_change=accept_backbone_change)
+                                 accept_backbone_change=accept_backbone_change,
+                                 precision=precision)
         if chosen is not None:
             chosen.check_model(task.name, detector.calibration)
-        evaluations.append(evaluate_task(detector, task, config.batch_size, config.workers,
+        evaluations.append(evaluate_task(detector, task, config.batch_size, config.loader_workers,
                                          show_progress, config.reference_normals, config.seed))
     results = summarise(evaluations, config.setting)
     if chosen is not None:

@@ -19,7 +19,9 @@ To add a method: subclass :class:`BackboneDetector` (or :class:`Detector`), give
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
@@ -36,6 +38,7 @@ from ..calibration import Calibration
 from ..data.preprocess import GEOMETRIES, Preprocess
 from ..errors import CheckpointError, ConfigError, DatasetError, IadkitError, NotFittedError
 from ..files import read_json_record
+from ..nn.precision import PRECISIONS, bfloat16_problem, cpu_has_bfloat16, network_precision
 from ..synthesis.textures import TextureSource
 from ..validation import Check, Choice, Either, Items, Number, Optional, Text
 from .hyperparameters import (
@@ -44,6 +47,8 @@ from .hyperparameters import (
     constructor_signature,
     hyperparameter,
 )
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "iadkit-detector"
 CHECKPOINT_VERSION = 1
@@ -158,6 +163,10 @@ class Detector(ABC):
                                  "where the networks run")
     seed: int = hyperparameter(0, Number(int, 0), "seeds initialisation, batch order and every "
                                "random draw of fit")
+    precision: str = hyperparameter(
+        "f32", Choice(*PRECISIONS), "what the networks compute in: 'f32', or 'bf16' (bfloat16 "
+        "autocast; the arithmetic on their outputs stays float32; see docs/performance.md)",
+        inference=True)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -198,6 +207,7 @@ class Detector(ABC):
         """Check what a fit will need beyond the hyperparameters' values (backbone weights and
         stages, folders it reads), so that a bad run stops before any work; raises an
         :class:`IadkitError` naming the problem (override, calling ``super()``)."""
+        self._check_precision()
 
     def _refuse(self, message: str) -> ConfigError:
         """A :class:`ConfigError` for this method: ``raise self._refuse("...")``."""
@@ -280,6 +290,26 @@ class Detector(ABC):
     def torch_device(self) -> torch.device:
         return resolve_device(self.device)
 
+    def networks_in_precision(self) -> AbstractContextManager[None]:
+        """A block in which this detector's networks compute in ``precision`` (see
+        :mod:`iadkit.nn.precision`); :meth:`fit` and :meth:`predict` run in one.
+
+        Raises:
+            ConfigError: bfloat16 on a device that has none.
+        """
+        self._check_precision()
+        return network_precision(self.precision, self.torch_device)
+
+    def _check_precision(self) -> None:
+        if self.precision != "bf16":
+            return
+        device = self.torch_device
+        problem = bfloat16_problem(device)
+        if problem is not None:
+            raise self._refuse(f"precision='bf16': {problem}")
+        if device.type == "cpu" and not cpu_has_bfloat16():
+            _warn_slow_bfloat16()
+
     @property
     def is_fitted(self) -> bool:
         return self.fit_info_ is not None
@@ -300,7 +330,7 @@ class Detector(ABC):
         """
         self.fit_info_ = None
         self.check_resources()
-        with isolated_rng(self.seed):
+        with isolated_rng(self.seed), self.networks_in_precision():
             self.fit_info_ = self._fit(train, show_progress, checkpoint_dir) or {}
         return self
 
@@ -317,14 +347,17 @@ class Detector(ABC):
         images = torch.as_tensor(images)
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
-        images = images.to(self.torch_device, torch.float32)
-        if self.needs_categories:
-            if categories is None or len(categories) != images.shape[0]:
-                raise IadkitError(f"{self._label}: this configuration needs the category of "
-                                  "every image at prediction time")
-            prediction = self._predict(images, categories=list(categories))
-        else:
-            prediction = self._predict(images)
+        if self.torch_device.type == "cuda" and images.device.type == "cpu":
+            images = images.pin_memory()  # the copy then runs while the host queues the work
+        images = images.to(self.torch_device, torch.float32, non_blocking=True)
+        with self.networks_in_precision():
+            if self.needs_categories:
+                if categories is None or len(categories) != images.shape[0]:
+                    raise IadkitError(f"{self._label}: this configuration needs the category of "
+                                      "every image at prediction time")
+                prediction = self._predict(images, categories=list(categories))
+            else:
+                prediction = self._predict(images)
         if not torch.isfinite(prediction.scores).all() or not torch.isfinite(prediction.anomaly_maps).all():
             raise IadkitError(f"{self._label}: the model produced NaN or infinite scores")
         return Prediction(prediction.anomaly_maps.float().cpu(), prediction.scores.float().cpu())
@@ -352,7 +385,8 @@ class Detector(ABC):
         if not self.is_fitted:
             raise NotFittedError(f"{self._label}: call fit() or load() before predict_left_out()")
         images = torch.as_tensor(images).to(self.torch_device, torch.float32)
-        prediction = self._predict_left_out(images, torch.as_tensor(train_indices).long())
+        with self.networks_in_precision():
+            prediction = self._predict_left_out(images, torch.as_tensor(train_indices).long())
         return Prediction(prediction.anomaly_maps.float().cpu(), prediction.scores.float().cpu())
 
     def _predict_left_out(self, images: torch.Tensor, train_indices: torch.Tensor) -> Prediction:
@@ -411,8 +445,9 @@ class Detector(ABC):
 
     @staticmethod
     def load(path: str | Path, device: str | None = None,
-             accept_backbone_change: bool = False) -> Detector:
-        """Load any saved detector; ``device`` overrides the saved one (e.g. "cpu").
+             accept_backbone_change: bool = False, precision: str | None = None) -> Detector:
+        """Load any saved detector; ``device`` and ``precision`` override the saved ones (e.g.
+        "cpu", "bf16").
 
         The backbone weights found now must be the file the detector was fitted with (their
         SHA-256 is compared with the one recorded at fit); ``accept_backbone_change`` loads
@@ -441,6 +476,8 @@ class Detector(ABC):
         params = dict(config["params"])
         if device is not None:
             params["device"] = device
+        if precision is not None:
+            params["precision"] = precision
         try:
             detector = get_method(config["method"])(**params)
         except ConfigError as error:
@@ -489,7 +526,15 @@ class Detector(ABC):
 
 
 Detector.hyperparameters = collect_hyperparameters(Detector)
-Detector.inference_params = ()
+Detector.inference_params = tuple(name for name, declared in Detector.hyperparameters.items()
+                                  if declared.inference)
+
+
+@functools.cache
+def _warn_slow_bfloat16() -> None:
+    """Say once that this CPU computes bfloat16 without matrix instructions for it."""
+    log.warning("precision='bf16' on a CPU without bfloat16 instructions (AVX512-BF16 or AMX): "
+                "the networks will run slower than in float32")
 
 
 #: A backbone stage: a timm ``out_indices`` index or a module name ("layer2").

@@ -20,15 +20,14 @@ timing.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import platform
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
 from ..validation import Check
+from .precision import cpu_has_bfloat16, cpuinfo
 
 BACKENDS = ("auto", "torch", "faiss", "screened")
 
@@ -51,7 +50,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown nearest-neighbour backend {backend!r}; choose from {BACKENDS}")
     if backend == "auto":
-        if device.type == "cpu" and _cpu_has_bfloat16():
+        if device.type == "cpu" and cpu_has_bfloat16():
             return "screened"
         prefer_faiss = device.type == "cpu" and not _intel_cpu() and faiss_available()
         return "faiss" if prefer_faiss else "torch"
@@ -60,23 +59,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-@functools.cache
-def _cpuinfo() -> str | None:
-    """The text of /proc/cpuinfo (Linux), read once; None elsewhere."""
-    cpuinfo = Path("/proc/cpuinfo")
-    return cpuinfo.read_text(errors="replace") if cpuinfo.is_file() else None
-
-
-def _cpu_has_bfloat16() -> bool:
-    """Whether this machine's CPU has bfloat16 matrix instructions (AVX512-BF16 or AMX), which
-    make the ``"screened"`` backend's first pass fast."""
-    return bool(set((_cpuinfo() or "").split()) & {"avx512_bf16", "amx_bf16"})
-
-
 def _intel_cpu() -> bool:
     """Whether this machine's CPU is an Intel one (torch's MKL matrix products are fastest
     there)."""
-    info = _cpuinfo()
+    info = cpuinfo()
     if info is not None:
         return "GenuineIntel" in info
     return "intel" in platform.processor().lower()
@@ -244,20 +230,24 @@ def nearest_neighbours(
     queries: torch.Tensor,
     bank: torch.Tensor,
     k: int = 1,
-    max_elements: int = 1 << 21,
+    max_elements: int | None = None,
     bank_sq_norms: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Distances and indices of the ``k`` nearest bank rows of each query, in bounded memory.
 
     Queries are processed in chunks so that the distance matrix never exceeds
-    ``max_elements`` entries (8 MB in float32 by default: small enough to stay in cache,
-    which matters because the distance matrix, not the arithmetic, bounds the speed).
+    ``max_elements`` entries. By default 2**21 on a CPU (8 MB in float32: small enough to stay
+    in cache, which matters because the distance matrix, not the arithmetic, bounds the speed)
+    and 2**27 on a GPU (512 MB: thousands of queries per product, where small products would
+    leave it idle).
 
     Returns:
         (M, k) Euclidean distances (ascending) and (M, k) int64 indices into ``bank``.
     """
     if bank_sq_norms is None:
         bank_sq_norms = bank.pow(2).sum(1)
+    if max_elements is None:
+        max_elements = 1 << 21 if bank.device.type == "cpu" else 1 << 27
     chunk = max(1, max_elements // max(1, bank.shape[0]))
     if torch.onnx.is_in_onnx_export():  # an exported graph has no loop: one distance matrix
         chunk = queries.shape[0]

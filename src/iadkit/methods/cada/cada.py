@@ -172,7 +172,8 @@ class CADA(Detector):
         changes = PAPER_BASE_CHANGES.get(self.base, {}) if self.paper_base_changes else {}
         return get_method(self.base).from_preset(
             self.base_preset, **{**changes, **self.base_params, **overrides,
-                                 "device": self.device, "seed": self.seed})
+                                 "device": self.device, "seed": self.seed,
+                                 "precision": self.precision})
 
     def check_resources(self) -> None:
         super().check_resources()

@@ -10,12 +10,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ...nn.precision import Network
+
 SPREADS = ("max", "sigma")
 #: The smallest span ``gamma - u`` a map is divided by.
 MIN_SPAN = 1e-6
 
 
-class StatisticsRegressor(nn.Module):
+class StatisticsRegressor(Network):
     """Convolutions of the input's own width, global pooling, then two linear layers with
     dropout before each: (B, C, h, w) features -> (B, outputs).
 

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...nn.precision import Network
+
 COSINE_AXES = ("width", "channel", "flatten")
 
 
@@ -31,7 +33,7 @@ def fuse_levels(features: Sequence[torch.Tensor]) -> torch.Tensor:
     ], dim=1)
 
 
-class FusionEmbedder(nn.Module):
+class FusionEmbedder(Network):
     """Fused deep features -> embedding z (B, E, h, w) and its smoothed form (B, E, h/p, w/p).
 
     Args:
@@ -64,7 +66,7 @@ class FusionEmbedder(nn.Module):
         return embedding, self.smooth(embedding)
 
 
-class FeatureDecoder(nn.Module):
+class FeatureDecoder(Network):
     """Embedding z -> one reconstruction per backbone level (never used at inference).
 
     Each branch is two pointwise blocks (to half the level's width, then to its width), with a
@@ -95,7 +97,7 @@ class FeatureDecoder(nn.Module):
         return outputs
 
 
-class PositionClassifier(nn.Module):
+class PositionClassifier(Network):
     """The classifier baseline's head (paper Table 4): a linear logit per embedding position;
     the image logit is their mean (global average pooling followed by a linear layer)."""
 

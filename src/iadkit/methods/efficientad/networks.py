@@ -7,11 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...nn.precision import Network
+
 #: The two PDN sizes of the paper.
 MODEL_SIZES = ("small", "medium")
 
 
-class PatchDescriptionNetwork(nn.Module):
+class PatchDescriptionNetwork(Network):
     """A few convolutions whose every output position sees a 33 x 33 input patch.
 
     With the paper's padding the output grid is the input's over 4 (64 x 64 for 256 px), each
@@ -52,7 +54,7 @@ def _decoder_sizes(image_size: int) -> list[int]:
     return [max(1, round(size * image_size / 256)) for size in (3, 8, 15, 32, 63, 127)]
 
 
-class AutoEncoder(nn.Module):
+class AutoEncoder(Network):
     """Encodes a whole image into a 64-value code and decodes the teacher's feature map from it:
     it learns the logical layout of normal images, so it misses what breaks that layout.
 

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...nn.precision import Network
+
 
 def cosine_alpha_bar(t: torch.Tensor, total_steps: int, offset: float = 0.008) -> torch.Tensor:
     """Nichol & Dhariwal's closed form f(t)/f(0), f(t) = cos^2(((t/T + s)/(1 + s)) pi/2)."""
@@ -175,7 +177,7 @@ class SpatialSelfAttention(nn.Module):
         return x + self.out(attended).view(batch, channels, height, width)
 
 
-class NoisePredictionUNet(nn.Module):
+class NoisePredictionUNet(Network):
     """The U-Net epsilon predictor of improved DDPM, for C-channel feature maps.
 
     Each level has ``num_res_blocks`` time-conditioned residual blocks (plus self-attention at

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...nn.precision import Network, network_method
+
 
 def position_encoding(channels: int, height: int, width: int,
                       device: torch.device | None = None) -> torch.Tensor:
@@ -43,7 +45,7 @@ def _pointwise_mlp(channels: int, hidden: int) -> nn.Sequential:
                          nn.Conv2d(hidden, channels, 1))
 
 
-class ResidualAmplifier(nn.Module):
+class ResidualAmplifier(Network):
     """RAA for one teacher level: matching-guided residual gate + attribute-scaling residual.
 
     Args:
@@ -68,6 +70,7 @@ class ResidualAmplifier(nn.Module):
         # First L rows: normal items; last L rows: anomaly items.
         self.memory = nn.Parameter(torch.randn(2 * num_memory, channels))
 
+    @network_method
     def gate(self, features: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, 1, H, W): the summed softmax weight of the anomaly items."""
         channels, height, width = features.shape[1:]
@@ -78,6 +81,7 @@ class ResidualAmplifier(nn.Module):
         weights = torch.softmax(similarity / self.temperature, dim=1)
         return weights[:, self.num_memory:].sum(dim=1, keepdim=True)
 
+    @network_method
     def residual(self, features: torch.Tensor) -> torch.Tensor:
         """The attribute-scaling residual tanh(MLP(F)) * F."""
         return torch.tanh(self.attributes(features)) * features

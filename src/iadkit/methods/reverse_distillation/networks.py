@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import ConfigError
+from ...nn.precision import Network
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU}
 #: The distillation losses (:func:`flattened_cosine_loss`, :func:`pixel_cosine_loss`).
@@ -50,7 +51,7 @@ def _up_bn(in_channels: int, out_channels: int) -> nn.Sequential:
                          nn.BatchNorm2d(out_channels))
 
 
-class ResidualBottleneck(nn.Module):
+class ResidualBottleneck(Network):
     """ResNet's 1x1 - 3x3 - 1x1 bottleneck block, optionally halving or doubling the resolution.
 
     Args:
@@ -104,7 +105,7 @@ def _init_weights(module: nn.Module) -> None:
             nn.init.zeros_(layer.bias)
 
 
-class OneClassBottleneck(nn.Module):
+class OneClassBottleneck(Network):
     """OCBE: multi-scale feature fusion, then a one-class embedding stage (RD4AD ``BN_layer``).
 
     Each finer level goes down to the coarsest resolution through a chain of 3x3 stride-2
@@ -147,7 +148,7 @@ class OneClassBottleneck(nn.Module):
         return self.embed(torch.cat(fused, dim=1))
 
 
-class ReverseDecoder(nn.Module):
+class ReverseDecoder(Network):
     """The student: up-sampling ResNet stages mirroring the teacher (RD4AD ``de_resnet``).
 
     Stage j doubles the resolution (first block: transposed convolutions) and outputs the width

@@ -28,6 +28,7 @@ from ...nn.anomaly_maps import (
     image_scores,
     smooth_maps,
 )
+from ...nn.precision import Network
 from ...validation import Choice, Items, Number, Optional
 from .. import register
 from ..base import Prediction
@@ -63,7 +64,7 @@ PAPER_TEACHER = dict(backbone="wide_resnet50_2", layers=("layer1", "layer2", "la
                      image_size=256)
 
 
-class ReverseStudent(nn.Module):
+class ReverseStudent(Network):
     """OCBE bottleneck + decoder: teacher features in, reconstructed teacher features out."""
 
     def __init__(self, channels: list[int], strides: list[int] | None, embed_channels: int | None,

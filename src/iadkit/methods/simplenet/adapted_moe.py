@@ -293,25 +293,26 @@ class AdaptedMoE(SimpleNet):
             raise IadkitError(f"{self._label}: adapt_to_references needs "
                               "expert_choice='references', or use_tta=True and "
                               "tta_statistics='reference'")
-        features = [self.patch_features(batch["image"].to(self.torch_device))
-                    for batch in references]
-        if not features:
-            raise IadkitError(f"{self._label}: adapt_to_references was given no images")
-        if self._restyles_from_references:
-            statistics = ExpertStatistics(1, self.feature_dim).to(self.torch_device)
-            statistics.fit((batch, torch.zeros(len(batch), dtype=torch.long,
-                                               device=batch.device)) for batch in features)
-            self.reference_ = statistics
-        if self.expert_choice == "references":
-            for module in self._trained_modules().values():
-                module.eval()
-            choice = ReferenceScores(len(self.experts_)).to(self.torch_device)
-            count = sum(len(batch) for batch in features)
-            for expert in range(len(self.experts_)):
-                total = sum(float(self._expert_patch_scores(batch, expert).flatten(1).amax(1)
-                                  .sum()) for batch in features)
-                choice.scores[expert] = total / count
-            self.reference_scores_ = choice
+        with self.networks_in_precision():
+            features = [self.patch_features(batch["image"].to(self.torch_device))
+                        for batch in references]
+            if not features:
+                raise IadkitError(f"{self._label}: adapt_to_references was given no images")
+            if self._restyles_from_references:
+                statistics = ExpertStatistics(1, self.feature_dim).to(self.torch_device)
+                statistics.fit((batch, torch.zeros(len(batch), dtype=torch.long,
+                                                   device=batch.device)) for batch in features)
+                self.reference_ = statistics
+            if self.expert_choice == "references":
+                for module in self._trained_modules().values():
+                    module.eval()
+                choice = ReferenceScores(len(self.experts_)).to(self.torch_device)
+                count = sum(len(batch) for batch in features)
+                for expert in range(len(self.experts_)):
+                    total = sum(float(self._expert_patch_scores(batch, expert).flatten(1).amax(1)
+                                      .sum()) for batch in features)
+                    choice.scores[expert] = total / count
+                self.reference_scores_ = choice
         return self
 
     def _load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:

@@ -8,11 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...nn.precision import Network, network_method
+
 TTA_STATISTICS = ("channel", "scalar", "batch", "reference")
 ROUTING_SCORES = ("centre", "classifier")
 
 
-class RoutingNetwork(nn.Module):
+class RoutingNetwork(Network):
     """Image embedding (paper Eq. 1), subclass classifier and subclass centres.
 
     The embedding is a 3x3 convolution with ReLU over the patch features, global-average pooled
@@ -42,6 +44,7 @@ class RoutingNetwork(nn.Module):
         embedding = F.relu(self.projection(features)).mean(dim=(2, 3))
         return F.normalize(embedding, dim=1) if self.normalize else embedding
 
+    @network_method
     def loss(self, embeddings: torch.Tensor, labels: torch.Tensor, centre_weight: float
              ) -> torch.Tensor:
         """alpha * ||x - c_y||^2 + (1 - alpha) * cross-entropy (paper Eq. 2, batch mean)."""

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...nn.precision import Network, network_method
+
 
 class UnfoldPatchFeatures(nn.Module):
     """Neighbourhood vectors of several levels, pooled to one fixed-size feature per position.
@@ -95,7 +97,7 @@ def _xavier_normal(module: nn.Module) -> None:
         nn.init.xavier_normal_(module.weight)
 
 
-class SimpleNetHead(nn.Module):
+class SimpleNetHead(Network):
     """Feature adaptor and discriminator; ``forward`` gives patch anomaly scores.
 
     Args:
@@ -125,6 +127,7 @@ class SimpleNetHead(nn.Module):
         """(N, D) patch features -> (N,) anomaly scores, -D(G(features))."""
         return -self.discriminator(self.adaptor(features)).squeeze(1)
 
+    @network_method
     def loss(self, features: torch.Tensor, noise_std: float) -> torch.Tensor:
         """Truncated L1 loss on (N, D) normal patch features and their copies moved by Gaussian
         noise of std ``noise_std`` (the paper: 0.015).

@@ -23,6 +23,7 @@ from torch import nn
 from ..._torchvision_compat import import_timm
 from ...backbones import FeatureExtractor
 from ...nn.anomaly_maps import gaussian_blur, image_scores
+from ...nn.precision import Network
 from ...validation import Choice, Flag, Number
 from .. import register
 from ..base import Prediction
@@ -39,7 +40,7 @@ from ..training import (
 LEVEL_FUSIONS = ("product", "sum")
 
 
-class PyramidStudent(nn.Module):
+class PyramidStudent(Network):
     """The teacher's architecture up to its last used stage, with fresh random weights (drawn
     from torch's global generator) and trainable BatchNorm; it normalises its input images as
     the teacher does.

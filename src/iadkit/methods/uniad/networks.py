@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ...errors import ConfigError
+from ...nn.precision import Network
 
 
 def feature_jitter(tokens: torch.Tensor, scale: float) -> torch.Tensor:
@@ -122,7 +123,7 @@ class DecoderLayer(nn.Module):
         return self.feed_forward(x)
 
 
-class UniADTransformer(nn.Module):
+class UniADTransformer(Network):
     """Tokens (B, HW, C) -> reconstructed tokens (B, HW, C), and the encoder's output.
 
     Args:
