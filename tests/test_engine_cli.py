@@ -110,6 +110,19 @@ def test_unified_models_get_a_threshold_per_category_and_evaluation_uses_it(
         assert decision["true_positives"] + decision["false_negatives"] == 6
 
 
+def test_loader_workers_are_none_on_the_cpu_by_default_and_as_given_otherwise(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from iadkit.errors import ConfigError
+
+    base = {"method": "patchcore", "data": "anywhere"}
+    assert engine.RunConfig(**base, device="cpu").loader_workers == 0
+    assert engine.RunConfig(**base, device="cpu", workers=3).loader_workers == 3
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert engine.RunConfig(**base, device="cuda").loader_workers == 8
+    with pytest.raises(ConfigError, match="run setting workers"):
+        engine.RunConfig(**base, workers="many")
+
+
 @pytest.mark.parametrize("settings,message", [
     ({"calibration": "cv:20"}, "cv:20: 'alpha' has 16 training normals"),
     ({"calibration": "cv:1"}, "run setting calibration"),

@@ -165,7 +165,7 @@ def calibrate(detector: Detector, plan: CalibrationPlan, config: RunConfig
     if plan.method is None:
         return None
     if plan.method == HOLDOUT:
-        scored = predict_samples(detector, plan.held_out, config.batch_size, config.workers,
+        scored = predict_samples(detector, plan.held_out, config.batch_size, config.loader_workers,
                                  config.show_progress, "calibrate")
         samples, scores, maxima = plan.held_out, scored.scores, scored.map_maxima
         described = "normal images held out from training"
@@ -195,7 +195,7 @@ def _left_out_scores(detector: Detector, samples: SampleSet, config: RunConfig
     scores = np.empty(len(samples), dtype=np.float64)
     maxima = np.empty(len(samples), dtype=np.float64)
     for index, anomaly_map, score, _ in predict_images(
-            detector, samples, config.batch_size, config.workers, left_out=True,
+            detector, samples, config.batch_size, config.loader_workers, left_out=True,
             show_progress=config.show_progress, description="calibrate (leave-one-out)"):
         scores[index], maxima[index] = score, float(anomaly_map.max())
     return scores, maxima
@@ -215,10 +215,10 @@ def _cross_fitted_scores(detector: Detector, plan: CalibrationPlan, config: RunC
         outside = np.nonzero(assignment == fold)[0]
         model = config.new_detector().set_inference_params(**inference)
         model.fit(make_loader(SampleSet(samples[i] for i in inside), model.preprocess,
-                              config.batch_size, config.workers),
+                              config.batch_size, config.loader_workers),
                   show_progress=config.show_progress)
         scored = predict_samples(model, SampleSet(samples[i] for i in outside),
-                                 config.batch_size, config.workers, config.show_progress,
+                                 config.batch_size, config.loader_workers, config.show_progress,
                                  f"calibrate fold {fold + 1}")
         scores[outside] = scored.scores
         maxima[outside] = scored.map_maxima

@@ -8,6 +8,7 @@ learns are marked on their fields (``model=True``): a resumed run must match the
 
 from __future__ import annotations
 
+import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
@@ -15,7 +16,19 @@ from ..data.layouts import LAYOUTS, load_dataset
 from ..data.settings import SETTINGS, Task, make_tasks
 from ..errors import ConfigError
 from ..methods import Detector, create_detector
-from ..validation import Check, Choice, Flag, Items, Mapping, Number, Optional, Rule, Text
+from ..methods.base import resolve_device
+from ..validation import (
+    Check,
+    Choice,
+    Either,
+    Flag,
+    Items,
+    Mapping,
+    Number,
+    Optional,
+    Rule,
+    Text,
+)
 from .search import SearchSettings
 
 
@@ -69,7 +82,7 @@ class RunConfig:
             subclass's training normals (seeded draw; never trained on) it is given before
             that subclass is tested.
         batch_size: images per batch when predicting.
-        workers: DataLoader worker processes.
+        workers: DataLoader worker processes, or "auto" (see :attr:`loader_workers`).
         device: "auto" (CUDA when present), "cpu", "cuda", ...
         seed: seeds the validation split and the detectors.
         show_progress: show progress bars.
@@ -91,7 +104,7 @@ class RunConfig:
     search: SearchSettings | None = run_setting(None, None, model=True)
     reference_normals: int = run_setting(Number(int, 0), 0)
     batch_size: int = run_setting(Number(int, 1), 16)
-    workers: int = run_setting(Number(int, 0), 0)
+    workers: int | str = run_setting(Either(Number(int, 0), Choice("auto")), "auto")
     device: str = run_setting(Text(), "auto")
     seed: int = run_setting(Number(int, 0), 0, model=True)
     show_progress: bool = run_setting(Flag(), True)
@@ -126,6 +139,17 @@ class RunConfig:
             values["search"] = SearchSettings.from_value(values["search"], **{
                 k: v for k, v in legacy.items() if v is not None})
         return cls(**values)
+
+    @property
+    def loader_workers(self) -> int:
+        """The DataLoader worker processes: ``workers``, or for "auto" none when the networks
+        run on the CPU (decoding would take their cores) and up to 8 beside a GPU (decoding
+        off the GPU's critical path)."""
+        if self.workers != "auto":
+            return int(self.workers)
+        if resolve_device(self.device).type == "cpu":
+            return 0
+        return min(8, max(1, (os.cpu_count() or 2) - 1))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
