@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from iadkit.methods.patchcore.patch_features import LocalPatchFeatures
+from iadkit.nn import coreset
 from iadkit.nn.anomaly_maps import UpsampleBlur, gaussian_blur
 from iadkit.nn.coreset import OVERSAMPLING, StreamingCoreset, greedy_coreset
 from iadkit.nn.knn import held_out_nearest_distances, nearest_neighbours
@@ -50,6 +51,18 @@ def test_coreset_is_deterministic_and_stops_on_duplicates() -> None:
     assert chosen.numel() == 5 and duplicates[chosen].unique(dim=0).shape[0] == 5
     with pytest.raises(ValueError, match="sampling_ratio"):
         greedy_coreset(features, 0.0)
+
+
+@pytest.mark.parametrize("n,dim,ratio", [(3000, 200, 0.02), (700, 64, 0.3)])
+def test_the_gpus_dense_coreset_search_selects_what_the_plain_loop_selects(
+        n: int, dim: int, ratio: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The search a GPU runs, run here on the CPU in the lazy search's place.
+    monkeypatch.setattr(coreset, "_lazy_greedy", coreset._dense_greedy)
+    features = torch.randn(n, dim) @ torch.randn(dim, dim)
+    assert torch.equal(greedy_coreset(features, ratio), plain_greedy_coreset(features, ratio))
+    duplicates = torch.randn(5, 8).repeat(40, 1)
+    chosen = greedy_coreset(duplicates, 0.5)
+    assert chosen.numel() == 5 and duplicates[chosen].unique(dim=0).shape[0] == 5
 
 
 def plain_greedy(points: torch.Tensor, n_select: int, generator: torch.Generator,

@@ -243,8 +243,12 @@ class StreamingCoreset:
         started = time.perf_counter()
         if blocks is None:  # no points on this rank: one block of padding
             blocks = torch.zeros(1, self.block_size, self.width, device=self.device)
-        chosen = _lazy_greedy(blocks, rows, n_points, n_select, self.n_starts, self._generator,
-                              self.show_progress)
+        # On a GPU in one process the dense search runs without waiting on the host; the lazy
+        # one saves work where the host's waits are cheap (a CPU) and exchanges under torchrun.
+        search = (_dense_greedy if blocks.device.type == "cuda"
+                  and not distributed.is_distributed() else _lazy_greedy)
+        chosen = search(blocks, rows, n_points, n_select, self.n_starts, self._generator,
+                        self.show_progress)
         self.selection_seconds += time.perf_counter() - started
         return chosen
 
@@ -405,6 +409,42 @@ def _lazy_greedy(blocks: torch.Tensor, rows: torch.Tensor, n_points: int, n_sele
         count += 1
     return selected[:count]
 
+
+
+def _dense_greedy(blocks: torch.Tensor, rows: torch.Tensor, n_points: int, n_select: int,
+                  n_starts: int, generator: torch.Generator, show_progress: bool
+                  ) -> torch.Tensor:
+    """The selections of :func:`_lazy_greedy` in one process (``rows`` are 0..N-1), for a GPU:
+    each step lowers every point's minimum distance with one matrix-vector product and takes
+    the farthest point, all on the device. The host only queues the steps: the lazy search's
+    few hundred small products per step would each wait for the GPU.
+    """
+    width = blocks.shape[2]
+    points = blocks.view(-1, width)[:len(rows)]
+    device = points.device
+    n_starts = min(n_starts, n_points)
+    starts = torch.randperm(n_points, generator=generator)[:n_starts]
+    min_distance = torch.zeros(len(points), device=device)
+    for start_point in points[starts.to(device)]:
+        min_distance += torch.linalg.vector_norm(points - start_point, dim=1)
+    min_distance = (min_distance / n_starts).pow_(2)
+    sq_norms = points.pow(2).sum(1)
+    selected = torch.empty(n_select, dtype=torch.long, device=device)
+    selected_distance = torch.empty(n_select, device=device)
+    index = torch.argmax(min_distance).view(1)
+    for step in progress(range(n_select), "coreset", enabled=show_progress):
+        selected[step:step + 1] = index
+        selected_distance[step:step + 1] = min_distance.index_select(0, index)
+        centre = points.index_select(0, index).squeeze(0)
+        norms = sq_norms + sq_norms.index_select(0, index)
+        distances = torch.addmv(norms, points, centre, alpha=-2.0)
+        distances.masked_fill_(distances <= 1e-6 * norms, 0.0)  # as in the lazy search
+        torch.minimum(min_distance, distances, out=min_distance)
+        index = torch.argmax(min_distance).view(1)
+    # A step whose farthest point was at distance 0 found every point already covered.
+    covered = (selected_distance <= 0.0).nonzero()
+    count = int(covered[0]) if len(covered) else n_select
+    return selected[:count].cpu()
 
 
 def _padded_blocks(points: torch.Tensor, block_size: int) -> torch.Tensor | None:
