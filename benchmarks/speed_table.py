@@ -17,10 +17,12 @@ RSS is its own; resumable: a method with a result under ``--out`` is not run aga
 
 One JSON line per method; the markdown table between the ``speed-table`` markers of
 docs/performance.md is rewritten from all the results under ``--out`` (a method measured again
-replaces its row only). Usage (repository root)::
+replaces its row only). ``--precision bf16`` fits and predicts with the networks in bfloat16
+(the backbone alone timed in it too) and skips the exports (their graphs are float32) and the
+table; its results go to a folder of their own. Usage (repository root)::
 
     .venv/bin/python benchmarks/speed_table.py [--schedule one-epoch] [--methods rd patchcore]
-        [--data ../shared/data/magnetic_tile] [--out /tmp/iadkit-speed]
+        [--data ../shared/data/magnetic_tile] [--out /tmp/iadkit-speed] [--precision bf16]
 """
 
 from __future__ import annotations
@@ -69,26 +71,28 @@ def inference_costs(prefix: str, function: Any, images: torch.Tensor) -> dict[st
             f"{prefix}_ms_batch1": round(1000 / rate(function, list(images.split(1))[:16]), 2)}
 
 
-def measure(method: str, data: str, schedule: str, n_test: int, work: Path) -> dict[str, Any]:
+def measure(method: str, data: str, schedule: str, n_test: int, work: Path,
+            precision: str) -> dict[str, Any]:
     """Fit, time and export one method (run in a process of its own)."""
     params = {**RESOURCES.get(method, {}),
               **(ONE_EPOCH.get(method, {}) if schedule == "one-epoch" else {})}
     run = work / f"run_{method}"
     arguments = ["fit", "--method", method, "--preset", "cpu", "--data", data, "--out",
-                 str(run), "--quiet"]
+                 str(run), "--quiet", "--precision", precision]
     for key, value in params.items():
         arguments += ["--param", f"{key}={json.dumps(value)}"]
     started = time.perf_counter()
     if iadkit(arguments) != 0:
         raise SystemExit(f"fitting {method} failed")
     fit_seconds = time.perf_counter() - started
-    detector = Detector.load(resolve_model_dir(run), device="cpu")
+    detector = Detector.load(resolve_model_dir(run), device="cpu", precision=precision)
     info = detector.fit_info_ or {}
     n_train = int(info.get("n_train_images", 0))
     epochs = sum(len(losses) for losses in info.get("loss_history", {}).values()) or 1
     training_seconds = info.get("seconds_training") or info.get("seconds_fit")
     line: dict[str, Any] = {
-        "benchmark": "speed_table", "method": method, "schedule": schedule, "params": params,
+        "benchmark": "speed_table", "method": method, "schedule": schedule,
+        "precision": precision, "params": params,
         "n_train": n_train, "fit_seconds": round(fit_seconds, 1),
         "train_images_per_second": round(n_train * epochs / training_seconds, 2)
         if training_seconds else None}
@@ -100,7 +104,10 @@ def measure(method: str, data: str, schedule: str, n_test: int, work: Path) -> d
         line.update(inference_costs("torch", detector.predict, images))
         extractor = getattr(detector, "extractor", None)
         if extractor is not None:
-            line.update(inference_costs("backbone", extractor, images))
+            with detector.networks_in_precision():
+                line.update(inference_costs("backbone", extractor, images))
+    if precision != "f32":
+        return line
     with tempfile.TemporaryDirectory() as folder:
         try:
             export_onnx(detector, folder)
@@ -118,8 +125,8 @@ def measure(method: str, data: str, schedule: str, n_test: int, work: Path) -> d
                     runtimes.append(("openvino_int8", "openvino", "int8"))
                 except IadkitError as error:
                     line["int8_error"] = str(error)
-        for column, runtime, precision in runtimes:
-            inferencer = OnnxInferencer(folder, runtime=runtime, precision=precision)
+        for column, runtime, runtime_precision in runtimes:
+            inferencer = OnnxInferencer(folder, runtime=runtime, precision=runtime_precision)
             line.update(inference_costs(column, lambda x, i=inferencer: i.run(x.numpy()),
                                         images))
     return line
@@ -160,12 +167,14 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=64, help="test images timed")
     parser.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "iadkit-speed"))
     parser.add_argument("--page", default=str(REPO / "docs" / "performance.md"))
+    parser.add_argument("--precision", choices=("f32", "bf16"), default="f32")
     parser.add_argument("--cell", help=argparse.SUPPRESS)  # one method, in this process
     args = parser.parse_args()
-    out = Path(args.out) / args.schedule
+    out = Path(args.out) / (args.schedule if args.precision == "f32"
+                            else f"{args.schedule}-{args.precision}")
     out.mkdir(parents=True, exist_ok=True)
     if args.cell:
-        line = measure(args.cell, args.data, args.schedule, args.test, out)
+        line = measure(args.cell, args.data, args.schedule, args.test, out, args.precision)
         line.update(peak_rss_gb=peak_rss_gb(), cpu=cpu_model(),
                     torch_threads=torch.get_num_threads())
         (out / f"{args.cell}.json").write_text(json.dumps(line))
@@ -176,7 +185,7 @@ def main() -> None:
         if not result.is_file():
             subprocess.run([sys.executable, __file__, "--cell", method, "--data", args.data,
                             "--schedule", args.schedule, "--test", str(args.test),
-                            "--out", args.out], check=False)
+                            "--out", args.out, "--precision", args.precision], check=False)
         if result.is_file():
             lines.append(json.loads(result.read_text()))
             print(json.dumps(lines[-1]), flush=True)
@@ -186,7 +195,7 @@ def main() -> None:
                   flush=True)
     # The table shows every method measured under --out, not only this call's --methods.
     measured = [json.loads(path.read_text()) for path in sorted(out.glob("*.json"))]
-    if measured and Path(args.page).is_file():
+    if measured and Path(args.page).is_file() and args.precision == "f32":
         write_table(measured, Path(args.page))
 
 
