@@ -18,11 +18,13 @@ RSS is its own; resumable: a method with a result under ``--out`` is not run aga
 One JSON line per method; the markdown table between the ``speed-table`` markers of
 docs/performance.md is rewritten from all the results under ``--out`` (a method measured again
 replaces its row only). ``--precision bf16`` fits and predicts with the networks in bfloat16
-(the backbone alone timed in it too) and skips the exports (their graphs are float32) and the
-table; its results go to a folder of their own. Usage (repository root)::
+(the backbone alone timed in it too) and skips the exports (their graphs are float32);
+``--torch-only`` skips them in float32 too. Either leaves the table alone and keeps its results
+in a folder of their own. Usage (repository root)::
 
     .venv/bin/python benchmarks/speed_table.py [--schedule one-epoch] [--methods rd patchcore]
         [--data ../shared/data/magnetic_tile] [--out /tmp/iadkit-speed] [--precision bf16]
+        [--torch-only]
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ def inference_costs(prefix: str, function: Any, images: torch.Tensor) -> dict[st
 
 
 def measure(method: str, data: str, schedule: str, n_test: int, work: Path,
-            precision: str) -> dict[str, Any]:
+            precision: str, exports: bool) -> dict[str, Any]:
     """Fit, time and export one method (run in a process of its own)."""
     params = {**RESOURCES.get(method, {}),
               **(ONE_EPOCH.get(method, {}) if schedule == "one-epoch" else {})}
@@ -106,7 +108,7 @@ def measure(method: str, data: str, schedule: str, n_test: int, work: Path,
         if extractor is not None:
             with detector.networks_in_precision():
                 line.update(inference_costs("backbone", extractor, images))
-    if precision != "f32":
+    if not exports:
         return line
     with tempfile.TemporaryDirectory() as folder:
         try:
@@ -168,13 +170,15 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "iadkit-speed"))
     parser.add_argument("--page", default=str(REPO / "docs" / "performance.md"))
     parser.add_argument("--precision", choices=("f32", "bf16"), default="f32")
+    parser.add_argument("--torch-only", action="store_true", help="no exports, no table")
     parser.add_argument("--cell", help=argparse.SUPPRESS)  # one method, in this process
     args = parser.parse_args()
-    out = Path(args.out) / (args.schedule if args.precision == "f32"
-                            else f"{args.schedule}-{args.precision}")
+    exports = args.precision == "f32" and not args.torch_only
+    out = Path(args.out) / (args.schedule if exports else f"{args.schedule}-{args.precision}")
     out.mkdir(parents=True, exist_ok=True)
     if args.cell:
-        line = measure(args.cell, args.data, args.schedule, args.test, out, args.precision)
+        line = measure(args.cell, args.data, args.schedule, args.test, out, args.precision,
+                       exports)
         line.update(peak_rss_gb=peak_rss_gb(), cpu=cpu_model(),
                     torch_threads=torch.get_num_threads())
         (out / f"{args.cell}.json").write_text(json.dumps(line))
@@ -185,7 +189,8 @@ def main() -> None:
         if not result.is_file():
             subprocess.run([sys.executable, __file__, "--cell", method, "--data", args.data,
                             "--schedule", args.schedule, "--test", str(args.test),
-                            "--out", args.out, "--precision", args.precision], check=False)
+                            "--out", args.out, "--precision", args.precision]
+                           + (["--torch-only"] if args.torch_only else []), check=False)
         if result.is_file():
             lines.append(json.loads(result.read_text()))
             print(json.dumps(lines[-1]), flush=True)
@@ -195,7 +200,7 @@ def main() -> None:
                   flush=True)
     # The table shows every method measured under --out, not only this call's --methods.
     measured = [json.loads(path.read_text()) for path in sorted(out.glob("*.json"))]
-    if measured and Path(args.page).is_file() and args.precision == "f32":
+    if measured and Path(args.page).is_file() and exports:
         write_table(measured, Path(args.page))
 
 

@@ -89,7 +89,6 @@ def test_the_cli_fits_in_bf16_and_tests_and_loads_in_either_precision(toy_root, 
     import json
 
     from iadkit.cli import main
-    from iadkit.deploy.service import load_scorer
     from iadkit.errors import IadkitError
     from iadkit.methods import Detector
 
@@ -108,7 +107,11 @@ def test_the_cli_fits_in_bf16_and_tests_and_loads_in_either_precision(toy_root, 
                      "--quiet"]) == 0
         results[precision] = json.loads(out.read_text())["image_auroc"]
     assert abs(results["bf16"] - results["f32"]) <= 0.1
-    with pytest.raises(IadkitError, match="int8 needs an OpenVINO export"):
-        load_scorer(model, precision="int8")
     with pytest.raises(SystemExit, match="2"):  # argparse refuses it, naming the choices
         main(["test", str(run), "--precision", "fp16", "--quiet"])
+    pytest.importorskip("fastapi")
+    from iadkit.deploy.service import load_scorer
+
+    assert load_scorer(model, precision="f32").detector.precision == "f32"
+    with pytest.raises(IadkitError, match="int8 needs an OpenVINO export"):
+        load_scorer(model, precision="int8")

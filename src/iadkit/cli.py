@@ -679,7 +679,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "fastest on CPUs, see docs/deployment.md)")
     serve.add_argument("--precision", choices=("f32", "bf16", "int8"),
                        help="OpenVINO's precision for an export (default f32; int8 runs the "
-                       "export's INT8 model, iadkit export --precision int8)")
+                       "export's INT8 model, iadkit export --precision int8), or the networks' "
+                       "for a saved detector (f32 or bf16; default: the saved one)")
     serve.add_argument("--threads", type=int, help="CPU threads of the runtime, or of torch for "
                        "a saved detector (default: all)")
     serve.add_argument("--model", help="which model of a multi-model run folder")
