@@ -100,6 +100,8 @@ def test_the_cli_fits_in_bf16_and_tests_and_loads_in_either_precision(toy_root, 
     assert json.loads((model / "detector.json").read_text())["params"]["precision"] == "bf16"
     assert Detector.load(model).precision == "bf16"
     assert Detector.load(model, precision="f32").precision == "f32"
+    with pytest.raises(ConfigError, match="precision="):
+        Detector.load(model, precision="fp16")
     results = {}
     for precision in ("bf16", "f32"):
         out = tmp_path / f"{precision}.json"

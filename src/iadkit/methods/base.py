@@ -476,8 +476,9 @@ class Detector(ABC):
         params = dict(config["params"])
         if device is not None:
             params["device"] = device
-        if precision is not None:
-            params["precision"] = precision
+        if precision is not None:  # an override is the caller's, not the file's, mistake
+            params["precision"] = Detector.hyperparameters["precision"].rule.check("precision",
+                                                                                   precision)
         try:
             detector = get_method(config["method"])(**params)
         except ConfigError as error:
