@@ -174,17 +174,19 @@ class ScreenedSearch:
         centred = queries - self.centre
         rounded = centred.to(torch.bfloat16)
         ones = torch.ones(len(queries), 2, dtype=torch.bfloat16, device=queries.device)
-        first_pass = (torch.cat([rounded, ones], dim=1) @ self.keys.T).float()
+        # Kept in bfloat16 (as the product rounded it): widening the whole matrix to float32
+        # cost more than the reductions over it; the few values taken are widened exactly.
+        first_pass = torch.cat([rounded, ones], dim=1) @ self.keys.T
         count = min(k + self.extra + 1, self.bank.shape[0])
         # The groups with the smallest minima, then the smallest values in them; every row
         # left out is at least the last value taken or the last group minimum taken.
-        minima = first_pass.view(len(queries), -1, self.group).amin(dim=2)
+        minima = first_pass.view(len(queries), -1, self.group).amin(dim=2).float()
         taken = min(count, minima.shape[1])
         group_minima, groups = minima.topk(taken, dim=1, largest=False, sorted=True)
         columns = (groups[:, :, None] * self.group
                    + torch.arange(self.group, device=queries.device)).flatten(1)
-        values, order = first_pass.gather(1, columns).topk(count, dim=1, largest=False,
-                                                           sorted=True)
+        values, order = first_pass.gather(1, columns).float().topk(count, dim=1, largest=False,
+                                                                   sorted=True)
         candidates = columns.gather(1, order)
         outside = values[:, -1]
         if taken < minima.shape[1]:
