@@ -94,11 +94,9 @@ class TrainingImages:
         """
         source = self._source_for(device)
         batch = source[indices.to(source.device)]
-        if batch.device != device:
-            if device.type == "cuda":
-                batch = batch.pin_memory()
-            batch = batch.to(device, non_blocking=True)
-        return batch.float().div_(255.0)
+        if batch.device.type == "cpu" and device.type == "cuda":
+            batch = batch.pin_memory()
+        return batch.to(device, non_blocking=True).float().div_(255.0)
 
     def _source_for(self, device: torch.device) -> torch.Tensor:
         if device.type != "cuda":
