@@ -20,6 +20,7 @@ timing.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import platform
 from collections.abc import Callable
@@ -59,6 +60,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+@functools.cache
 def _intel_cpu() -> bool:
     """Whether this machine's CPU is an Intel one (torch's MKL matrix products are fastest
     there)."""

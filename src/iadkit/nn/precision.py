@@ -46,6 +46,7 @@ def cpuinfo() -> str | None:
     return path.read_text(errors="replace") if path.is_file() else None
 
 
+@functools.cache
 def cpu_has_bfloat16() -> bool:
     """Whether this machine's CPU has bfloat16 matrix instructions (AVX512-BF16 or AMX)."""
     return bool(set((cpuinfo() or "").split()) & {"avx512_bf16", "amx_bf16"})
