@@ -349,16 +349,8 @@ def _lazy_greedy(blocks: torch.Tensor, rows: torch.Tensor, n_points: int, n_sele
     n_starts = min(n_starts, n_points)
     starts = torch.randperm(n_points, generator=generator)[:n_starts]
     start_points = distributed.gather_rows(points, rows, starts)
-    # Row slices keep the temporaries small next to the points themselves.
-    slices = [slice(first, min(first + _SLICE_ROWS, n_local))
-              for first in range(0, n_local, _SLICE_ROWS)]
     block_min = torch.full((n_blocks * block_size,), -1.0, device=device)  # padding never wins
-    for rows_slice in slices:
-        mean_distance = torch.zeros(len(points[rows_slice]), device=device)
-        for start_point in start_points:
-            mean_distance += torch.linalg.vector_norm(points[rows_slice] - start_point, dim=1)
-        # Squared distances from here on: the same order, and no square roots in the loop.
-        block_min[rows_slice] = (mean_distance / n_starts).pow_(2)
+    block_min[:n_local] = _start_distances(points, start_points)
     del points
     block_min = block_min.view(n_blocks, block_size)
     block_sq_norms = torch.empty(n_blocks * block_size, device=device)
@@ -411,6 +403,20 @@ def _lazy_greedy(blocks: torch.Tensor, rows: torch.Tensor, n_points: int, n_sele
 
 
 
+def _start_distances(points: torch.Tensor, start_points: torch.Tensor) -> torch.Tensor:
+    """Each point's first minimum distance: its mean distance to the random starting points,
+    squared (the same order, and no square roots in the search's loop). Row slices keep the
+    temporaries small next to the points themselves."""
+    squared = torch.empty(len(points), device=points.device)
+    for first in range(0, len(points), _SLICE_ROWS):
+        part = points[first:first + _SLICE_ROWS]
+        mean_distance = torch.zeros(len(part), device=points.device)
+        for start_point in start_points:
+            mean_distance += torch.linalg.vector_norm(part - start_point, dim=1)
+        squared[first:first + len(part)] = (mean_distance / len(start_points)).pow_(2)
+    return squared
+
+
 def _dense_greedy(blocks: torch.Tensor, rows: torch.Tensor, n_points: int, n_select: int,
                   n_starts: int, generator: torch.Generator, show_progress: bool
                   ) -> torch.Tensor:
@@ -424,10 +430,7 @@ def _dense_greedy(blocks: torch.Tensor, rows: torch.Tensor, n_points: int, n_sel
     device = points.device
     n_starts = min(n_starts, n_points)
     starts = torch.randperm(n_points, generator=generator)[:n_starts]
-    min_distance = torch.zeros(len(points), device=device)
-    for start_point in points[starts.to(device)]:
-        min_distance += torch.linalg.vector_norm(points - start_point, dim=1)
-    min_distance = (min_distance / n_starts).pow_(2)
+    min_distance = _start_distances(points, points[starts.to(device)])
     sq_norms = points.pow(2).sum(1)
     selected = torch.empty(n_select, dtype=torch.long, device=device)
     selected_distance = torch.empty(n_select, device=device)
