@@ -28,6 +28,7 @@ from records import peak_rss_gb
 
 from iadkit.data import SampleSet, load_dataset, make_loader
 from iadkit.methods import get_method
+from iadkit.nn.precision import PRECISIONS
 
 #: Issue 20's methods: PatchCore's fit and inference, the trained methods' epochs.
 METHODS = ("patchcore", "rd", "aand", "simplenet", "uniad", "lafite")
@@ -98,7 +99,7 @@ def main() -> None:
     parser.add_argument("--data", required=True, help="a dataset in the MVTec layout")
     parser.add_argument("--textures", help="texture folder (AAND's anomalies)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
-    parser.add_argument("--precisions", nargs="+", choices=("f32", "bf16"),
+    parser.add_argument("--precisions", nargs="+", choices=PRECISIONS,
                         default=["f32", "bf16"])
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--device", default="cuda")

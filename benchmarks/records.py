@@ -10,14 +10,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from iadkit.nn.precision import cpuinfo
+
 
 def cpu_model() -> str:
     """The CPU's model name (Linux), else what Python knows of the machine."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for row in cpuinfo.read_text().splitlines():
-            if row.startswith("model name"):
-                return row.split(":", 1)[1].strip()
+    for row in (cpuinfo() or "").splitlines():
+        if row.startswith("model name"):
+            return row.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
 
 

@@ -51,6 +51,7 @@ from iadkit.deploy.quantize import quantize_export
 from iadkit.engine import resolve_model_dir
 from iadkit.errors import IadkitError
 from iadkit.methods import Detector, available_methods
+from iadkit.nn.precision import PRECISIONS
 
 REPO = Path(__file__).resolve().parents[1]
 TEXTURES = REPO.parent / "shared" / "data" / "textures"
@@ -169,7 +170,7 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=64, help="test images timed")
     parser.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "iadkit-speed"))
     parser.add_argument("--page", default=str(REPO / "docs" / "performance.md"))
-    parser.add_argument("--precision", choices=("f32", "bf16"), default="f32")
+    parser.add_argument("--precision", choices=PRECISIONS, default="f32")
     parser.add_argument("--torch-only", action="store_true", help="no exports, no table")
     parser.add_argument("--cell", help=argparse.SUPPRESS)  # one method, in this process
     args = parser.parse_args()

@@ -5,10 +5,11 @@ optimisation step on a batch of the preset's size (teacher features already cach
 epoch after the first has them), and for ReContrast its parts: the trainable encoder's forward
 and backward, and the cross reconstruction (the shared student on the stacked batch of both
 encoders' features, both head sets, their losses, backward). Timing only: the images are random
-and the weights the preset's. ``--precision bf16`` runs every step under
-``torch.autocast(dtype=torch.bfloat16)`` (what a bfloat16 training path would cost on this CPU;
-no method offers one yet). One JSON line per method, median of ``--repeats`` steps after one
-warm-up::
+and the weights the preset's. ``--precision bf16`` runs the steps with the detector's networks
+in bfloat16, as ``precision="bf16"`` trains them (the lines of 2026-12-02 in
+docs/reverse_distillation.md, ``"fp32"``/``"bf16"``, predate the option: they ran whole steps,
+losses included, under autocast). One JSON line per method, median of ``--repeats`` steps after
+one warm-up::
 
     .venv/bin/python benchmarks/training_step_costs.py [--repeats 10] [--precision bf16]
 """
@@ -25,6 +26,7 @@ import torch
 
 from iadkit.methods import create_detector
 from iadkit.methods.reverse_distillation.networks import hard_mined_cosine_loss
+from iadkit.nn.precision import PRECISIONS
 
 
 def median_seconds(step: Callable[[], None], repeats: int) -> float:
@@ -37,20 +39,14 @@ def median_seconds(step: Callable[[], None], repeats: int) -> float:
     return round(statistics.median(times), 4)
 
 
-def in_precision(step: Callable[[], None], precision: str) -> Callable[[], None]:
-    """``step`` as it is (fp32), or under bfloat16 autocast (bf16)."""
-    if precision == "fp32":
-        return step
-
-    def autocast_step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            step()
-    return autocast_step
-
-
 def measure(name: str, repeats: int, precision: str) -> dict[str, object]:
     """The step's seconds of method ``name`` (and ReContrast's parts)."""
-    detector = create_detector(name, "cpu", device="cpu")
+    detector = create_detector(name, "cpu", device="cpu", precision=precision)
+
+    def timed(step: Callable[[], None]) -> float:
+        with detector.networks_in_precision():
+            return median_seconds(step, repeats)
+
     detector._build_networks()
     images = torch.rand(detector.batch_size, 3, detector.image_size, detector.image_size)
     with torch.no_grad():  # AAND's advanced teacher, RD's and ReContrast's frozen one
@@ -68,7 +64,7 @@ def measure(name: str, repeats: int, precision: str) -> dict[str, object]:
             detector._distillation_loss(teacher, detector.student_(teacher)).backward()
             optimizer.step()
 
-        line["step_seconds"] = median_seconds(in_precision(step, precision), repeats)
+        line["step_seconds"] = timed(step)
         return line
     encoder = detector.encoder_
 
@@ -90,17 +86,16 @@ def measure(name: str, repeats: int, precision: str) -> dict[str, object]:
         detector.student_.zero_grad(set_to_none=True)
         cross_loss([level.clone() for level in teacher]).backward()
 
-    line.update(encoder_seconds=median_seconds(in_precision(encoder_only, precision), repeats),
-                cross_reconstruction_seconds=median_seconds(in_precision(cross_only, precision),
-                                                            repeats),
-                step_seconds=median_seconds(in_precision(recontrast_step, precision), repeats))
+    line.update(encoder_seconds=timed(encoder_only),
+                cross_reconstruction_seconds=timed(cross_only),
+                step_seconds=timed(recontrast_step))
     return line
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--precision", choices=PRECISIONS, default="f32")
     args = parser.parse_args()
     for name in ("rd", "aand", "recontrast"):
         print(json.dumps(measure(name, args.repeats, args.precision)), flush=True)
