@@ -105,6 +105,9 @@ def main() -> None:
     params = {key: yaml.safe_load(value) for key, value in
               (given.split("=", 1) for given in args.param)}
     detector = create_detector(args.method, "cpu", device="cpu", **params)
+    if detector.geometry == "tile":
+        parser.error("geometry=tile: the oracle scores whole images (use image_size for a "
+                     "finer grid)")
     samples = load_dataset(Path(args.data), args.categories)
     categories = sorted({sample.category for sample in samples})
     started = time.perf_counter()
