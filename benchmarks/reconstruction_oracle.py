@@ -1,15 +1,18 @@
-"""Whether a feature-reconstruction model's input features can tell a set's defects apart.
+"""Whether UniAD's input features can tell a set's defects apart.
 
-UniAD and LafitE rebuild the frozen backbone's stage features, all resized to one token grid
-(``aligned_features``), and their anomaly map is the rebuild error. When such a model ranks a
+UniAD rebuilds the frozen backbone's stage features, all resized to one token grid
+(``aligned_features``), and its anomaly map is the rebuild error. When such a model ranks a
 category's defective images no higher than its normal ones, two causes are possible: the
 reconstruction rebuilds defects as well as normal structure, or the features on that grid do
 not tell the defects apart at all. This script measures the second without training anything:
 each test position is scored by the distance of its aligned feature to the nearest aligned
 feature of the training images (every position of every training image, or a seeded random
-``--bank-fraction``), then the model's own map pipeline runs (bilinear upsampling, its Gaussian
-smoothing, its pooled-maximum image score). It is an oracle, not a model: what those features
-allow whatever the reconstruction learns.
+``--bank-fraction``), then UniAD's map steps as ``UniAD.raw_maps_and_features`` and
+``FeatureReconstruction._predict`` take them (bilinear upsampling with aligned corners, its
+Gaussian smoothing, its pooled-maximum image score; repeated here, so a change there must be
+made here too). It is an oracle, not a model: what those features allow whatever the
+reconstruction learns. (LafitE is not covered: its features are standardised with statistics
+a fit learns, and its upsampling differs.)
 
 The bank is built from every category given (``--categories``; all of the dataset by default),
 so several categories make the unified setting's bank. One JSON line per category (image AUROC,
@@ -18,7 +21,7 @@ all test images pooled (the absolute-unified image AUROC). ``--param`` changes t
 preset (e.g. ``image_size=448`` for a finer token grid). Usage (repository root)::
 
     .venv/bin/python benchmarks/reconstruction_oracle.py --data ../shared/data/deeppcb
-        [--method uniad] [--categories A B] [--param image_size=448] [--bank-fraction 1.0]
+        [--categories A B] [--param image_size=448] [--bank-fraction 1.0]
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ def category_record(name: str, scores: np.ndarray, labels: np.ndarray, maps: np.
                     masks: np.ndarray) -> dict[str, Any]:
     record: dict[str, Any] = {"category": name, "n_test": len(labels),
                               "image_auroc": round(metrics.auroc(labels, scores), 4)}
-    if masks.reshape(len(masks), -1).any():
+    if masks.any():
         pixel = metrics.pixel_metrics(list(masks.astype(bool)), list(maps))
         record.update(pixel_auroc=round(pixel["pixel_auroc"], 4),
                       pixel_aupro=round(pixel["pixel_aupro"], 4))
@@ -96,7 +99,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", required=True, help="a dataset root (MVTec layout)")
     parser.add_argument("--categories", nargs="+", help="default: every category")
-    parser.add_argument("--method", default="uniad", choices=["uniad", "lafite"])
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--bank-fraction", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -104,7 +106,7 @@ def main() -> None:
     args = parser.parse_args()
     params = {key: yaml.safe_load(value) for key, value in
               (given.split("=", 1) for given in args.param)}
-    detector = create_detector(args.method, "cpu", device="cpu", **params)
+    detector = create_detector("uniad", "cpu", device="cpu", **params)
     if detector.geometry == "tile":
         parser.error("geometry=tile: the oracle scores whole images (use image_size for a "
                      "finer grid)")
@@ -116,7 +118,7 @@ def main() -> None:
                              args.bank_fraction, args.seed)
         scored = {name: oracle_maps(detector, samples.where(split="test", category=name),
                                     bank, args.batch_size) for name in categories}
-    common = {"benchmark": "reconstruction_oracle", "method": args.method, "params": params,
+    common = {"benchmark": "reconstruction_oracle", "method": "uniad", "params": params,
               "data": Path(args.data).name, "bank_categories": categories,
               "token_grid": list(detector.feature_grid), "bank_size": len(bank),
               "bank_fraction": args.bank_fraction}
