@@ -7,12 +7,10 @@ reconstruction rebuilds defects as well as normal structure, or the features on 
 not tell the defects apart at all. This script measures the second without training anything:
 each test position is scored by the distance of its aligned feature to the nearest aligned
 feature of the training images (every position of every training image, or a seeded random
-``--bank-fraction``), then UniAD's map steps as ``UniAD.raw_maps_and_features`` and
-``FeatureReconstruction._predict`` take them (bilinear upsampling with aligned corners, its
-Gaussian smoothing, its pooled-maximum image score; repeated here, so a change there must be
-made here too). It is an oracle, not a model: what those features allow whatever the
-reconstruction learns. (LafitE is not covered: its features are standardised with statistics
-a fit learns, and its upsampling differs.)
+``--bank-fraction``), then through UniAD's own map steps (``error_maps`` and ``scored`` of
+``FeatureReconstruction``: its upsampling, smoothing and pooled-maximum image score). It is an
+oracle, not a model: what those features allow whatever the reconstruction learns. (LafitE is
+not covered: its features are standardised with statistics a fit learns.)
 
 The bank is built from every category given (``--categories``; all of the dataset by default),
 so several categories make the unified setting's bank. One JSON line per category (image AUROC,
@@ -34,14 +32,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 from records import peak_rss_gb
 
 from iadkit import metrics
 from iadkit.data import load_dataset, make_loader
 from iadkit.methods import create_detector
-from iadkit.nn.anomaly_maps import gaussian_blur, pooled_max_scores
 from iadkit.nn.knn import nearest_neighbours
 
 
@@ -70,12 +66,10 @@ def oracle_maps(detector: Any, samples: Any, bank: torch.Tensor, batch_size: int
         count, channels, height, width = features.shape
         queries = features.permute(0, 2, 3, 1).reshape(-1, channels)
         distances, _ = nearest_neighbours(queries, bank, 1)
-        grid = distances.view(count, 1, height, width)
-        upsampled = F.interpolate(grid, size=images.shape[-2:], mode="bilinear",
-                                  align_corners=True).squeeze(1)
-        smoothed = gaussian_blur(upsampled, detector.smoothing_sigma)
-        maps.append(smoothed.numpy())
-        scores.append(pooled_max_scores(smoothed, detector.score_pool).numpy())
+        prediction = detector.scored(detector.error_maps(distances.view(count, height, width),
+                                                         images.shape[-2:]))
+        maps.append(prediction.anomaly_maps.numpy())
+        scores.append(prediction.scores.numpy())
         masks.append(batch["mask"].numpy())
         labels.append(batch["label"].numpy())
     return (np.concatenate(maps), np.concatenate(scores), np.concatenate(masks),

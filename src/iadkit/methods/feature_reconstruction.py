@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ..nn.anomaly_maps import gaussian_blur, pooled_max_scores
 from ..nn.feature_editing import WEIGHT_NORMS, EditingBank
@@ -57,6 +58,9 @@ class FeatureReconstruction(TrainedDetector):
     smoothing_sigma: float = hyperparameter(4.0, Number(float, 0), "Gaussian sigma of the map "
                                             "smoothing (0: off)", inference=True)
     bank_: EditingBank | None = None
+    #: Whether the token-grid errors are upsampled with aligned corners (UniAD's code upsamples
+    #: with ``nn.UpsamplingBilinear2d``, which aligns them; LafitE's does not).
+    align_corners: bool = False
 
     def _check_params(self) -> None:
         super()._check_params()
@@ -104,10 +108,19 @@ class FeatureReconstruction(TrainedDetector):
         assert self.bank_ is not None
         return self.bank_.edit(features, self.k_neighbours, self.weight_norm)
 
-    def _predict(self, images: torch.Tensor) -> Prediction:
-        maps, _ = self.raw_maps_and_features(images)
-        maps = gaussian_blur(maps, self.smoothing_sigma)
+    def error_maps(self, errors: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """(B, H, W) errors on the token grid -> the unsmoothed (B, *size) anomaly maps."""
+        return F.interpolate(errors.unsqueeze(1), size=size, mode="bilinear",
+                             align_corners=self.align_corners).squeeze(1)
+
+    def scored(self, raw_maps: torch.Tensor) -> Prediction:
+        """Unsmoothed (B, S, S) maps -> the smoothed maps and their image scores (the maximum
+        of the average-pooled map)."""
+        maps = gaussian_blur(raw_maps, self.smoothing_sigma)
         return Prediction(maps, pooled_max_scores(maps, self.score_pool))
+
+    def _predict(self, images: torch.Tensor) -> Prediction:
+        return self.scored(self.raw_maps_and_features(images)[0])
 
     def _state_tensors(self) -> dict[str, torch.Tensor]:
         tensors = super()._state_tensors()

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ...progress import progress
@@ -194,9 +193,7 @@ class LafitE(FeatureReconstruction):
         """Unsmoothed (B, S, S) maps and the standardised (B, C, grid, grid) input features."""
         features = self.features(images)
         errors = self.reconstruction_errors(features)
-        maps = F.interpolate(errors.unsqueeze(1), size=images.shape[-2:], mode="bilinear",
-                             align_corners=False).squeeze(1)
-        return maps, features
+        return self.error_maps(errors, images.shape[-2:]), features
 
     # -- persistence --------------------------------------------------------------------------
     def _state_tensors(self) -> dict[str, torch.Tensor]:

@@ -56,6 +56,7 @@ class UniAD(FeatureReconstruction):
     feature_editing = False
     grad_clip = 0.1
     smoothing_sigma = 0.0
+    align_corners = True
     feature_stride: int = hyperparameter(16, Number(int, 1), "the stride of the token grid "
                                          "every stage is resized to")
     hidden_dim: int = hyperparameter(256, Number(int, 1), "transformer width")
@@ -156,6 +157,5 @@ class UniAD(FeatureReconstruction):
         self.transformer_.eval()
         aligned = self.aligned_features(images)
         rebuilt, memory = self.reconstruct(self.edited(aligned))
-        errors = (rebuilt - aligned).pow(2).sum(dim=1, keepdim=True).sqrt()
-        maps = F.interpolate(errors, size=images.shape[-2:], mode="bilinear", align_corners=True)
-        return maps.squeeze(1), memory
+        errors = (rebuilt - aligned).pow(2).sum(dim=1).sqrt()
+        return self.error_maps(errors, images.shape[-2:]), memory
