@@ -3,6 +3,8 @@ and its autoencoder (Batzner et al., WACV 2024, Tables 6-8)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -11,6 +13,14 @@ from ...nn.precision import Network
 
 #: The two PDN sizes of the paper.
 MODEL_SIZES = ("small", "medium")
+
+
+def channels_last_forward(network: Callable[[torch.Tensor], torch.Tensor],
+                          images: torch.Tensor) -> torch.Tensor:
+    """``network`` (its weights channels-last) on ``images`` in channels-last memory; the
+    output back in the default layout. Channels-last is where oneDNN's fast convolutions are:
+    a PDN's forward pass about 2x faster in bfloat16 on the CPU, 1.5x in float32."""
+    return network(images.contiguous(memory_format=torch.channels_last)).contiguous()
 
 
 class PatchDescriptionNetwork(Network):
@@ -43,10 +53,10 @@ class PatchDescriptionNetwork(Network):
                        nn.Conv2d(512, 512, 3, padding=1), nn.ReLU(inplace=True),
                        nn.Conv2d(512, out_channels, 4), nn.ReLU(inplace=True),
                        nn.Conv2d(out_channels, out_channels, 1)]
-        self.layers = nn.Sequential(*layers)
+        self.layers = nn.Sequential(*layers).to(memory_format=torch.channels_last)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.layers(images)
+        return channels_last_forward(self.layers, images)
 
 
 def _decoder_sizes(image_size: int) -> list[int]:
@@ -85,8 +95,12 @@ class AutoEncoder(Network):
                           nn.Dropout(dropout)) for _ in self.sizes)
         self.head = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(inplace=True),
                                   nn.Conv2d(64, out_channels, 3, padding=1))
+        self.to(memory_format=torch.channels_last)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return channels_last_forward(self._layers, images)
+
+    def _layers(self, images: torch.Tensor) -> torch.Tensor:
         code = self.encoder(images)
         for size, block in zip(self.sizes, self.upsampling):
             code = block(F.interpolate(code, size=size, mode="bilinear"))
