@@ -59,7 +59,7 @@ class FeatureReconstruction(TrainedDetector):
                                             "smoothing (0: off)", inference=True)
     bank_: EditingBank | None = None
     #: Whether the token-grid errors are upsampled with aligned corners (UniAD's code upsamples
-    #: with ``nn.UpsamplingBilinear2d``, which aligns them; LafitE's does not).
+    #: with ``nn.UpsamplingBilinear2d``, which aligns them; LafitE here does not).
     align_corners: bool = False
 
     def _check_params(self) -> None:
