@@ -3,6 +3,8 @@ the synthetic defects of the toy data (the contract tests cover fit, save, expor
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -129,6 +131,24 @@ def test_the_pdn_output_grid_is_the_one_efficientad_sizes_its_autoencoder_for(si
         grid = pdn_output_size(image_size)
         assert network(images).shape == (1, 8, grid, grid)
         assert AutoEncoder(8, image_size, grid)(images).shape == (1, 8, grid, grid)
+
+
+def test_efficientad_networks_compute_channels_last_and_give_the_default_layout_back() -> None:
+    from iadkit.methods.efficientad.networks import AutoEncoder, PatchDescriptionNetwork
+
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 64, 64)
+    for network in (PatchDescriptionNetwork(8), AutoEncoder(8, 64, 10).eval()):
+        weights = [p for p in network.parameters() if p.dim() == 4]
+        assert all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
+        output = network(images)
+        # The same weights in the default layout compute the same output.
+        reference = copy.deepcopy(network).to(memory_format=torch.contiguous_format)
+        with torch.no_grad():
+            expected = (reference.layers(images) if isinstance(reference, PatchDescriptionNetwork)
+                        else reference._layers(images))
+        assert output.is_contiguous()
+        torch.testing.assert_close(output, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_the_hard_feature_loss_averages_the_errors_above_their_quantile() -> None:
