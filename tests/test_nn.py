@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from iadkit.methods.patchcore.patch_features import LocalPatchFeatures
-from iadkit.nn import coreset
+from iadkit.nn import coreset, knn
 from iadkit.nn.anomaly_maps import UpsampleBlur, gaussian_blur
 from iadkit.nn.coreset import OVERSAMPLING, StreamingCoreset, greedy_coreset
 from iadkit.nn.knn import held_out_nearest_distances, nearest_neighbours
@@ -254,6 +254,21 @@ def test_screened_search_finds_the_exact_nearest_rows() -> None:
     # Most single nearest rows of spread-out data are proven by the first pass alone.
     search.search(queries)
     assert search.unproven < 0.1 * len(queries)
+    # Queries within the first pass's rounding of many bank rows (a tight cluster far from
+    # the centre): first-pass values around zero, negative ones among them, whose integer
+    # order is reversed: no proof holds, and the exhaustive search answers.
+    centre = 30 * torch.ones(64)
+    cluster = centre + 0.05 * torch.randn(40, 64, generator=generator)
+    bank = torch.cat([torch.randn(500, 64, generator=generator), cluster])
+    queries = centre + 0.05 * torch.randn(20, 64, generator=generator)
+    search = ScreenedSearch(bank)
+    first_pass = torch.cat([(queries - search.centre).bfloat16(), torch.ones(20, 2).bfloat16(),
+                            knn._split((queries - search.centre).pow(2).sum(1))], 1)
+    assert (first_pass @ search.keys.T).lt(0).any()
+    distances, indices = search.search(queries, 2)
+    assert search.unproven == len(queries)
+    assert torch.equal(indices, nearest_neighbours(queries, bank, 2)[1])
+    torch.testing.assert_close(distances, (queries[:, None] - bank[indices]).norm(dim=2))
     # Rows all at one distance from the query: nothing can be proven, the exhaustive search
     # answers.
     sphere = 10 * F.normalize(torch.randn(500, 32, generator=generator), dim=1)
