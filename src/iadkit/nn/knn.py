@@ -244,7 +244,8 @@ class ScreenedSearch:
                                       + self._largest_sq_norm + offsets.abs())
         error += bfloat_unit ** 2 * self._largest_sq_norm
         error += 4 * size * float_unit * (sq_norms + self._largest_sq_norm + kth)
-        # The product holds ||q||^2 as ``offsets``, exact in float32 (two bfloat16 parts).
+        # The product holds ||q||^2 as ``offsets`` (hi + lo, summed here in float32: its
+        # rounding, u |offsets|, is within the accumulation term above).
         return lowest - error - offsets + sq_norms < kth
 
 
