@@ -171,7 +171,8 @@ class ScreenedSearch:
         if len(queries) == 0:
             return queries.new_zeros(0, k), torch.zeros(0, k, dtype=torch.long,
                                                         device=queries.device)
-        chunk = max(1, self.max_elements // max(1, self.bank.shape[0]))
+        # keys: the bank padded to whole groups, the product's width
+        chunk = max(1, self.max_elements // max(1, len(self.keys)))
         found = [self._search_chunk(part, k) for part in queries.split(chunk)]
         self.unproven = sum(unproven for *_, unproven in found)
         return torch.cat([d for d, _, _ in found]), torch.cat([i for _, i, _ in found])
