@@ -182,10 +182,8 @@ class ScreenedSearch:
         centred = queries - self.centre
         rounded = centred.to(torch.bfloat16)
         sq_norms = centred.pow(2).sum(dim=1)
-        offsets = _split(sq_norms)
-        ones = rounded.new_ones(len(queries), 2)
         # Kept in bfloat16 (as the product rounded it) and read as int16 (see the class).
-        first_pass = (torch.cat([rounded, ones, offsets], dim=1) @ self.keys.T).view(torch.int16)
+        first_pass = self._first_pass(rounded, sq_norms).view(torch.int16)
         count = min(k + self.extra + 1, self.bank.shape[0])
         # The groups with the smallest minima, then the smallest values in them; every row
         # left out is at least the last value taken or the last group minimum taken. Negative
@@ -209,8 +207,7 @@ class ScreenedSearch:
         distances, indices = distances[:, :k], kept.gather(1, order[:, :k])
         unproven = torch.zeros(0, dtype=torch.long, device=queries.device)
         if count > k:
-            offsets = offsets.float().sum(dim=1)
-            unproven = self._unproven(centred, rounded.float(), sq_norms, offsets, outside,
+            unproven = self._unproven(centred, rounded.float(), sq_norms, outside,
                                       distances[:, -1].square()).nonzero()[:, 0]
         if len(unproven):
             _, exhaustive = nearest_neighbours(queries[unproven], self.bank, k)
@@ -218,18 +215,24 @@ class ScreenedSearch:
             distances[unproven] = self._distances(queries[unproven], exhaustive)
         return distances, indices, len(unproven)
 
+    def _first_pass(self, rounded: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
+        """(M, D) queries centred and rounded to bfloat16, (M,) their squared norms -> the
+        (M, padded bank) bfloat16 product: squared distances to its rounding."""
+        ones = rounded.new_ones(len(rounded), 2)
+        return torch.cat([rounded, ones, _split(sq_norms)], dim=1) @ self.keys.T
+
     def _distances(self, queries: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """(M, D) queries, (M, c) bank indices -> (M, c) distances, from the differences."""
         neighbours = self.bank.index_select(0, rows.flatten()).view(*rows.shape, -1)
         return torch.linalg.vector_norm(queries[:, None] - neighbours, dim=2)
 
     def _unproven(self, centred: torch.Tensor, rounded: torch.Tensor, sq_norms: torch.Tensor,
-                  offsets: torch.Tensor, outside: torch.Tensor, kth: torch.Tensor
-                  ) -> torch.Tensor:
+                  outside: torch.Tensor, kth: torch.Tensor) -> torch.Tensor:
         """Whether each query's k-th exact squared distance ``kth`` might exceed the distance
         of a row left out, the smallest first-pass value of those rows being ``outside`` and
-        the query's squared norm ``sq_norms``, in the product as ``offsets`` (hi + lo)."""
+        the query's squared norm ``sq_norms``."""
         float_unit, bfloat_unit = torch.finfo(torch.float32).eps / 2, 2.0 ** -8
+        offsets = _split(sq_norms).float().sum(dim=1)  # ||q||^2 as the product held it
         rounded_norms = torch.linalg.vector_norm(rounded, dim=1)
         residues = torch.linalg.vector_norm(centred - rounded, dim=1)
         size = centred.shape[1] + 4
