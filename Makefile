@@ -8,7 +8,7 @@ demo:
 test:
 	scripts/bootstrap.sh test,demo,faiss,serve,onnx,openvino,ray
 	.venv/bin/ruff check src tests benchmarks
-	.venv/bin/python -m pytest -q tests
+	.venv/bin/python -m pytest -q --durations=15 tests
 
 test-slow:
 	scripts/bootstrap.sh test,demo,faiss,serve,onnx,openvino,ray

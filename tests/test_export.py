@@ -4,6 +4,7 @@ with PyTorch is in test_contract.py)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ pytest.importorskip("onnxruntime")
 
 from iadkit.cli import main
 from iadkit.data import load_dataset, make_loader
+from iadkit.deploy import quantize
 from iadkit.deploy.export import export_onnx
 from iadkit.errors import IadkitError
 from iadkit.methods import Detector, create_detector
@@ -109,7 +111,8 @@ def test_the_inferencer_sees_the_bytes_the_detector_sees_for_every_image_mode(
 
 
 def test_int8_export_calibrates_on_training_normals_and_refuses_a_drifting_model(
-        toy_root: Path, tmp_path: Path) -> None:
+        toy_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("nncf")
     pytest.importorskip("openvino")
     from iadkit.data.image_io import read_image
@@ -125,9 +128,19 @@ def test_int8_export_calibrates_on_training_normals_and_refuses_a_drifting_model
     # Options that cannot work are refused before anything is written.
     assert main(["export", str(run), "--precision", "int8", "--out", str(out), "--quiet"]) == 2
     assert main([*int8, "--int8-tolerance", "0"]) == 2
+    assert main([*int8, "--int8-max-minutes", "0"]) == 2
     assert not out.exists()
+    # A drift whose repair (NNCF ranking every quantised operation on the held-out images)
+    # would take longer than allowed: refused before the search, with its estimate.
+    capsys.readouterr()
+    assert main([*int8, "--int8-tolerance", "1e-9", "--int8-max-minutes", "1e-9"]) == 2
+    assert re.search(r"for each of the [1-9]\d* quantised operations: about [\d.,]+ minutes",
+                     capsys.readouterr().err)
+    assert (out / "model.onnx").is_file() and not (out / "model_int8.xml").exists()
     # A tolerance no quantised model meets: refused, the INT8 model not written, the float32
-    # export kept.
+    # export kept (one round of NNCF's accuracy control, the time its ranking takes, is enough
+    # to show it).
+    monkeypatch.setattr(quantize, "MAX_RESTORE_STEPS", 1)
     assert main([*int8, "--int8-tolerance", "1e-9"]) == 2
     assert (out / "model.onnx").is_file() and not (out / "model_int8.xml").exists()
     assert "openvino_int8" not in json.loads((out / "inference.json").read_text())

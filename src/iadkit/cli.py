@@ -40,7 +40,7 @@ import yaml
 
 from . import distributed
 from .data.generate import GENERATED_LAYOUTS, generate_dataset
-from .deploy.quantize import DEFAULT_DRIFT_TOLERANCE
+from .deploy.quantize import DEFAULT_DRIFT_TOLERANCE, DEFAULT_MAX_RESTORE_MINUTES
 from .deploy.settings import ServiceSettings
 from .errors import IadkitError
 from .fanout import check_executor, start_ray
@@ -389,6 +389,8 @@ def cmd_export(args: argparse.Namespace) -> int:
                           "--precision int8")
     if not args.int8_tolerance > 0:
         raise IadkitError(f"--int8-tolerance must be positive, got {args.int8_tolerance}")
+    if not args.int8_max_minutes > 0:
+        raise IadkitError(f"--int8-max-minutes must be positive, got {args.int8_max_minutes}")
     model_dir = resolve_model_dir(args.run_dir, args.model)
     # Refused before the (slow) export: an INT8 model needs normal images to calibrate on.
     calibration = (_int8_calibration_images(args, model_dir) if args.precision == "int8"
@@ -403,7 +405,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         from .deploy.quantize import quantize_export
 
         try:
-            result = quantize_export(args.out, calibration, tolerance=args.int8_tolerance)
+            result = quantize_export(args.out, calibration, tolerance=args.int8_tolerance,
+                                     max_restore_minutes=args.int8_max_minutes)
         except IadkitError:
             print(f"the float32 export in {args.out} is kept", file=sys.stderr)
             raise
@@ -666,6 +669,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--int8-tolerance", type=float, default=DEFAULT_DRIFT_TOLERANCE,
                         help="largest INT8 score drift on held-out normals, in standard "
                         "deviations of their float32 scores (default %(default)s)")
+    export.add_argument("--int8-max-minutes", type=float, default=DEFAULT_MAX_RESTORE_MINUTES,
+                        help="when the INT8 scores drift, the longest expected search for the "
+                        "layers to keep in float32 before the export is refused instead "
+                        "(default %(default)s)")
     export.add_argument("--out", required=True, help="folder for model.onnx + inference.json")
     export.add_argument("--opset", type=int, default=17)
     export.set_defaults(func=cmd_export)

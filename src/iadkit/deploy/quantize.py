@@ -9,9 +9,11 @@ an anomaly score is made of.
 
 The quantised model's scores must not drift: on held-out normals (training images *not* used
 for calibration) every image score of the INT8 model must lie within ``tolerance`` times the
-spread (standard deviation) of the float32 model's scores of the same images. NNCF's
-accuracy-controlled quantisation returns the layers that matter most for that drift to float32
-until it holds; the export is refused when it cannot hold, or only with every layer in float32.
+spread (standard deviation) of the float32 model's scores of the same images. When the plain
+quantisation misses that, NNCF's accuracy-controlled quantisation returns the layers that
+matter most for the drift to float32 until it holds; the export is refused when it cannot hold,
+or only with every layer in float32, or when finding those layers would take too long (NNCF
+ranks every quantised operation by scoring the held-out images again).
 A threshold calibrated on the float32 scores then still separates normal from anomalous images
 as it did (a drift of a tenth of the normal spread moves a threshold set three spreads
 above the normal mean by a thirtieth of its margin).
@@ -40,6 +42,9 @@ from .inferencer import CONFIG_FILE, INT8_MODEL_FILE, MODEL_FILE
 #: Largest image-score drift allowed on held-out normals, in standard deviations of their
 #: float32 scores.
 DEFAULT_DRIFT_TOLERANCE = 0.1
+#: Longest expected ranking of the quantised operations by NNCF's accuracy control, in minutes,
+#: before an export that needs it is refused instead.
+DEFAULT_MAX_RESTORE_MINUTES = 30.0
 #: Most rounds of returning layers to float32 (each re-ranks the remaining layers on the held-out
 #: images: about two minutes for PatchCore on 64 images): the export's time stays bounded.
 MAX_RESTORE_STEPS = 8
@@ -47,7 +52,8 @@ MAX_RESTORE_STEPS = 8
 
 def quantize_export(folder: str | Path, images: Sequence[str | Path],
                     tolerance: float = DEFAULT_DRIFT_TOLERANCE, max_calibration: int = 300,
-                    n_check: int = 64, seed: int = 0) -> dict[str, Any]:
+                    n_check: int = 64, seed: int = 0, max_restore_minutes: float = DEFAULT_MAX_RESTORE_MINUTES
+                    ) -> dict[str, Any]:
     """Write ``folder/model_int8.xml`` (+ ``.bin``) next to an ONNX export and record it in
     ``inference.json``; returns the quantisation record.
 
@@ -57,10 +63,14 @@ def quantize_export(folder: str | Path, images: Sequence[str | Path],
             held out for the drift check, at most ``max_calibration`` of the others calibrate.
         tolerance: largest score drift on the held-out normals, in standard deviations of their
             float32 scores.
+        max_restore_minutes: when the drift is beyond ``tolerance``, the longest that NNCF's
+            ranking of the quantised operations may be expected to take (estimated from the
+            time of one drift check) before the export is refused instead.
 
     Raises:
-        IadkitError: NNCF or OpenVINO missing, too few images, or the drift beyond
-            ``tolerance`` (then nothing is written).
+        IadkitError: NNCF or OpenVINO missing, too few images, the drift beyond
+            ``tolerance``, or its repair expected to take longer than ``max_restore_minutes``
+            (then nothing is written).
     """
     try:
         import nncf
@@ -87,8 +97,8 @@ def quantize_export(folder: str | Path, images: Sequence[str | Path],
     # Every compilation of the model and its quantised copies (NNCF's own included) computes in
     # float32 wherever it is not INT8: OpenVINO's bfloat16 default would blur the drift check.
     float_model.set_rt_info("f32", ["runtime_options", "INFERENCE_PRECISION_HINT"])
-    float_scores = _scores(core.compile_model(float_model, "CPU", _F32),
-                           _Units(held_out, preprocess))
+    held_out_units = _Units(held_out, preprocess)
+    float_scores = _scores(core.compile_model(float_model, "CPU", _F32), held_out_units)
     spread = float(np.std(float_scores)) or 1.0
 
     def drift_of(compiled: Any, units: Any) -> float:
@@ -101,18 +111,42 @@ def quantize_export(folder: str | Path, images: Sequence[str | Path],
         return 1.0 - drift_of(compiled, units)
 
     n_units = sum(preprocess.n_units(*image_shape(path)) for path in calibration)
-    # Matrix products (distances, attention, heads) stay float32: see the module docstring.
-    # NNCF's accuracy control then returns layers to float32, the most sensitive first, until
-    # the held-out normals' drift is within the tolerance.
-    quantized = nncf.quantize_with_accuracy_control(
-        float_model, nncf.Dataset(_Units(calibration, preprocess)),
-        nncf.Dataset(_Units(held_out, preprocess)), closeness, max_drop=tolerance,
-        drop_type=nncf.DropType.ABSOLUTE, subset_size=n_units,
-        ignored_scope=nncf.IgnoredScope(types=["MatMul", "Gemm"], validate=False),
-        advanced_accuracy_restorer_parameters=nncf.quantization.advanced_parameters
-        .AdvancedAccuracyRestorerParameters(max_num_iterations=MAX_RESTORE_STEPS))
+    settings = dict(subset_size=n_units,
+                    # Matrix products (distances, attention, heads) stay float32: see the
+                    # module docstring.
+                    ignored_scope=nncf.IgnoredScope(types=["MatMul", "Gemm"], validate=False))
+    quantized = nncf.quantize(float_model, nncf.Dataset(_Units(calibration, preprocess)),
+                              **settings)
+    checking = time.perf_counter()
+    drift = drift_of(core.compile_model(quantized, "CPU", _F32), held_out_units)
+    check_seconds = time.perf_counter() - checking
+    if not drift <= tolerance:
+        # NNCF's accuracy control first ranks every quantised operation by compiling the model
+        # with that operation back in float32 and scoring the held-out normals: as long as
+        # the check just run, once per operation. A graph of thousands (LaFitE's unrolled
+        # diffusion steps) would rank for hours: refused now, with the estimate.
+        n_operations = _n_quantised_operations(quantized)
+        ranking_minutes = n_operations * check_seconds / 60
+        if ranking_minutes > max_restore_minutes:
+            raise IadkitError(
+                f"INT8 export refused: on {len(held_out)} held-out normal images the quantised "
+                f"scores drift by {drift:.3g} standard deviations of their float32 scores, more "
+                f"than the tolerance {tolerance:g}, and finding the layers to return to float32 "
+                f"would score those images again for each of the {n_operations} quantised "
+                f"operations: about {ranking_minutes:,.1f} minutes, more than the limit "
+                f"{max_restore_minutes:g} (--int8-max-minutes); keep the float32 export (or "
+                "raise --int8-tolerance or --int8-max-minutes)")
+        # NNCF's accuracy control returns layers to float32, the most sensitive first, until
+        # the held-out normals' drift is within the tolerance.
+        quantized = nncf.quantize_with_accuracy_control(
+            float_model, nncf.Dataset(_Units(calibration, preprocess)),
+            nncf.Dataset(held_out_units), closeness, max_drop=tolerance,
+            drop_type=nncf.DropType.ABSOLUTE,
+            advanced_accuracy_restorer_parameters=nncf.quantization.advanced_parameters
+            .AdvancedAccuracyRestorerParameters(max_num_iterations=MAX_RESTORE_STEPS),
+            **settings)
+        drift = drift_of(core.compile_model(quantized, "CPU", _F32), held_out_units)
     quantize_seconds = time.perf_counter() - started
-    drift = drift_of(core.compile_model(quantized, "CPU", _F32), _Units(held_out, preprocess))
     n_int8 = sum(op.get_type_name() == "FakeQuantize" for op in quantized.get_ops())
     if n_int8 == 0:
         raise IadkitError(
@@ -158,6 +192,14 @@ class _Units:
         for path in self.paths:
             for unit in self.preprocess.units_array(read_image(path)):
                 yield np.ascontiguousarray(unit[None], dtype=np.float32)
+
+
+def _n_quantised_operations(model: Any) -> int:
+    """How many quantisers a quantised OpenVINO model has on activations (one per quantised
+    operation's input; its weights' quantisers hang off constants)."""
+    return sum(op.get_type_name() == "FakeQuantize"
+               and op.input_value(0).get_node().get_type_name() != "Constant"
+               for op in model.get_ops())
 
 
 def _scores(compiled: Any, units: Iterable[np.ndarray]) -> np.ndarray:
