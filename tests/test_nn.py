@@ -154,6 +154,19 @@ def test_nearest_neighbours_equal_brute_force_with_tiny_chunks() -> None:
     assert torch.allclose(distances, brute.values, atol=1e-4)
 
 
+def test_nearest_neighbours_stay_exact_far_from_the_origin() -> None:
+    # Features that sit 1,000 away from the origin, 0.1 apart: expanded uncentred, each squared
+    # distance (about 0.01) would be the difference of terms of about 10**6, whose float32
+    # rounding (about 0.06) is larger than the distance itself.
+    generator = torch.Generator().manual_seed(0)
+    queries, bank = (1000 + 0.1 * torch.randn(shape, generator=generator)
+                     for shape in ((60, 16), (400, 16)))
+    distances, indices = nearest_neighbours(queries, bank, k=2)
+    brute = torch.cdist(queries.double(), bank.double()).topk(2, largest=False)
+    assert torch.equal(indices, brute.indices)
+    assert torch.allclose(distances.double(), brute.values, rtol=1e-3)
+
+
 def test_held_out_patches_are_measured_against_the_other_images_only() -> None:
     # Image i's 12 patches all sit at i along the first axis: a held-out image's nearest
     # patch of another image is exactly 1 away (0 if its own patches were in the bank).

@@ -83,12 +83,9 @@ class FlatIndex:
         self.backend = resolve_backend(backend, bank.device)
         self._faiss_index = None
         self._screen: ScreenedSearch | None = None
-        self._bank_sq_norms: torch.Tensor | None = None
-        if self.backend in ("torch", "screened"):
-            self._bank_sq_norms = bank.pow(2).sum(1)
-            if self.backend == "screened":
-                self._screen = ScreenedSearch(bank)
-        else:
+        if self.backend == "screened":
+            self._screen = ScreenedSearch(bank)
+        elif self.backend == "faiss":
             import faiss
 
             faiss.omp_set_num_threads(torch.get_num_threads())
@@ -105,7 +102,7 @@ class FlatIndex:
             return distances, torch.from_numpy(indices).long()
         if self._screen is not None and not torch.onnx.is_in_onnx_export():
             return self._screen.search(queries, k)
-        return nearest_neighbours(queries, self.bank, k, bank_sq_norms=self._bank_sq_norms)
+        return nearest_neighbours(queries, self.bank, k)
 
 
 class ScreenedSearch:
@@ -265,11 +262,14 @@ def nearest_neighbours(
     bank: torch.Tensor,
     k: int = 1,
     max_elements: int | None = None,
-    bank_sq_norms: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Distances and indices of the ``k`` nearest bank rows of each query, in bounded memory.
 
-    Queries are processed in chunks so that the distance matrix never exceeds
+    Squared distances are expanded as ``||q||^2 + ||y||^2 - 2 q.y`` (one matrix product), with
+    queries and bank centred on the bank's mean first: the expansion's rounding grows with the
+    norms, and features far from the origin (all positive after a ReLU, say) would otherwise
+    lose the small distances to it. Queries are processed in chunks so that the distance
+    matrix never exceeds
     ``max_elements`` entries. By default 2**21 on a CPU (8 MB in float32: small enough to stay
     in cache, which matters because the distance matrix, not the arithmetic, bounds the speed)
     and 2**27 on a GPU (512 MB: thousands of queries per product, where small products would
@@ -278,8 +278,9 @@ def nearest_neighbours(
     Returns:
         (M, k) Euclidean distances (ascending) and (M, k) int64 indices into ``bank``.
     """
-    if bank_sq_norms is None:
-        bank_sq_norms = bank.pow(2).sum(1)
+    centre = bank.mean(dim=0)
+    queries, bank = queries - centre, bank - centre
+    bank_sq_norms = bank.pow(2).sum(1)
     if max_elements is None:
         max_elements = 1 << 21 if bank.device.type == "cpu" else 1 << 27
     chunk = max(1, max_elements // max(1, bank.shape[0]))
