@@ -52,8 +52,8 @@ MAX_RESTORE_STEPS = 8
 
 def quantize_export(folder: str | Path, images: Sequence[str | Path],
                     tolerance: float = DEFAULT_DRIFT_TOLERANCE, max_calibration: int = 300,
-                    n_check: int = 64, seed: int = 0, max_restore_minutes: float = DEFAULT_MAX_RESTORE_MINUTES
-                    ) -> dict[str, Any]:
+                    n_check: int = 64, seed: int = 0,
+                    max_restore_minutes: float = DEFAULT_MAX_RESTORE_MINUTES) -> dict[str, Any]:
     """Write ``folder/model_int8.xml`` (+ ``.bin``) next to an ONNX export and record it in
     ``inference.json``; returns the quantisation record.
 
