@@ -155,9 +155,9 @@ def test_nearest_neighbours_equal_brute_force_with_tiny_chunks() -> None:
 
 
 def test_nearest_neighbours_stay_exact_far_from_the_origin() -> None:
-    # Features that sit 1,000 away from the origin, 0.1 apart: expanded uncentred, each squared
-    # distance (about 0.01) would be the difference of terms of about 10**6, whose float32
-    # rounding (about 0.06) is larger than the distance itself.
+    # Features at 1,000 on each of 16 axes, spread 0.1: expanded uncentred, each squared
+    # distance (about 0.3) would be the difference of terms of about 1.6 * 10**7, whose float32
+    # rounding (about 1) is larger than the distance itself.
     generator = torch.Generator().manual_seed(0)
     queries, bank = (1000 + 0.1 * torch.randn(shape, generator=generator)
                      for shape in ((60, 16), (400, 16)))
