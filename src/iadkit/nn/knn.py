@@ -83,7 +83,10 @@ class FlatIndex:
         self.backend = resolve_backend(backend, bank.device)
         self._faiss_index = None
         self._screen: ScreenedSearch | None = None
-        if self.backend == "screened":
+        self._centred: CentredBank | None = None
+        if self.backend == "torch":
+            self._centred = CentredBank(bank)
+        elif self.backend == "screened":
             self._screen = ScreenedSearch(bank)
         elif self.backend == "faiss":
             import faiss
@@ -95,14 +98,18 @@ class FlatIndex:
     def search(self, queries: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """(M, k) Euclidean distances (ascending) and (M, k) int64 bank indices."""
         k = min(k, self.bank.shape[0])
-        if self._faiss_index is not None and not torch.onnx.is_in_onnx_export():
+        if torch.onnx.is_in_onnx_export():
+            # The graph centres on the bank itself: one bank in the exported file, not two.
+            return nearest_neighbours(queries, self.bank, k)
+        if self._faiss_index is not None:
             squared, indices = self._faiss_index.search(
                 queries.detach().float().contiguous().numpy(), k)
             distances = torch.from_numpy(squared).clamp_(min=0.0).sqrt_()
             return distances, torch.from_numpy(indices).long()
-        if self._screen is not None and not torch.onnx.is_in_onnx_export():
+        if self._screen is not None:
             return self._screen.search(queries, k)
-        return nearest_neighbours(queries, self.bank, k)
+        assert self._centred is not None
+        return self._centred.search(queries, k)
 
 
 class ScreenedSearch:
@@ -144,9 +151,10 @@ class ScreenedSearch:
         # values (16 MB; 1,170 queries against 7,168 rows) took half the time of 2**21 per
         # query on an AMX Xeon, and 2**25 was slower again (the result leaves the cache).
         self.max_elements = max_elements
-        self.centre = bank.mean(dim=0)
-        centred = bank - self.centre
-        sq_norms = centred.pow(2).sum(dim=1)
+        # Also the exhaustive search of the queries without a proof.
+        self._centred = CentredBank(bank)
+        self.centre = self._centred.centre
+        centred, sq_norms = self._centred.rows, self._centred.sq_norms
         rounded = centred.to(torch.bfloat16)
         ones = rounded.new_ones(len(bank), 2)
         keys = torch.cat([-2 * rounded, _split(sq_norms), ones], dim=1)
@@ -207,7 +215,7 @@ class ScreenedSearch:
             unproven = self._unproven(centred, rounded.float(), sq_norms, outside,
                                       distances[:, -1].square()).nonzero()[:, 0]
         if len(unproven):
-            _, exhaustive = nearest_neighbours(queries[unproven], self.bank, k)
+            _, exhaustive = self._centred.search_centred(centred[unproven], k)
             indices[unproven] = exhaustive
             distances[unproven] = self._distances(queries[unproven], exhaustive)
         return distances, indices, len(unproven)
@@ -257,50 +265,72 @@ def _split(values: torch.Tensor) -> torch.Tensor:
     return torch.stack([high, low], dim=1)
 
 
+class CentredBank:
+    """A bank centred on its mean, with its rows' squared norms: what the exhaustive search
+    multiplies, computed once for a bank searched many times.
+
+    Squared distances are expanded as ``||q||^2 + ||y||^2 - 2 q.y`` (one matrix product), with
+    queries and bank centred on the bank's mean first: the expansion's rounding grows with the
+    norms, and features far from the origin (all positive after a ReLU, say) would otherwise
+    lose the small distances to it. Queries are processed in chunks so that the distance
+    matrix never exceeds ``max_elements`` entries: by default 2**21 on a CPU (8 MB in float32:
+    small enough to stay in cache, which matters because the distance matrix, not the
+    arithmetic, bounds the speed) and 2**27 on a GPU (512 MB: thousands of queries per
+    product, where small products would leave it idle).
+
+    Example:
+        >>> bank = CentredBank(torch.randn(1000, 64) + 1000)
+        >>> distances, indices = bank.search(torch.randn(10, 64) + 1000, k=3)
+    """
+
+    def __init__(self, bank: torch.Tensor, max_elements: int | None = None) -> None:
+        self.centre = bank.mean(dim=0)
+        self.rows = bank - self.centre
+        self.sq_norms = self.rows.pow(2).sum(dim=1)
+        if max_elements is None:
+            max_elements = 1 << 21 if bank.device.type == "cpu" else 1 << 27
+        self.max_elements = max_elements
+
+    def search(self, queries: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M, k) Euclidean distances (ascending) and (M, k) int64 bank indices."""
+        return self.search_centred(queries - self.centre, k)
+
+    def search_centred(self, queries: torch.Tensor, k: int = 1
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`search` for queries already centred on :attr:`centre`."""
+        chunk = max(1, self.max_elements // max(1, self.rows.shape[0]))
+        if torch.onnx.is_in_onnx_export():  # an exported graph has no loop: one distance matrix
+            chunk = queries.shape[0]
+        all_distances, all_indices = [], []
+        for start in range(0, queries.shape[0], chunk):
+            part = queries[start:start + chunk]
+            # ||y||^2 - 2 q.y: the query's own squared norm, the same along a row, is added to
+            # the k smallest only (adding and clamping are monotonic, so they are the same
+            # entries, and the matrix is read once less, written once less).
+            partial = torch.addmm(self.sq_norms.unsqueeze(0), part, self.rows.T, alpha=-2.0)
+            if k == 1:
+                values, indices = partial.min(dim=1, keepdim=True)
+            else:
+                values, indices = partial.topk(k, dim=1, largest=False)
+            values = values.add_(part.pow(2).sum(1, keepdim=True)).clamp_(min=0.0)
+            all_distances.append(values.sqrt_())
+            all_indices.append(indices)
+        return torch.cat(all_distances), torch.cat(all_indices)
+
+
 def nearest_neighbours(
     queries: torch.Tensor,
     bank: torch.Tensor,
     k: int = 1,
     max_elements: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Distances and indices of the ``k`` nearest bank rows of each query, in bounded memory.
-
-    Squared distances are expanded as ``||q||^2 + ||y||^2 - 2 q.y`` (one matrix product), with
-    queries and bank centred on the bank's mean first: the expansion's rounding grows with the
-    norms, and features far from the origin (all positive after a ReLU, say) would otherwise
-    lose the small distances to it. Queries are processed in chunks so that the distance
-    matrix never exceeds
-    ``max_elements`` entries. By default 2**21 on a CPU (8 MB in float32: small enough to stay
-    in cache, which matters because the distance matrix, not the arithmetic, bounds the speed)
-    and 2**27 on a GPU (512 MB: thousands of queries per product, where small products would
-    leave it idle).
+    """Distances and indices of the ``k`` nearest bank rows of each query, in bounded memory
+    (a :class:`CentredBank` made for this one call: keep one for a bank searched many times).
 
     Returns:
         (M, k) Euclidean distances (ascending) and (M, k) int64 indices into ``bank``.
     """
-    centre = bank.mean(dim=0)
-    queries, bank = queries - centre, bank - centre
-    bank_sq_norms = bank.pow(2).sum(1)
-    if max_elements is None:
-        max_elements = 1 << 21 if bank.device.type == "cpu" else 1 << 27
-    chunk = max(1, max_elements // max(1, bank.shape[0]))
-    if torch.onnx.is_in_onnx_export():  # an exported graph has no loop: one distance matrix
-        chunk = queries.shape[0]
-    all_distances, all_indices = [], []
-    for start in range(0, queries.shape[0], chunk):
-        part = queries[start:start + chunk]
-        # ||y||^2 - 2 q.y: the query's own squared norm, the same along a row, is added to the
-        # k smallest only (adding and clamping are monotonic, so they are the same entries,
-        # and the matrix is read once less, written once less).
-        partial = torch.addmm(bank_sq_norms.unsqueeze(0), part, bank.T, alpha=-2.0)
-        if k == 1:
-            values, indices = partial.min(dim=1, keepdim=True)
-        else:
-            values, indices = partial.topk(k, dim=1, largest=False)
-        values = values.add_(part.pow(2).sum(1, keepdim=True)).clamp_(min=0.0)
-        all_distances.append(values.sqrt_())
-        all_indices.append(indices)
-    return torch.cat(all_distances), torch.cat(all_indices)
+    return CentredBank(bank, max_elements).search(queries, k)
 
 
 def held_out_nearest_distances(
