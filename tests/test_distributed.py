@@ -210,7 +210,7 @@ def test_a_two_rank_training_killed_midway_resumes_from_its_checkpoint(
         toy_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     fit = ["fit", "--method", "rd", "--data", str(toy_root), "--category", "alpha", "--out",
-           str(out), "--param", "image_size=64", "--param", "epochs=40", "--param",
+           str(out), "--param", "image_size=64", "--param", "epochs=12", "--param",
            "checkpoint_every_s=0", "--batch-size", "8"]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 "--nproc-per-node", "2", "-m", "iadkit", *fit, "--quiet", "--device", "cpu"]
@@ -237,7 +237,7 @@ def test_a_two_rank_training_killed_midway_resumes_from_its_checkpoint(
     done = _iadkit(*fit, "--resume", "--verbose", ranks=2)
     assert "resuming the training from" in done.stderr
     history = json.loads((out / "models" / "alpha" / "detector.json").read_text())
-    assert len(history["fit_info"]["loss_history"]["distill"]) == 40
+    assert len(history["fit_info"]["loss_history"]["distill"]) == 12
 
 
 def test_a_batch_too_small_for_the_ranks_is_refused_with_one_clear_error(
