@@ -93,15 +93,15 @@ def test_a_kill_at_any_point_then_resume_gives_exactly_the_uninterrupted_result(
     images = tmp_path / "many"
     for copy in range(2):  # 24 files, scored one at a time so that kills land mid-run
         shutil.copytree(toy_root / "alpha" / "test", images / str(copy))
-    command = [sys.executable, "-m", "iadkit", "predict", str(saved_model), str(images),
-               "--batch-size", "1", "--no-heatmaps", "-q", "--out"]
+    arguments = ["predict", str(saved_model), str(images), "--batch-size", "1", "--no-heatmaps",
+                 "-q", "--out"]
     reference = tmp_path / "reference"
-    subprocess.run([*command, str(reference)], check=True, capture_output=True)
+    assert main([*arguments, str(reference)]) == 0
     expected = (reference / "scores.csv").read_text()
-    for after in (1, 9, 17):
+    for after in (1, 9, 17):  # killed in a process of its own, resumed in this one
         out = tmp_path / f"killed-{after}"
-        process = subprocess.Popen([*command, str(out)], stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL)
+        process = subprocess.Popen([sys.executable, "-m", "iadkit", *arguments, str(out)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         log = out / "scores.jsonl"
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and process.poll() is None:
@@ -110,5 +110,5 @@ def test_a_kill_at_any_point_then_resume_gives_exactly_the_uninterrupted_result(
                 break
             time.sleep(0.005)
         process.wait()
-        subprocess.run([*command, str(out), "--resume"], check=True, capture_output=True)
+        assert main([*arguments, str(out), "--resume"]) == 0
         assert (out / "scores.csv").read_text() == expected, f"killed after {after}"
