@@ -8,7 +8,10 @@ demo:
 test:
 	scripts/bootstrap.sh test,demo,faiss,serve,onnx,openvino,ray
 	.venv/bin/ruff check src tests benchmarks
-	.venv/bin/python -m pytest -q --durations=15 tests
+	# two workers (pytest-xdist), one thread each, a test file per worker at a time: the
+	# suite waits on child processes much of the time, and one thread per process avoids
+	# OpenMP threads spinning against them (tests/conftest.py)
+	.venv/bin/python -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 test-slow:
 	scripts/bootstrap.sh test,demo,faiss,serve,onnx,openvino,ray

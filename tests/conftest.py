@@ -11,6 +11,10 @@ import pytest
 # Tests never download anything: missing weights must fail fast with our error.
 os.environ.setdefault("IADKIT_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Under pytest-xdist (`make test` runs two workers on a two-core machine), each worker and the
+# processes it starts compute on one thread: two threads each would oversubscribe the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
