@@ -5,12 +5,12 @@ demo:
 	scripts/bootstrap.sh test,demo,faiss,serve,onnx,openvino,ray
 	.venv/bin/iadkit demo --out demo_out
 
+# The tests run on two workers (pytest-xdist), one thread each, a test file per worker at a
+# time: the suite waits on child processes much of the time, and one thread per process
+# avoids OpenMP threads spinning against them (tests/conftest.py).
 test:
 	scripts/bootstrap.sh test,demo,faiss,serve,onnx,openvino,ray
 	.venv/bin/ruff check src tests benchmarks
-	# two workers (pytest-xdist), one thread each, a test file per worker at a time: the
-	# suite waits on child processes much of the time, and one thread per process avoids
-	# OpenMP threads spinning against them (tests/conftest.py)
 	.venv/bin/python -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 test-slow:

@@ -276,7 +276,8 @@ class CentredBank:
     matrix never exceeds ``max_elements`` entries: by default 2**21 on a CPU (8 MB in float32:
     small enough to stay in cache, which matters because the distance matrix, not the
     arithmetic, bounds the speed) and 2**27 on a GPU (512 MB: thousands of queries per
-    product, where small products would leave it idle).
+    product, where small products would leave it idle). The centred copy costs the memory of
+    one more bank, which a search of the uncentred bank would allocate anyway.
 
     Example:
         >>> bank = CentredBank(torch.randn(1000, 64) + 1000)
