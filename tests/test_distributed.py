@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -148,13 +149,12 @@ def _iadkit(*args: str, ranks: int = 1, check: bool = True) -> subprocess.Comple
     """The command line in one process, or under torchrun on ``ranks`` gloo processes."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 "--nproc-per-node", str(ranks)] if ranks > 1 else [sys.executable]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # a rank that dies in native code prints its Python stack (faulthandler) before aborting
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     done = subprocess.run([*launcher, "-m", "iadkit", *args, "--quiet", "--device", "cpu"],
                           check=False, capture_output=True, text=True, env=env, timeout=600)
-    if check:  # the ranks' own errors first: torchrun's report of them comes last
-        errors = [line for line in done.stderr.splitlines()
-                  if "iadkit: error" in line or "Error" in line]
-        assert done.returncode == 0, "\n".join(errors[:20]) + done.stderr[-2000:]
+    if check:  # the ranks' stderr is torchrun's: all of it, their errors then its report
+        assert done.returncode == 0, f"exit {done.returncode}\n{done.stderr}"
     return done
 
 
@@ -186,6 +186,31 @@ def test_a_streamed_coreset_on_two_ranks_is_the_one_rank_coreset(memory_points: 
     two = run_ranks(_streamed_coreset, features, memory_points)
     assert one[2] == two[2] == ("exact" if memory_points is None else "chunked")
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
+def _command_as_rank(rank: int, world: int, port: int, out: str) -> None:
+    """``iadkit methods`` in an environment as torchrun sets it; what it left behind."""
+    from iadkit.cli import main
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    code = main(["methods", "--quiet"])
+    Path(f"{out}.{rank}").write_text(json.dumps({
+        "code": code, "joined_as_other_rank": sys.stdout.name == os.devnull,
+        "group_open": dist.is_initialized()}))
+
+
+def test_a_command_under_torchrun_closes_its_process_group_before_it_returns() -> None:
+    """A group left open can abort a rank at exit (gloo's threads outlive the interpreter)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with tempfile.TemporaryDirectory() as folder:
+        out = os.path.join(folder, "left")
+        mp.spawn(_command_as_rank, args=(2, port, out), nprocs=2)
+        left = [json.loads(Path(f"{out}.{rank}").read_text()) for rank in range(2)]
+    assert left == [{"code": 0, "joined_as_other_rank": rank == 1, "group_open": False}
+                    for rank in range(2)]
 
 
 def test_patchcore_fitted_and_tested_on_two_ranks_gives_the_one_process_files(

@@ -792,6 +792,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("iadkit: interrupted", file=sys.stderr)
         return 130
+    finally:
+        distributed.leave()
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 ``torchrun --nproc-per-node N -m iadkit fit ...`` starts N copies of the command line; each
 finds its rank in the environment torchrun sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
 ``MASTER_ADDR``...), and :func:`init_from_environment` joins them in one process group (gloo on
-the CPU; with CUDA, NCCL for GPU tensors and gloo for CPU ones, one GPU per local rank). Everything else asks this module who it is:
+the CPU; with CUDA, NCCL for GPU tensors and gloo for CPU ones, one GPU per local rank) and
+:func:`leave` closes that group before the process exits. Everything else asks this module who
+it is:
 
 - the training loop (:mod:`iadkit.methods.training`) splits every batch over the ranks and sums
   their gradients, so N ranks take the single-process step (:func:`reduce_gradients`);
@@ -36,6 +38,10 @@ import torch.distributed as dist
 from torch import nn
 
 from .errors import ConfigError
+
+# Whether this process joined torchrun's group itself (a group an embedding program made is
+# its own to close).
+_joined = False
 
 
 def is_distributed() -> bool:
@@ -92,7 +98,22 @@ def init_from_environment(device: str | None = None, timeout_minutes: float = 30
     # the gathered predictions).
     dist.init_process_group("cpu:gloo,cuda:nccl" if use_cuda else "gloo",
                             timeout=datetime.timedelta(minutes=timeout_minutes))
+    global _joined
+    _joined = True
     return is_distributed()
+
+
+def leave() -> None:
+    """Close the process group :func:`init_from_environment` joined (nothing otherwise).
+
+    A rank that leaves it open can abort in native code (SIGABRT) as the interpreter shuts
+    down: gloo's threads still hold tensors whose release needs the interpreter. PyTorch does
+    not close the group at exit itself, so every command closes it before it returns.
+    """
+    global _joined
+    if _joined and dist.is_initialized():
+        dist.destroy_process_group()
+    _joined = False
 
 
 def shard(items: torch.Tensor) -> torch.Tensor:
