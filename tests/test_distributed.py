@@ -201,7 +201,8 @@ def _command_as_rank(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_a_command_under_torchrun_closes_its_process_group_before_it_returns() -> None:
-    """A group left open can abort a rank at exit (gloo's threads outlive the interpreter)."""
+    """A group left open can abort a rank at exit (gloo's threads can hold tensors past the
+    interpreter's shutdown)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
