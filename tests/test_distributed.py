@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_loopback_port
 from torch import nn
 
 from iadkit import distributed
@@ -203,9 +203,7 @@ def _command_as_rank(rank: int, world: int, port: int, out: str) -> None:
 def test_a_command_under_torchrun_closes_its_process_group_before_it_returns() -> None:
     """A group left open can abort a rank at exit (gloo's threads can hold tensors past the
     interpreter's shutdown)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_loopback_port()
     with tempfile.TemporaryDirectory() as folder:
         out = os.path.join(folder, "left")
         mp.spawn(_command_as_rank, args=(2, port, out), nprocs=2)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import free_loopback_port
 from PIL import Image
 
 pytest.importorskip("fastapi")
@@ -68,9 +69,7 @@ def served(request: pytest.FixtureRequest, fitted_run: Path) -> Iterator[tuple[s
 @contextlib.contextmanager
 def _serve(folder: Path, flags: list[str]) -> Iterator[str]:
     """``iadkit serve folder flags`` in a child process on a free loopback port: its URL."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_loopback_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "iadkit.cli", "serve", str(folder), "--port", str(port), *flags],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
