@@ -244,7 +244,11 @@ def test_screened_search_finds_the_exact_nearest_rows() -> None:
     low_rank = torch.randn(3000, 8, generator=generator) @ torch.randn(8, 64, generator=generator)
     low_rank += 0.05 * torch.randn(3000, 64, generator=generator)
     isotropic = torch.randn(3000, 64, generator=generator) + 3.0
-    for data in (low_rank, isotropic):
+    # each row next to its near twin: a query's two nearest rows share a group, and its
+    # candidates are one row per group
+    twins = (low_rank.repeat_interleave(2, dim=0)[:3000]
+             + 0.1 * torch.randn(3000, 64, generator=generator))
+    for data in (low_rank, isotropic, twins):
         # ties: duplicated bank rows, and queries equal to bank rows
         bank = torch.cat([data[:1000], data[:100]])
         queries = torch.cat([data[1000:1500], data[:50]])
@@ -261,20 +265,20 @@ def test_screened_search_finds_the_exact_nearest_rows() -> None:
         # (distances, not indices: tied rows may come in either order)
         torch.testing.assert_close(FlatIndex(bank, "screened").search(queries)[0],
                                    search.search(queries)[0])
-    # A bank smaller than one group, every row a candidate
+        if data is not twins:
+            # Most single nearest rows of spread-out data are proven by the first pass alone.
+            assert search.unproven < 0.1 * len(queries)
+    # A bank smaller than one group, searched exhaustively
     distances, indices = ScreenedSearch(bank[:4]).search(queries, 3)
     torch.testing.assert_close(distances.double(), torch.cdist(
         queries.double(), bank[:4].double()).topk(3, dim=1, largest=False).values, rtol=1e-5,
         atol=1e-6)
-    # Most single nearest rows of spread-out data are proven by the first pass alone.
-    search.search(queries)
-    assert search.unproven < 0.1 * len(queries)
     # Queries within the first pass's rounding of many bank rows (a tight cluster far from
     # the centre): first-pass values around zero, negative ones among them, whose integer
     # order is reversed: no proof holds, and the exhaustive search answers.
     centre = 30 * torch.ones(64)
     cluster = centre + 0.05 * torch.randn(40, 64, generator=generator)
-    bank = torch.cat([torch.randn(500, 64, generator=generator), cluster])
+    bank = torch.cat([torch.randn(1000, 64, generator=generator), cluster])
     queries = centre + 0.05 * torch.randn(20, 64, generator=generator)
     search = ScreenedSearch(bank)
     centred = queries - search.centre
@@ -285,7 +289,7 @@ def test_screened_search_finds_the_exact_nearest_rows() -> None:
     torch.testing.assert_close(distances, (queries[:, None] - bank[indices]).norm(dim=2))
     # Rows all at one distance from the query: nothing can be proven, the exhaustive search
     # answers.
-    sphere = 10 * F.normalize(torch.randn(500, 32, generator=generator), dim=1)
+    sphere = 10 * F.normalize(torch.randn(1000, 32, generator=generator), dim=1)
     search = ScreenedSearch(sphere)
     distances, _ = search.search(torch.zeros(3, 32))
     assert search.unproven == 3

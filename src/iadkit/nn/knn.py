@@ -123,14 +123,17 @@ class ScreenedSearch:
     distance, so not negative unless a query lies within the rounding error of a bank row, and
     non-negative bfloat16 numbers order as their bit patterns read as int16 integers do: every
     reduction over the product runs on those integers (vectorised, where bfloat16 reductions
-    are not: six times faster on an AMX Xeon). ``k + extra`` candidates are kept per query and
-    their exact distances computed from the differences in float32. Each answer is then
-    proven: the first pass errs on any pair by at most twice ``|q - q~| |y| + |q~| |y - y~|``
-    (Cauchy-Schwarz on the bfloat16 rounding residues), plus the float32 accumulation, plus
-    the final rounding, which is monotonic, so every row left out is bounded below through the
-    smallest first-pass value left out. When that bound is not below the k-th exact distance
-    found, no other row can be nearer. The queries without the proof are searched
-    exhaustively in float32. The neighbours are the exhaustive search's (ties aside), their
+    are not: six times faster on an AMX Xeon). The bank is cut into groups of ``group`` rows;
+    a query's ``k + extra`` candidates are the smallest rows of its ``k + extra`` groups with
+    the smallest minima, and their exact distances are computed from the differences in
+    float32. Each answer is then proven: the first pass errs on any pair by at most twice
+    ``|q - q~| |y| + |q~| |y - y~|`` (Cauchy-Schwarz on the bfloat16 rounding residues), plus
+    the float32 accumulation, plus the final rounding, which is monotonic, so every row left
+    out is bounded below through the smallest first-pass value left out (the second smallest
+    of each group taken, the minimum of the next group). When that bound is not below the
+    k-th exact distance found, no other row can be nearer. The queries without the proof, and
+    every query of a bank with fewer than ``k + extra`` groups, are searched exhaustively in
+    float32. The neighbours are the exhaustive search's (ties aside), their
     distances computed directly from the differences (no cancellation), whatever the data;
     only the share of queries proven, hence the time saved, depends on it.
 
@@ -140,8 +143,8 @@ class ScreenedSearch:
     """
 
     #: Candidates kept beyond the k asked (measured on PatchCore's bank: docs/patchcore.md).
-    extra = 4
-    #: Bank rows per group: a query's candidates are looked for in the groups with the
+    extra = 3
+    #: Bank rows per group: a query's candidates are the smallest rows of the groups with the
     #: smallest first-pass minima (a minimum per group is cheap, a top-k over the bank is not).
     group = 128
 
@@ -176,49 +179,64 @@ class ScreenedSearch:
         if len(queries) == 0:
             return queries.new_zeros(0, k), torch.zeros(0, k, dtype=torch.long,
                                                         device=queries.device)
-        # keys: the bank padded to whole groups, the product's width
-        chunk = max(1, self.max_elements // max(1, len(self.keys)))
-        found = [self._search_chunk(part, k) for part in queries.split(chunk)]
-        self.unproven = sum(unproven for *_, unproven in found)
-        return torch.cat([d for d, _, _ in found]), torch.cat([i for _, i, _ in found])
+        if len(self.keys) < (k + self.extra) * self.group:
+            # Fewer groups than candidates: a bank this small is searched exhaustively.
+            distances, indices = queries.new_empty(len(queries), k), torch.empty(
+                len(queries), k, dtype=torch.long, device=queries.device)
+            unproven = torch.arange(len(queries), device=queries.device)
+        else:
+            # keys: the bank padded to whole groups, the product's width
+            chunk = max(1, self.max_elements // max(1, len(self.keys)))
+            found = [self._search_chunk(part, k) for part in queries.split(chunk)]
+            distances, indices = torch.cat([d for d, _, _ in found]), torch.cat(
+                [i for _, i, _ in found])
+            unproven = torch.cat([u for *_, u in found]).nonzero()[:, 0]
+        self.unproven = len(unproven)
+        if len(unproven):
+            # One exhaustive search for all chunks' queries without a proof: each call reads
+            # the whole bank.
+            _, exhaustive = self._centred.search(queries[unproven], k)
+            indices[unproven] = exhaustive
+            distances[unproven] = self._distances(queries[unproven], exhaustive)
+        return distances, indices
 
     def _search_chunk(self, queries: torch.Tensor, k: int
-                      ) -> tuple[torch.Tensor, torch.Tensor, int]:
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(M, k) distances and indices of the candidates, and (M,) whether each query's
+        answer lacks a proof."""
         centred = queries - self.centre
         rounded = centred.to(torch.bfloat16)
         sq_norms = centred.pow(2).sum(dim=1)
         # Kept in bfloat16 (as the product rounded it) and read as int16 (see the class).
         first_pass = self._first_pass(rounded, sq_norms).view(torch.int16)
-        count = min(k + self.extra + 1, self.bank.shape[0])
-        # The groups with the smallest minima, then the smallest values in them; every row
-        # left out is at least the last value taken or the last group minimum taken. Negative
-        # values (a query within rounding of a bank row) read as integers below every other,
-        # in reverse order among themselves: either all of them are taken, or the smallest
-        # value left out is negative and no proof holds.
+        count = k + self.extra
+        # The candidates: the row of the smallest value in each of the ``count`` groups with
+        # the smallest minima. Every other row is at least the second smallest value of its
+        # group, if its group was taken, or the next group's minimum: a bound over all rows
+        # but the candidates, so never below the smallest value that a top-k of as many
+        # candidates leaves out (a top-k over the taken groups cost three times as much).
+        # Negative values (a query within rounding of a bank row) read as integers below
+        # every other, in reverse order among themselves: either each is alone in its group
+        # and a candidate, or the bound is negative and no proof holds.
         grouped = first_pass.view(len(queries), -1, self.group)
         minima = grouped.amin(dim=2)
-        taken = min(count, minima.shape[1])
+        taken = min(count + 1, minima.shape[1])
         group_minima, groups = minima.topk(taken, dim=1, largest=False, sorted=True)
         rows = torch.arange(len(queries), device=queries.device)[:, None]
-        values, order = grouped[rows, groups].flatten(1).topk(count, dim=1, largest=False,
-                                                              sorted=True)
-        candidates = groups.gather(1, order // self.group) * self.group + order % self.group
-        outside = values[:, -1]
-        if taken < minima.shape[1]:
-            outside = torch.minimum(outside, group_minima[:, -1])
+        values = grouped[rows, groups[:, :count]]  # (M, count, group)
+        positions = values.argmin(dim=2)
+        candidates = groups[:, :count] * self.group + positions
+        # Each candidate's own value masked: a row tied with it reads as its equal.
+        outside = values.scatter(2, positions[..., None], torch.iinfo(torch.int16).max
+                                 ).amin(dim=2).amin(dim=1)
+        if taken > count:
+            outside = torch.minimum(outside, group_minima[:, count])
         outside = outside.view(torch.bfloat16).float()
-        kept = candidates[:, :count - 1] if count > k else candidates
-        distances, order = self._distances(queries, kept).sort(dim=1)
-        distances, indices = distances[:, :k], kept.gather(1, order[:, :k])
-        unproven = torch.zeros(0, dtype=torch.long, device=queries.device)
-        if count > k:
-            unproven = self._unproven(centred, rounded.float(), sq_norms, outside,
-                                      distances[:, -1].square()).nonzero()[:, 0]
-        if len(unproven):
-            _, exhaustive = self._centred.search_centred(centred[unproven], k)
-            indices[unproven] = exhaustive
-            distances[unproven] = self._distances(queries[unproven], exhaustive)
-        return distances, indices, len(unproven)
+        distances, order = self._distances(queries, candidates).sort(dim=1)
+        distances, indices = distances[:, :k], candidates.gather(1, order[:, :k])
+        unproven = self._unproven(centred, rounded.float(), sq_norms, outside,
+                                  distances[:, -1].square())
+        return distances, indices, unproven
 
     def _first_pass(self, rounded: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
         """(M, D) queries centred and rounded to bfloat16, (M,) their squared norms -> the
