@@ -10,18 +10,24 @@ For a fitted PatchCore model (a run or model folder) and ``--test`` preprocessed
   exact candidates, a proof per query), and for ``screened`` the share of queries it could not
   prove (searched exhaustively);
 - the whole ``predict`` with each backend, and its largest relative score difference from
-  the torch backend's (the exactness check; 1e-5 is the goal).
+  the torch backend's (the exactness check; 1e-5 is the goal);
+- ``predict`` with the default backend over the backbone alone, as a ratio per round of
+  ``--rounds``: the two timed one after the other within each round, so that a slow spell of
+  a shared machine slows both (the goal is 1.3 at batch 16 and at batch 1).
 
-One JSON line per backend, then one of the stages. Usage (repository root)::
+One JSON line per backend, then one of the stages, then one of the ratios. Usage (repository
+root)::
 
     .venv/bin/python benchmarks/patchcore_knn.py RUN_OR_MODEL [--data magnetic_tile]
-        [--test 64]
+        [--test 64] [--rounds 10]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +49,30 @@ def ms_per_image(function: Any, images: torch.Tensor, batch: int) -> float:
     return round(1000 / rate(function, batches), 2)
 
 
+def paired_ratios(numerator: Any, denominator: Any, images: torch.Tensor, batch: int,
+                  rounds: int) -> list[float]:
+    """Per round, the time of ``numerator`` over that of ``denominator`` on the same batches
+    of ``batch`` images (16 images one by one): each runs once untimed, then over every batch,
+    the one after the other (a round takes seconds, so both see the same machine; calling
+    them in turn batch by batch would time each with the other's data in the cache)."""
+    batches = list(images.split(batch))[:16 if batch == 1 else None]
+
+    def seconds(function: Any) -> float:
+        function(batches[0])
+        started = time.perf_counter()
+        for part in batches:
+            function(part)
+        return time.perf_counter() - started
+
+    return [seconds(numerator) / seconds(denominator) for _ in range(rounds)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("model", help="a fitted PatchCore: run folder or model folder")
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "magnetic_tile"))
     parser.add_argument("--test", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=10)
     args = parser.parse_args()
     detector = Detector.load(resolve_model_dir(args.model), device="cpu")
     if detector.name != "patchcore":
@@ -89,7 +114,18 @@ def main() -> None:
             line["max_relative_score_difference"] = float(
                 ((scores - reference).abs() / reference.abs().clamp_min(1e-12)).max())
             print(json.dumps(line), flush=True)
-    print(json.dumps(stages), flush=True)
+        print(json.dumps(stages), flush=True)
+        detector._index = FlatIndex(bank, "auto")
+        ratios = {**common, "ratio": "predict_over_backbone",
+                  "default_backend": detector._index.backend, "rounds": args.rounds}
+        for size in (16, 1):
+            found = paired_ratios(detector.predict, detector.extractor, images, size,
+                                  args.rounds)
+            ratios[f"batch{size}"] = {
+                "median": round(statistics.median(found), 3), "min": round(min(found), 3),
+                "max": round(max(found), 3),
+                "share_at_most_1.3": round(sum(r <= 1.3 for r in found) / len(found), 2)}
+        print(json.dumps(ratios), flush=True)
 
 
 if __name__ == "__main__":
