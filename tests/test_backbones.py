@@ -84,3 +84,35 @@ def test_batchnorm_folding_keeps_outputs_and_removes_every_batchnorm(name, layer
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
     for a, b in zip(folded(x), plain(x)):
         assert torch.allclose(a, b, atol=1e-4 * float(b.abs().max()))
+
+
+def test_same_padding_without_a_padded_copy_gives_timms_output() -> None:
+    from iadkit._torchvision_compat import import_timm
+    from iadkit.backbones.same_padding import SamePaddingConv
+
+    timm = import_timm()
+    torch.manual_seed(0)
+    for kernel, groups in ((3, 1), (5, 8), (3, 8)):
+        conv = timm.layers.Conv2dSame(8, 8, kernel, stride=2, groups=groups).eval()
+        rewritten = SamePaddingConv(conv)
+        # every parity of height and width: TensorFlow pads the even sizes unevenly
+        for height, width in ((32, 32), (33, 33), (32, 35), (17, 40)):
+            x = torch.randn(2, 8, height, width)
+            expected = conv(x)
+            assert rewritten(x).shape == expected.shape
+            torch.testing.assert_close(rewritten(x), expected, rtol=1e-5, atol=1e-5)
+    # The frozen Lite0 keeps none of timm's padding convolutions and gives timm's features
+    # (its own BatchNorm included) at even and odd input sizes.
+    extractor = FeatureExtractor("lite0", (1, 2, 3))
+    assert not any(isinstance(m, timm.layers.Conv2dSame) for m in extractor.modules())
+    assert any(isinstance(m, SamePaddingConv) for m in extractor.modules())
+    plain, _ = build_with_weights(extractor.name, "pretrained", features_only=True,
+                                  out_indices=(1, 2, 3))
+    plain.eval()
+    for size in (64, 75):
+        images = torch.rand(2, 3, size, size)
+        with torch.no_grad():
+            reference = plain((images - extractor.mean) / extractor.std)
+            for ours, theirs in zip(extractor(images), reference):
+                torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4 * float(
+                    theirs.abs().max()))

@@ -11,7 +11,7 @@ import pytest
 @pytest.mark.parametrize("module", ["iadkit", "iadkit.methods", "iadkit.validation",
                                     "iadkit.calibration", "iadkit.data.preprocess",
                                     "iadkit.data.tiling", "iadkit.metrics", "iadkit.nn.coreset",
-                                    "iadkit.nn.anomaly_maps"])
+                                    "iadkit.nn.anomaly_maps", "iadkit.backbones.same_padding"])
 def test_the_docstring_examples_run(module: str) -> None:
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0

@@ -10,6 +10,7 @@ import torch
 from ..errors import ConfigError
 from ..nn.precision import Network
 from .fold import fold_batchnorm
+from .same_padding import without_padded_copies
 from .weights import ResolvedWeights, build_with_weights
 
 #: Pixel normalisation per backbone family; everything else uses ImageNet statistics.
@@ -96,6 +97,8 @@ class FeatureExtractor(Network):
                                   f" ({type(error).__name__}: {error})") from None
             if fold_bn and not trainable:
                 self.model = fold_batchnorm(self.model, torch.rand(1, 3, 64, 64))
+            if not trainable:
+                self.model = without_padded_copies(self.model, torch.rand(1, 3, 64, 64))
         info = self.model.feature_info
         self.channels: list[int] = list(info.channels())
         self.strides: list[int] = list(info.reduction())
