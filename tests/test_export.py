@@ -153,6 +153,15 @@ def test_int8_export_calibrates_on_training_normals_and_refuses_a_drifting_model
     assert record["n_held_out_images"] == n_train // 4
     assert record["n_calibration_images"] == n_train - n_train // 4
     assert 0 < record["drift"] <= 1000
+    # Every depthwise (grouped) convolution's weights are stored as INT8 constants, not
+    # fake-quantised floats, so OpenVINO can run them as INT8 kernels.
+    import openvino
+
+    model = openvino.Core().read_model(str(out / "model_int8.xml"))
+    grouped = [op for op in model.get_ordered_ops() if op.get_type_name() == "GroupConvolution"]
+    assert grouped and all(
+        op.input(1).get_source_output().get_node().get_type_name() != "FakeQuantize"
+        for op in grouped)
 
     test = load_dataset(toy_root, ["alpha"]).where(split="test")
     images = [read_image(sample.image_path) for sample in test]
