@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
@@ -43,28 +42,25 @@ from iadkit.nn.knn import FlatIndex, ScreenedSearch, faiss_available
 REPO = Path(__file__).resolve().parents[1]
 
 
+def timed_batches(images: torch.Tensor, batch: int) -> list[torch.Tensor]:
+    """The batches of ``batch`` images that are timed (16 images one by one)."""
+    return list(images.split(batch))[:16 if batch == 1 else None]
+
+
 def ms_per_image(function: Any, images: torch.Tensor, batch: int) -> float:
     """Milliseconds per image of ``function`` in batches of ``batch`` (16 images one by one)."""
-    batches = list(images.split(batch))[:16 if batch == 1 else None]
-    return round(1000 / rate(function, batches), 2)
+    return round(1000 / rate(function, timed_batches(images, batch)), 2)
 
 
 def paired_ratios(numerator: Any, denominator: Any, images: torch.Tensor, batch: int,
                   rounds: int) -> list[float]:
     """Per round, the time of ``numerator`` over that of ``denominator`` on the same batches
-    of ``batch`` images (16 images one by one): each runs once untimed, then over every batch,
-    the one after the other (a round takes seconds, so both see the same machine; calling
-    them in turn batch by batch would time each with the other's data in the cache)."""
-    batches = list(images.split(batch))[:16 if batch == 1 else None]
-
-    def seconds(function: Any) -> float:
-        function(batches[0])
-        started = time.perf_counter()
-        for part in batches:
-            function(part)
-        return time.perf_counter() - started
-
-    return [seconds(numerator) / seconds(denominator) for _ in range(rounds)]
+    (:func:`timed_batches`): each runs once untimed, then over every batch, the one after the
+    other (a round takes seconds, so both see the same machine; calling them in turn batch by
+    batch would time each with the other's data in the cache)."""
+    batches = timed_batches(images, batch)
+    return [rate(denominator, batches, repeats=1) / rate(numerator, batches, repeats=1)
+            for _ in range(rounds)]
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._torchvision_compat import import_timm
+from .fold import outputs_match
 
 
 class SamePaddingConv(nn.Module):
@@ -63,9 +64,9 @@ def without_padded_copies(model: nn.Module, example: torch.Tensor,
     """``model`` (frozen) with every ``Conv2dSame`` replaced by a :class:`SamePaddingConv`, in
     place, when the outputs on ``example`` (and on it one pixel smaller, the other parity)
     stay within ``tolerance`` of the original's relative to their scale; else unchanged."""
-    same = tuple(getattr(import_timm().layers, name) for name in ("Conv2dSame",
-                                                                   "Conv2dSameExport")
-                 if hasattr(import_timm().layers, name))
+    layers = import_timm().layers
+    same = tuple(getattr(layers, name) for name in ("Conv2dSame", "Conv2dSameExport")
+                 if hasattr(layers, name))
     targets = [(name, module) for name, module in model.named_modules()
                if isinstance(module, same) and module.dilation == (1, 1)
                and module.padding_mode == "zeros"]
@@ -84,12 +85,8 @@ def without_padded_copies(model: nn.Module, example: torch.Tensor,
         setattr(parent, child, SamePaddingConv(conv))
     with torch.no_grad():
         found = [model(images) for images in examples]
-    for reference, candidate in zip(expected, found):
-        pairs = zip(reference if isinstance(reference, (list, tuple)) else [reference],
-                    candidate if isinstance(candidate, (list, tuple)) else [candidate])
-        for want, got in pairs:
-            if (want - got).abs().max() > tolerance * want.abs().max().clamp(min=1e-6):
-                for parent, child, conv in originals.values():
-                    setattr(parent, child, conv)
-                return model
+    if not all(outputs_match(reference, candidate, tolerance)
+               for reference, candidate in zip(expected, found)):
+        for parent, child, conv in originals.values():
+            setattr(parent, child, conv)
     return model
