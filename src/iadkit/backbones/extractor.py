@@ -98,7 +98,8 @@ class FeatureExtractor(Network):
             if fold_bn and not trainable:
                 self.model = fold_batchnorm(self.model, torch.rand(1, 3, 64, 64))
             if not trainable:
-                self.model = without_padded_copies(self.model, torch.rand(1, 3, 64, 64))
+                example = torch.rand(1, 3, 64, 64)
+                self.model = without_padded_copies(self.model, [example, example[..., 1:, 1:]])
         info = self.model.feature_info
         self.channels: list[int] = list(info.channels())
         self.strides: list[int] = list(info.reduction())

@@ -7,12 +7,16 @@ the input than before it, each call copies the whole input into a zero-filled la
 padding on both sides and a kernel one tap longer whose first tap is zero: the window then
 starts one pixel earlier, on a zero that the zero tap ignores. On Lite0 at 256 pixels the
 copies took about an eighth of the frozen backbone's CPU time (2026-12-03, Intel Xeon, 2
-threads). Only frozen backbones are rewritten: a trained zero tap would not stay zero.
+threads). Only frozen networks are rewritten (a trained zero tap would not stay zero): the
+frozen backbones when built, and every network of a detector when it is exported (a trained
+student then too, whose padding would otherwise be computed in the graph, with shape arithmetic
+around each copy).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -59,11 +63,12 @@ class SamePaddingConv(nn.Module):
         return F.conv2d(images, weight, self.bias, self.stride, tuple(padding), 1, self.groups)
 
 
-def without_padded_copies(model: nn.Module, example: torch.Tensor,
+def without_padded_copies(model: nn.Module, examples: Sequence[torch.Tensor],
                           tolerance: float = 1e-5) -> nn.Module:
     """``model`` (frozen) with every ``Conv2dSame`` replaced by a :class:`SamePaddingConv`, in
-    place, when the outputs on ``example`` (and on it one pixel smaller, the other parity)
-    stay within ``tolerance`` of the original's relative to their scale; else unchanged."""
+    place, when its outputs on each of ``examples`` (inputs of every size it will see: both
+    parities, for a backbone) stay within ``tolerance`` of the original's relative to their
+    scale; else unchanged."""
     layers = import_timm().layers
     same = tuple(getattr(layers, name) for name in ("Conv2dSame", "Conv2dSameExport")
                  if hasattr(layers, name))
@@ -73,7 +78,6 @@ def without_padded_copies(model: nn.Module, example: torch.Tensor,
     if not targets:
         return model
     model.eval()  # (in training mode the checks' passes would move BatchNorm's statistics)
-    examples = [example, example[..., 1:, 1:]]
     with torch.no_grad():
         expected = [model(images) for images in examples]
     originals = {}

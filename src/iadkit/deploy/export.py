@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..backbones.same_padding import without_padded_copies
 from ..errors import IadkitError
 from ..methods import Detector
 from .inferencer import CONFIG_FILE, INFERENCE_FORMAT, MODEL_FILE, TRAINING_SUMMARY_KEYS
@@ -86,6 +87,9 @@ def export_onnx(detector: Detector, folder: str | Path, opset: int = 17,
     graph = _PredictGraph(cpu_detector)
     side = cpu_detector.preprocess.output_size
     example = torch.rand(check_batch, 3, side, side, generator=torch.Generator().manual_seed(0))
+    # The graph only ever sees this size: a trained network's same padding (STFPM's student)
+    # becomes a constant padding, not a copy with its size computed in the graph.
+    without_padded_copies(graph, [example])
     with torch.no_grad():  # builds lazy caches (pooling weights, map operators) as constants
         graph(example)
     started = time.perf_counter()

@@ -13,9 +13,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from ..nn.anomaly_maps import gaussian_blur, pooled_max_scores
+from ..nn.anomaly_maps import gaussian_blur, pooled_max_scores, upsampled
 from ..nn.feature_editing import WEIGHT_NORMS, EditingBank
 from ..nn.knn import BACKEND_RULE
 from ..nn.multiscale import align_features
@@ -110,8 +109,7 @@ class FeatureReconstruction(TrainedDetector):
 
     def error_maps(self, errors: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """(B, H, W) errors on the token grid -> the unsmoothed (B, *size) anomaly maps."""
-        return F.interpolate(errors.unsqueeze(1), size=size, mode="bilinear",
-                             align_corners=self.align_corners).squeeze(1)
+        return upsampled(errors, size, self.align_corners)
 
     def scored(self, raw_maps: torch.Tensor) -> Prediction:
         """Unsmoothed (B, S, S) maps -> the smoothed maps and their image scores (the maximum

@@ -53,7 +53,22 @@ def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0, truncate: float = 4.0)
     x = maps.unsqueeze(1)
     x = F.conv2d(_symmetric_pad(x, radius, 3), kernel.view(1, 1, 1, -1))
     x = F.conv2d(_symmetric_pad(x, radius, 2), kernel.view(1, 1, -1, 1))
-    return x.squeeze(1)
+    return x[:, 0]
+
+
+def upsampled(maps: torch.Tensor, size: Sequence[int], align_corners: bool = False
+              ) -> torch.Tensor:
+    """(B, h, w) maps resized bilinearly to (B, *size).
+
+    Example:
+        >>> upsampled(torch.rand(2, 8, 8), (32, 32)).shape
+        torch.Size([2, 32, 32])
+    """
+    # [:, 0] rather than squeeze(1), here and in gaussian_blur: an ONNX export turns a squeeze
+    # of a dimension it cannot prove to be 1 into a branch (an If node), and NNCF's bias
+    # correction refuses a graph with one.
+    return F.interpolate(maps.unsqueeze(1), size=tuple(size), mode="bilinear",
+                         align_corners=align_corners)[:, 0]
 
 
 class UpsampleBlur:
@@ -111,12 +126,11 @@ def fuse_maps(maps: Sequence[torch.Tensor], size: tuple[int, int], reduction: st
     ``size`` and sum or average them (``reduction``, one of :data:`MAP_REDUCTIONS`)."""
     if reduction not in MAP_REDUCTIONS:
         raise ValueError(f"reduction must be one of {MAP_REDUCTIONS}, got {reduction!r}")
-    total = None
+    fused = None
     for m in maps:
-        up = F.interpolate(m.unsqueeze(1), size=size, mode="bilinear", align_corners=True)
-        total = up if total is None else total + up
-    assert total is not None
-    fused = total.squeeze(1)
+        up = upsampled(m, size, align_corners=True)
+        fused = up if fused is None else fused + up
+    assert fused is not None
     return fused / len(maps) if reduction == "mean" else fused
 
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import IadkitError
-from ...nn.anomaly_maps import UpsampleBlur
+from ...nn.anomaly_maps import UpsampleBlur, upsampled
 from ...synthesis.cse_defects import KINDS, CseDefectSynthesizer
 from ...validation import Choice, Flag, Items, Number, Optional, Text
 from .. import register
@@ -390,15 +390,13 @@ class CSE(TrainedDetector):
         scores, nearest = per_cluster.min(dim=1)
         height, width = distances.shape[-2:]
         positions = distances.gather(
-            1, nearest.view(-1, 1, 1, 1).expand(-1, 1, height, width)).squeeze(1)
+            1, nearest.view(-1, 1, 1, 1).expand(-1, 1, height, width))[:, 0]
         return positions, scores, pooled
 
     def raw_maps_and_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Unsmoothed maps at the input size and the smoothed embedding (B, E, h, w)."""
         positions, _, pooled = self._position_scores(images)
-        maps = F.interpolate(positions.unsqueeze(1), size=images.shape[-2:], mode="bilinear",
-                             align_corners=False)
-        return maps.squeeze(1), pooled
+        return upsampled(positions, images.shape[-2:]), pooled
 
     def _predict(self, images: torch.Tensor) -> Prediction:
         positions, scores, _ = self._position_scores(images)

@@ -34,7 +34,7 @@ from torch import nn
 
 from ...backbones.extractor import IMAGENET_MEAN, IMAGENET_STD
 from ...errors import ConfigError, IadkitError
-from ...nn.anomaly_maps import image_scores
+from ...nn.anomaly_maps import image_scores, upsampled
 from ...synthesis.textures import TextureSource
 from ...validation import Choice, Number, Optional, Text
 from .. import register
@@ -389,8 +389,7 @@ class EfficientAD(TrainedDetector):
         low_local, high_local, low_logical, high_logical = self.quantiles_.unbind()
         combined = (0.05 * (local - low_local) / (high_local - low_local)
                     + 0.05 * (logical - low_logical) / (high_logical - low_logical))
-        maps = F.interpolate(combined.unsqueeze(1), size=images.shape[-2:], mode="bilinear",
-                             align_corners=False).squeeze(1)
+        maps = upsampled(combined, images.shape[-2:])
         return Prediction(maps, image_scores(maps))
 
     def _state_tensors(self) -> dict[str, torch.Tensor]:

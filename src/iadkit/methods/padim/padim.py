@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import IadkitError
-from ...nn.anomaly_maps import gaussian_blur, image_scores
+from ...nn.anomaly_maps import gaussian_blur, image_scores, upsampled
 from ...progress import progress
 from ...validation import Number, Optional
 from .. import register
@@ -121,8 +121,7 @@ class PaDiM(BackboneDetector):
 
     def _predict(self, images: torch.Tensor) -> Prediction:
         distances = mahalanobis_maps(self.embedding(images), self.mean_, self.precision_)
-        maps = F.interpolate(distances.unsqueeze(1), size=images.shape[-2:], mode="bilinear",
-                             align_corners=False).squeeze(1)
+        maps = upsampled(distances, images.shape[-2:])
         maps = gaussian_blur(maps, self.smoothing_sigma)
         return Prediction(maps, image_scores(maps))
 

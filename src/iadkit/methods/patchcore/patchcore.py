@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ... import distributed
 from ...errors import IadkitError
-from ...nn.anomaly_maps import UpsampleBlur
+from ...nn.anomaly_maps import UpsampleBlur, upsampled
 from ...nn.coreset import StreamingCoreset
 from ...nn.knn import BACKEND_RULE, FlatIndex
 from ...progress import progress
@@ -190,9 +190,7 @@ class PatchCore(BackboneDetector):
         """Unsmoothed maps, and the patch features (our choice of CADA input for PatchCore:
         it has no bottleneck)."""
         features, patch_scores, _ = self._score_patches(images)
-        maps = F.interpolate(patch_scores.unsqueeze(1), size=images.shape[-2:], mode="bilinear",
-                             align_corners=False).squeeze(1)
-        return maps, features
+        return upsampled(patch_scores, images.shape[-2:]), features
 
     def _predict(self, images: torch.Tensor) -> Prediction:
         return self._prediction(images, self.memory_bank_, self._index)

@@ -141,7 +141,7 @@ class AAND(ReverseDistillation):
     def _reconstruction(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         distances, embedding = super()._reconstruction(images)
         if self.score_source == "gate":
-            distances = [amplifier.gate(f).squeeze(1)
+            distances = [amplifier.gate(f)[:, 0]
                          for amplifier, f in zip(self.amplifiers_, self.extractor(images))]
         return distances, embedding
 

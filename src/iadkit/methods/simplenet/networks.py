@@ -125,7 +125,7 @@ class SimpleNetHead(Network):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(N, D) patch features -> (N,) anomaly scores, -D(G(features))."""
-        return -self.discriminator(self.adaptor(features)).squeeze(1)
+        return -self.discriminator(self.adaptor(features))[:, 0]
 
     @network_method
     def loss(self, features: torch.Tensor, noise_std: float) -> torch.Tensor:
@@ -137,7 +137,7 @@ class SimpleNetHead(Network):
         """
         adapted = self.adaptor(features)
         noisy = adapted + torch.randn_like(adapted) * noise_std
-        scores = self.discriminator(torch.cat([adapted, noisy])).squeeze(1)
+        scores = self.discriminator(torch.cat([adapted, noisy]))[:, 0]
         normal_scores, anomalous_scores = scores.split(adapted.shape[0])
         return (F.relu(self.margin - normal_scores).mean()
                 + F.relu(self.margin + anomalous_scores).mean())

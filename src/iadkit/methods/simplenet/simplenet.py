@@ -22,10 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ...nn.anomaly_maps import gaussian_blur
+from ...nn.anomaly_maps import gaussian_blur, upsampled
 from ...nn.knn import held_out_nearest_distances
 from ...validation import Choice, Either, Number
 from .. import register
@@ -263,8 +262,7 @@ class SimpleNet(TrainedDetector):
             module.eval()
         features = self.patch_features(images)
         scores = self.patch_scores(features)
-        maps = F.interpolate(scores.unsqueeze(1), size=images.shape[-2:], mode="bilinear",
-                             align_corners=False).squeeze(1)
+        maps = upsampled(scores, images.shape[-2:])
         return features, scores, maps
 
     def raw_maps_and_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

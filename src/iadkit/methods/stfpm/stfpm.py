@@ -22,7 +22,7 @@ from torch import nn
 
 from ..._torchvision_compat import import_timm
 from ...backbones import FeatureExtractor
-from ...nn.anomaly_maps import gaussian_blur, image_scores
+from ...nn.anomaly_maps import gaussian_blur, image_scores, upsampled
 from ...nn.precision import Network
 from ...validation import Choice, Flag, Number
 from .. import register
@@ -163,10 +163,9 @@ class STFPM(TrainedDetector):
     def _predict(self, images: torch.Tensor) -> Prediction:
         size = images.shape[-2:]
         distances = pyramid_distances(self.extractor(images), self.student_(images))
-        upsampled = [F.interpolate(d.unsqueeze(1), size=size, mode="bilinear",
-                                   align_corners=False).squeeze(1) for d in distances]
-        maps = upsampled[0]
-        for level in upsampled[1:]:
+        level_maps = [upsampled(d, size) for d in distances]
+        maps = level_maps[0]
+        for level in level_maps[1:]:
             maps = maps * level if self.level_fusion == "product" else maps + level
         maps = gaussian_blur(maps, self.smoothing_sigma)
         return Prediction(maps, image_scores(maps))
