@@ -31,27 +31,39 @@ from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
 from iadkit import metrics
 from iadkit.data import load_dataset
-from iadkit.data.image_io import image_shape, read_image, read_mask
+from iadkit.data.image_io import read_image, read_mask
 from iadkit.data.preprocess import Preprocess
 from iadkit.deploy.inferencer import CONFIG_FILE, MODEL_FILE
-from iadkit.deploy.quantize import _F32, _constants_folded, _Units
+from iadkit.deploy.quantize import (
+    _F32,
+    _constants_folded,
+    _held_out_and_calibration,
+    _nncf_settings,
+    _Units,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 OPTIONS = ("default", "full_bias", "mixed", "quantile", "float_stem")
 
 
-def quantize_settings(variant: str, n_units: int) -> dict[str, Any]:
-    """``nncf.quantize``'s keyword arguments for a ``+``-joined variant; the base is
-    ``quantize_export``'s (matrix products left in float32)."""
+def checked_options(variant: str) -> list[str]:
+    """A ``+``-joined variant's options; ValueError naming the unknown ones."""
     options = variant.split("+")
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
-        raise SystemExit(f"unknown option(s) {unknown}; choose from {OPTIONS}")
-    patterns = [".*conv_stem.*"] if "float_stem" in options else []
-    settings: dict[str, Any] = dict(
-        subset_size=n_units,
-        ignored_scope=nncf.IgnoredScope(types=["MatMul", "Gemm"], patterns=patterns,
-                                        validate=False))
+        raise ValueError(f"--variants {variant}: unknown option(s) {unknown}; choose from "
+                         f"{OPTIONS}")
+    return options
+
+
+def quantize_settings(variant: str, base: dict[str, Any]) -> dict[str, Any]:
+    """``nncf.quantize``'s keyword arguments for a variant: ``quantize_export``'s ``base``
+    (matrix products left in float32) with the variant's options."""
+    options = checked_options(variant)
+    settings = dict(base)
+    if "float_stem" in options:
+        settings["ignored_scope"] = nncf.IgnoredScope(
+            types=["MatMul", "Gemm"], patterns=[".*conv_stem.*"], validate=False)
     if "full_bias" in options:
         settings["fast_bias_correction"] = False
     if "mixed" in options:
@@ -68,15 +80,16 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["default", "full_bias"])
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "magnetic_tile"))
     args = parser.parse_args()
-    for variant in args.variants:
-        quantize_settings(variant, 1)  # refuse a bad variant before any work
+    for variant in args.variants:  # refuse a bad variant before any work
+        try:
+            checked_options(variant)
+        except ValueError as error:
+            parser.error(str(error))
     preprocess = Preprocess(**json.loads((args.export / CONFIG_FILE).read_text())["preprocess"])
     samples = load_dataset(args.data)
     train, test = list(samples.where(split="train")), list(samples.where(split="test"))
-    paths = [Path(sample.image_path) for sample in train]
-    order = np.random.default_rng(0).permutation(len(paths))  # as quantize_export draws
-    calibration = [paths[i] for i in order[64:364]]
-    n_units = sum(preprocess.n_units(*image_shape(path)) for path in calibration)
+    _, calibration = _held_out_and_calibration([Path(sample.image_path) for sample in train])
+    base = _nncf_settings(calibration, preprocess)
     units = np.stack([preprocess.units_array(read_image(s.image_path))[0] for s in test]
                      ).astype(np.float32)
     masks = np.stack([preprocess.mask_array(read_mask(s.mask_path)) > 0.5 if s.mask_path
@@ -104,7 +117,7 @@ def main() -> None:
     for variant in args.variants:
         started = time.perf_counter()
         quantized = nncf.quantize(float_model, nncf.Dataset(_Units(calibration, preprocess)),
-                                  **quantize_settings(variant, n_units))
+                                  **quantize_settings(variant, base))
         seconds = time.perf_counter() - started
         image, pixel, scores = evaluated(quantized)
         print(json.dumps({

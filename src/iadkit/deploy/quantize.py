@@ -86,10 +86,7 @@ def quantize_export(folder: str | Path, images: Sequence[str | Path],
     if len(paths) < 8:
         raise IadkitError(f"INT8 export: calibration needs at least 8 normal training images, "
                           f"got {len(paths)}")
-    order = np.random.default_rng(seed).permutation(len(paths))
-    n_held_out = min(n_check, len(paths) // 4)
-    held_out = [paths[i] for i in order[:n_held_out]]
-    calibration = [paths[i] for i in order[n_held_out:n_held_out + max_calibration]]
+    held_out, calibration = _held_out_and_calibration(paths, n_check, max_calibration, seed)
 
     started = time.perf_counter()
     core = openvino.Core()
@@ -110,11 +107,7 @@ def quantize_export(folder: str | Path, images: Sequence[str | Path],
         float32 model's value, so it must not be 0)."""
         return 1.0 - drift_of(compiled, units)
 
-    n_units = sum(preprocess.n_units(*image_shape(path)) for path in calibration)
-    settings = dict(subset_size=n_units,
-                    # Matrix products (distances, attention, heads) stay float32: see the
-                    # module docstring.
-                    ignored_scope=nncf.IgnoredScope(types=["MatMul", "Gemm"], validate=False))
+    settings = _nncf_settings(calibration, preprocess)
     quantized = nncf.quantize(float_model, nncf.Dataset(_Units(calibration, preprocess)),
                               **settings)
     checking = time.perf_counter()
@@ -192,6 +185,27 @@ class _Units:
         for path in self.paths:
             for unit in self.preprocess.units_array(read_image(path)):
                 yield np.ascontiguousarray(unit[None], dtype=np.float32)
+
+
+def _held_out_and_calibration(paths: Sequence[Path], n_check: int = 64,
+                              max_calibration: int = 300, seed: int = 0
+                              ) -> tuple[list[Path], list[Path]]:
+    """The seeded ``n_check`` held-out images (at most a quarter) and, after them, at most
+    ``max_calibration`` calibration images."""
+    order = np.random.default_rng(seed).permutation(len(paths))
+    n_held_out = min(n_check, len(paths) // 4)
+    return ([paths[i] for i in order[:n_held_out]],
+            [paths[i] for i in order[n_held_out:n_held_out + max_calibration]])
+
+
+def _nncf_settings(calibration: Sequence[Path], preprocess: Preprocess) -> dict[str, Any]:
+    """``nncf.quantize``'s keyword arguments: every calibration unit, matrix products left out."""
+    import nncf
+
+    return dict(subset_size=sum(preprocess.n_units(*image_shape(path)) for path in calibration),
+                # Matrix products (distances, attention, heads) stay float32: see the module
+                # docstring.
+                ignored_scope=nncf.IgnoredScope(types=["MatMul", "Gemm"], validate=False))
 
 
 def _constants_folded(model: Any) -> Any:
